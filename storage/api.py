@@ -1,0 +1,223 @@
+"""``create_store`` and ``open_store``: the entry points, and the backend registry.
+
+Backends register only when their library imports (as xarray does), so a machine without h5py
+simply has no "hdf5" backend instead of failing on ``import storage``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import numpy as np
+
+from storage.base import LogitStore
+from storage.errors import (
+    FingerprintMismatchError,
+    NotAStoreError,
+    SchemaVersionError,
+    StoreError,
+    StoreExistsError,
+)
+from storage.layout import (
+    DEFAULT_TOPK,
+    SCHEMA_VERSION,
+    Layout,
+    auto_chunk_rows,
+    auto_chunks_per_shard,
+)
+
+FORMAT_NAME = "logitbank-store"
+
+BACKENDS: dict[str, type[LogitStore]] = {}
+try:
+    from storage.zarr_backend import ZarrLogitStore
+
+    BACKENDS["zarr"] = ZarrLogitStore
+except ImportError:  # zarr missing: no zarr backend
+    pass
+try:
+    from storage.h5_backend import H5LogitStore
+
+    BACKENDS["hdf5"] = H5LogitStore
+except ImportError:  # h5py missing: no hdf5 backend
+    pass
+
+
+def get_backend(name: str) -> type[LogitStore]:
+    if name not in BACKENDS:
+        raise StoreError(
+            f"unknown or unavailable backend {name!r}: choose one of "
+            f"{', '.join(BACKENDS) or '(none: install zarr or h5py)'}"
+        )
+    return BACKENDS[name]
+
+
+def make_layout(
+    num_samples: int,
+    num_classes: int,
+    num_views: int = 1,
+    encoding: str = "float16",
+    chunk_rows: int | None = None,
+    chunks_per_shard: int | None = None,
+    topk: int | None = None,
+    view_param_width: int = 0,
+) -> Layout:
+    """A validated layout, with chunk and shard sizes chosen when not given."""
+    from storage.encodings import ENCODINGS
+
+    for name, value in (
+        ("num_samples", num_samples),
+        ("num_classes", num_classes),
+        ("num_views", num_views),
+    ):
+        if not isinstance(value, (int, np.integer)):
+            raise StoreError(f"{name} must be an integer, got {value!r}")
+    if encoding not in ENCODINGS:
+        raise StoreError(f"unknown encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
+    k = (topk or min(DEFAULT_TOPK, max(1, num_classes - 1))) if encoding == "topk" else 0
+    if num_samples > 0 and num_classes >= 2:
+        chunk_rows = chunk_rows or auto_chunk_rows(num_samples, num_classes, encoding, k)
+        if chunks_per_shard is None and chunk_rows > 0:
+            chunks_per_shard = auto_chunks_per_shard(
+                chunk_rows, num_samples, num_classes, encoding, k
+            )
+    return Layout(
+        int(num_samples),
+        int(num_classes),
+        int(num_views),
+        encoding,
+        int(chunk_rows or 1),
+        int(chunks_per_shard or 1),
+        k,
+        int(view_param_width),
+    )
+
+
+def create_store(
+    path: str | os.PathLike,
+    num_samples: int,
+    num_classes: int,
+    num_views: int = 1,
+    encoding: str = "float16",
+    chunk_rows: int | None = None,
+    backend: str = "zarr",
+    fingerprint: dict | None = None,
+    *,
+    labels: Any = None,
+    view_param_width: int = 0,
+    topk: int | None = None,
+    chunks_per_shard: int | None = None,
+    compressor: str | None = None,
+    overwrite: bool = False,
+    attrs: dict | None = None,
+) -> LogitStore:
+    """Create an empty store and return it open for writing (it holds the writer lock).
+
+    Args:
+        path: a directory for zarr, a file for hdf5.
+        encoding: float32, float16, bfloat16, int8 or topk (``topk`` = k, default 32).
+        chunk_rows: rows per chunk; by default about 1 MiB of logits per chunk.
+        fingerprint: provenance (hashes of model, dataset, preprocessing; seed). Readers that
+            pass their own fingerprint to :func:`open_store` are refused on a mismatch.
+        labels: the dataset's labels (N,), stored for self-containment and checks.
+        view_param_width: P, augmentation parameters stored per row (``view_params``).
+        overwrite: replace an existing store at ``path`` (never anything else).
+    """
+    cls = get_backend(backend)
+    layout = make_layout(
+        num_samples,
+        num_classes,
+        num_views,
+        encoding,
+        chunk_rows,
+        chunks_per_shard,
+        topk,
+        view_param_width,
+    )
+    path = os.fspath(path)
+    if os.path.lexists(path):
+        existing = _read_attrs_any(path)
+        if existing is None:
+            raise StoreExistsError(
+                f"{path} exists and is not a logit store: choose another path; nothing was changed"
+            )
+        if not overwrite:
+            raise StoreExistsError(
+                f"a store already exists at {path}: pass --overwrite to replace "
+                f"it, or choose another path"
+            )
+        old = open_store(path, mode="a")  # refuses if someone is writing it
+        old.close()
+        BACKENDS[existing[0]].remove(path)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (layout.num_samples,) or labels.dtype.kind not in "iu":
+            raise StoreError(
+                f"labels must be integers of shape ({layout.num_samples},), got "
+                f"{labels.dtype} {labels.shape}"
+            )
+    store_attrs = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        **layout.to_attrs(),
+        "stats_fields": ["max", "logsumexp", "mean", "std"],
+        "fingerprint": dict(fingerprint or {}),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bfloat16_storage": "uint16 bit patterns: float32 = bits << 16",
+        **(attrs or {}),
+    }
+    return cls.create(
+        path, layout, store_attrs, compressor, None if labels is None else labels.astype(np.int64)
+    )
+
+
+def open_store(
+    path: str | os.PathLike, mode: str = "r", fingerprint: dict | None = None
+) -> LogitStore:
+    """Open a store: ``mode="r"`` to read (default), ``"a"`` to resume writing (takes the lock).
+
+    With ``fingerprint``, every key it names must match the store's, else
+    :class:`FingerprintMismatchError` shows both.
+    """
+    if mode not in ("r", "a", "task"):
+        raise StoreError(f"mode must be 'r' (read) or 'a' (resume writing), got {mode!r}")
+    path = os.fspath(path)
+    found = _read_attrs_any(path)
+    if found is None:
+        what = "does not exist" if not os.path.lexists(path) else "is not a logit store"
+        raise NotAStoreError(
+            f"{path} {what}: give the path of a store made by precompute "
+            f"(a .zarr directory or an .h5 file)"
+        )
+    backend, attrs = found
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"store {path} has schema version {version}, newer than this "
+            f"logitbank reads ({SCHEMA_VERSION}): upgrade logitbank"
+        )
+    layout = Layout(**{k: attrs[k] for k in Layout.__dataclass_fields__})
+    if fingerprint:
+        check_fingerprint(path, attrs.get("fingerprint", {}), fingerprint)
+    return BACKENDS[backend].open(path, mode, layout, attrs)
+
+
+def check_fingerprint(path: str, stored: dict, expected: dict) -> None:
+    """Refuse a store made from other inputs than ``expected`` (keys it does not name are free)."""
+    diff = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
+    if diff:
+        shown = "; ".join(f"{k}: store {a!r} vs expected {b!r}" for k, (a, b) in diff.items())
+        raise FingerprintMismatchError(
+            f"store {path} was made from other inputs ({shown}): point to the store made for this "
+            f"dataset and config, or run precompute again into a new path"
+        )
+
+
+def _read_attrs_any(path: str) -> tuple[str, dict] | None:
+    for name, cls in BACKENDS.items():
+        attrs = cls.read_attrs(path)
+        if attrs is not None and attrs.get("format") == FORMAT_NAME:
+            return name, attrs
+    return None

@@ -1,0 +1,456 @@
+"""``LogitStore``: the abstract base of the store backends, with the logic they share.
+
+A backend implements a handful of primitives (create, open, write one shard-aligned block, read a
+contiguous block or sorted rows, load and store the ``done`` marks, check one chunk); everything a
+user relies on — validation, encoding, buffering writes to shard boundaries, completion marks,
+refusing unfinished chunks, verification — lives here once.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from storage.encodings import decode, encode, row_arrays
+from storage.errors import (
+    BadWriteError,
+    StoreCorruptError,
+    StoreError,
+    StoreIncompleteError,
+)
+from storage.layout import Layout
+
+#: Errors the backends' libraries raise on damaged data (bad checksum, truncated file).
+READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError)
+
+
+class StoreWarning(UserWarning):
+    """Something was not written (an unfinished chunk at close)."""
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: each problem names its view, chunk and rows."""
+
+    path: str
+    chunks_checked: int = 0
+    missing: list[tuple[int, int]] = field(default_factory=list)
+    """(view, chunk) not marked done."""
+    damaged: list[tuple[int, int, str]] = field(default_factory=list)
+    """(view, chunk, what is wrong) among chunks marked done."""
+    other: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.damaged or self.other)
+
+
+@dataclass
+class _Pending:
+    """Rows of one unfinished shard, buffered until the shard is whole."""
+
+    parts: dict[str, np.ndarray]
+    filled: np.ndarray  # (rows,) bool
+
+
+class LogitStore(abc.ABC):
+    """A (V, N, C) store of raw teacher logits; see DESIGN.md for the on-disk format.
+
+    Open one with :func:`storage.open_store` or create one with :func:`storage.create_store`.
+    """
+
+    backend: ClassVar[str]
+    #: Whether worker processes may write whole shards of one store at once (zarr: yes, each shard
+    #: is its own file; HDF5: no, its single file has one writer).
+    supports_parallel_write: ClassVar[bool] = False
+
+    def __init__(self, path: str, mode: str, layout: Layout, attrs: dict) -> None:
+        self.path = str(path)
+        self.mode = mode
+        self.layout = layout
+        self.attrs = attrs
+        self._done: np.ndarray | None = None  # (V, n_chunks) uint8, cached
+        self._pending: dict[tuple[int, int], _Pending] = {}
+        self._labels: np.ndarray | None = None
+        self._closed = False
+        #: (view, shard) written by this handle in "task" mode; the coordinator marks them done.
+        self.written_shards: list[tuple[int, int]] = []
+
+    # ---- what users read -------------------------------------------------------------------
+    @property
+    def num_views(self) -> int:
+        return self.layout.num_views
+
+    @property
+    def num_samples(self) -> int:
+        return self.layout.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout.num_classes
+
+    @property
+    def encoding(self) -> str:
+        return self.layout.encoding
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.attrs.get("fingerprint", {}))
+
+    @property
+    def row_arrays(self) -> dict[str, tuple[str, int | None]]:
+        return row_arrays(self.encoding, self.num_classes, self.layout.topk)
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        return (
+            f"{type(self).__name__}({self.path!r}, mode={self.mode!r}, V={lay.num_views}, "
+            f"N={lay.num_samples}, C={lay.num_classes}, encoding={lay.encoding!r})"
+        )
+
+    def __enter__(self) -> LogitStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- backend primitives ----------------------------------------------------------------
+    @abc.abstractmethod
+    def _write_block(self, view: int, start: int, parts: dict[str, np.ndarray]) -> None:
+        """Write whole shard-aligned rows [start, start + len) of every array in ``parts``."""
+
+    @abc.abstractmethod
+    def _read_block(self, name: str, view: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one row array, as stored."""
+
+    @abc.abstractmethod
+    def _read_rows(self, name: str, view: int, rows: np.ndarray) -> np.ndarray:
+        """Sorted, unique rows of one row array, as stored."""
+
+    @abc.abstractmethod
+    def _load_done(self) -> np.ndarray:
+        """The ``done`` array (V, n_chunks) as it is on disk now."""
+
+    @abc.abstractmethod
+    def _store_done(self, view: int, marks: np.ndarray) -> None:
+        """Persist the done marks of one view (n_chunks,)."""
+
+    @abc.abstractmethod
+    def _read_labels(self) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _write_labels(self, labels: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def _missing_files(self, view: int, chunk: int) -> list[str]:
+        """Files a done chunk needs that are not there (empty for single-file backends)."""
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+    # ---- completion ------------------------------------------------------------------------
+    @property
+    def done(self) -> np.ndarray:
+        """Completion marks (V, n_chunks), as last read."""
+        if self._done is None:
+            self._done = self._load_done().astype(np.uint8)
+        return self._done
+
+    def refresh(self) -> None:
+        """Re-read the completion marks (a writer may have finished more chunks)."""
+        self._done = self._load_done().astype(np.uint8)
+
+    def missing_chunks(self) -> list[tuple[int, int]]:
+        """(view, chunk) pairs not marked done."""
+        return [(int(v), int(c)) for v, c in zip(*np.nonzero(self.done == 0))]
+
+    def missing_shards(self) -> list[tuple[int, int, int]]:
+        """The write units still to do: (view, start row, stop row), shard-aligned."""
+        lay = self.layout
+        out = []
+        for v in range(lay.num_views):
+            for s in range(lay.num_shards):
+                if not self.done[v, list(lay.shard_chunks(s))].all():
+                    out.append((v, *lay.shard_range(s)))
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def _require_done(self, view: int, chunks: np.ndarray) -> None:
+        if self.done[view, chunks].all():
+            return
+        self.refresh()  # a concurrent writer may have finished them since
+        missing = chunks[self.done[view, chunks] == 0]
+        if len(missing):
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise StoreIncompleteError(
+                f"store {self.path}: view {view} chunk(s) {shown} are not written yet: finish the "
+                f"precompute (it resumes where it stopped) before reading them"
+            )
+
+    # ---- writing ---------------------------------------------------------------------------
+    def write(self, view: int, start: int, logits: Any, view_params: Any = None) -> None:
+        """Write raw float logits for rows ``start .. start + len(logits)`` of one view.
+
+        Rows are encoded now and buffered until their shard is whole, then written and marked done;
+        rows may arrive in any order and any batch size.
+        """
+        if self.mode == "r":
+            raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
+        lay = self.layout
+        logits = np.asarray(logits)
+        if logits.ndim != 2 or logits.shape[1] != lay.num_classes:
+            raise BadWriteError(
+                f"logits must have shape (rows, {lay.num_classes}), got {tuple(logits.shape)}"
+            )
+        if logits.dtype.kind != "f":
+            raise BadWriteError(f"logits must be floating point, got dtype {logits.dtype}")
+        if not 0 <= view < lay.num_views:
+            raise BadWriteError(
+                f"view {view} out of range: the store has views 0..{lay.num_views - 1}"
+            )
+        stop = start + len(logits)
+        if start < 0 or stop > lay.num_samples:
+            raise BadWriteError(
+                f"rows {start}..{stop - 1} out of range: the store has rows "
+                f"0..{lay.num_samples - 1}"
+            )
+        parts = encode(lay.encoding, logits.astype(np.float32, copy=False), lay.topk, start)
+        if lay.view_param_width:
+            parts["view_params"] = self._check_view_params(view_params, len(logits))
+        elif view_params is not None:
+            raise BadWriteError(
+                "view_params given, but the store was created without them (view_param_width=0)"
+            )
+        shards = range(start // lay.shard_rows, -(-stop // lay.shard_rows))
+        for s in shards:  # check everything before writing anything
+            if self.done[view, list(lay.shard_chunks(s))].any():
+                a, b = lay.shard_range(s)
+                raise BadWriteError(
+                    f"view {view} rows {max(a, start)}..{min(b, stop) - 1} are already written "
+                    f"(chunks marked done): resume writes only the missing chunks "
+                    f"(store.missing_shards()); nothing was overwritten"
+                )
+        for s in shards:
+            a, b = lay.shard_range(s)
+            lo, hi = max(a, start), min(b, stop)
+            piece = {k: p[lo - start : hi - start] for k, p in parts.items()}
+            if lo == a and hi == b and (view, s) not in self._pending:
+                self._flush(view, s, piece)
+                continue
+            pend = self._pending.get((view, s))
+            if pend is None:
+                pend = _Pending(
+                    {k: np.empty((b - a, *p.shape[1:]), p.dtype) for k, p in piece.items()},
+                    np.zeros(b - a, bool),
+                )
+                self._pending[(view, s)] = pend
+            for k, p in piece.items():
+                pend.parts[k][lo - a : hi - a] = p
+            pend.filled[lo - a : hi - a] = True
+            if pend.filled.all():
+                del self._pending[(view, s)]
+                self._flush(view, s, pend.parts)
+
+    def _check_view_params(self, view_params: Any, rows: int) -> np.ndarray:
+        width = self.layout.view_param_width
+        if view_params is None:
+            raise BadWriteError(
+                f"this store keeps view_params ({width} per row): pass them to write()"
+            )
+        vp = np.asarray(view_params)
+        if vp.shape != (rows, width):
+            raise BadWriteError(f"view_params must have shape ({rows}, {width}), got {vp.shape}")
+        if vp.dtype.kind not in "iu" or np.abs(vp.astype(np.int64)).max(initial=0) > 32767:
+            raise BadWriteError("view_params must be integers within int16's range")
+        return vp.astype(np.int16)
+
+    def _flush(self, view: int, shard: int, parts: dict[str, np.ndarray]) -> None:
+        start, _ = self.layout.shard_range(shard)
+        self._write_block(view, start, parts)
+        if self.mode == "task":
+            self.written_shards.append((view, shard))
+        else:
+            self.mark_done([(view, shard)])
+
+    def mark_done(self, shards: list[tuple[int, int]]) -> None:
+        """Mark every chunk of these (view, shard) units done (after their data is written)."""
+        views = set()
+        for view, shard in shards:
+            self.done[view, list(self.layout.shard_chunks(shard))] = 1
+            views.add(view)
+        for view in sorted(views):
+            self._store_done(view, self.done[view])
+
+    def write_labels(self, labels: Any) -> None:
+        labels = np.asarray(labels)
+        if labels.shape != (self.num_samples,) or labels.dtype.kind not in "iu":
+            raise BadWriteError(
+                f"labels must be integers of shape ({self.num_samples},), got "
+                f"{labels.dtype} {labels.shape}"
+            )
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= self.num_classes:
+            raise BadWriteError(f"labels must lie in [0, {self.num_classes - 1}]")
+        self._write_labels(labels.astype(np.int64))
+        self._labels = None
+
+    def close(self) -> None:
+        """Flush, release the writer lock, and close. Rows of a shard left unfinished are dropped
+        (with a warning): the chunk is not marked done, so a resumed run computes it again."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending:
+            left = ", ".join(f"view {v} shard {s}" for v, s in sorted(self._pending))
+            warnings.warn(
+                f"store {self.path}: unfinished shard(s) not written at close: {left}; "
+                f"their rows will be computed again on resume",
+                StoreWarning,
+                stacklevel=2,
+            )
+            self._pending.clear()
+        self._close()
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.asarray(self._read_labels(), dtype=np.int64)
+        return self._labels
+
+    def _decode_parts(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        return decode(self.encoding, parts, self.num_classes)
+
+    def _decoding_arrays(self) -> list[str]:
+        names = [n for n in self.row_arrays if n != "stats"]
+        return [*names, "stats"] if self.encoding == "topk" else names
+
+    def read(self, indices: Any, view: int = 0) -> np.ndarray:
+        """Raw float32 logits (len(indices), C) of rows of one view, in the order given."""
+        idx = self._check_indices(indices, view)
+        if len(idx) == 0:
+            return np.empty((0, self.num_classes), np.float32)
+        self._require_done(view, np.unique(idx // self.layout.chunk_rows))
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        parts = self._guarded(
+            view, uniq, lambda n: self._read_rows(n, view, uniq), self._decoding_arrays()
+        )
+        return self._decode_parts(parts)[inverse]
+
+    def read_block(self, view: int, start: int, stop: int) -> np.ndarray:
+        """Raw float32 logits of contiguous rows [start, stop) of one view (the fast path)."""
+        self._check_indices(np.array([start, stop - 1]), view)
+        lay = self.layout
+        self._require_done(view, np.arange(start // lay.chunk_rows, -(-stop // lay.chunk_rows)))
+        parts = self._guarded(
+            view,
+            np.array([start, stop - 1]),
+            lambda n: self._read_block(n, view, start, stop),
+            self._decoding_arrays(),
+        )
+        return self._decode_parts(parts)
+
+    def read_array(self, name: str, indices: Any, view: int = 0) -> np.ndarray:
+        """Rows of any row array as stored (``stats``, ``view_params``, ``scale`` ...)."""
+        idx = self._check_indices(indices, view)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        self._require_done(view, np.unique(idx // self.layout.chunk_rows))
+        return self._guarded(view, uniq, lambda n: self._read_rows(n, view, uniq), [name])[name][
+            inverse
+        ]
+
+    def _guarded(self, view: int, rows: np.ndarray, read, names: list[str]) -> dict:
+        try:
+            return {n: read(n) for n in names}
+        except READ_ERRORS as exc:
+            lay = self.layout
+            chunks = sorted({int(r) // lay.chunk_rows for r in (rows.min(), rows.max())})
+            raise StoreCorruptError(
+                f"store {self.path}: reading view {view} chunk(s) {chunks[0]}..{chunks[-1]} failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): run "
+                f"`python -m pipeline verify {self.path}` to name the damaged chunks"
+            ) from None
+
+    def _check_indices(self, indices: Any, view: int) -> np.ndarray:
+        if not 0 <= view < self.num_views:
+            raise StoreError(
+                f"view {view} out of range: the store has views 0..{self.num_views - 1}"
+            )
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise StoreError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][:5]
+            raise StoreError(
+                f"indices out of range ({', '.join(map(str, bad))}): the store has rows "
+                f"0..{self.num_samples - 1}"
+            )
+        return idx
+
+    def iter_blocks(
+        self, view: int, block_rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 logits) over a whole view in order, ``block_rows`` at a time."""
+        step = block_rows or self.layout.shard_rows
+        for start in range(0, self.num_samples, step):
+            yield start, self.read_block(view, start, min(start + step, self.num_samples))
+
+    def load_view(self, view: int) -> np.ndarray:
+        """One whole view decoded into RAM: float32 (N, C)."""
+        out = np.empty((self.num_samples, self.num_classes), np.float32)
+        for start, block in self.iter_blocks(view):
+            out[start : start + len(block)] = block
+        return out
+
+    # ---- verification ----------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Check every chunk: marked done, its files present, its checksums right."""
+        report = VerifyReport(self.path)
+        self.refresh()
+        lay = self.layout
+        try:
+            labels = self.labels
+            if labels.shape != (lay.num_samples,):
+                report.other.append(
+                    f"labels has shape {labels.shape}, expected ({lay.num_samples},)"
+                )
+        except READ_ERRORS as exc:
+            report.other.append(f"labels unreadable ({type(exc).__name__}: {exc})")
+        names = list(lay.arrays())
+        for v in range(lay.num_views):
+            for c in range(lay.num_chunks):
+                if not self.done[v, c]:
+                    report.missing.append((v, c))
+                    continue
+                report.chunks_checked += 1
+                problem = self.check_chunk(v, c, names)
+                if problem:
+                    report.damaged.append((v, c, problem))
+        return report
+
+    def check_chunk(self, view: int, chunk: int, names: list[str] | None = None) -> str | None:
+        """None if one chunk reads back with good checksums and finite logits, else what's wrong."""
+        names = names or list(self.row_arrays)
+        missing = self._missing_files(view, chunk)
+        if missing:
+            return f"file missing: {', '.join(missing)}"
+        start, stop = self.layout.chunk_range(chunk)
+        parts = {}
+        for name in names:
+            try:
+                parts[name] = self._read_block(name, view, start, stop)
+            except READ_ERRORS as exc:
+                first = str(exc).splitlines()[0][:160] if str(exc) else ""
+                return f"{name}: {type(exc).__name__}: {first}"
+        logits = self._decode_parts({k: parts[k] for k in self._decoding_arrays()})
+        if not np.isfinite(logits).all():
+            return "logits hold NaN/inf (never written, or filled)"
+        return None

@@ -1,0 +1,159 @@
+"""How raw float32 logits are encoded on disk, and decoded back.
+
+Every encoding also stores ``stats`` per row of the *full raw* logits — max, logsumexp, mean and
+unbiased std — computed in float64 before encoding, so temperature and z-score stay computable
+whatever was lost.
+
+- ``float32``: exact.
+- ``float16``: 11-bit mantissa; values beyond +-65504 are refused (use float32 or bfloat16).
+- ``bfloat16``: 8-bit mantissa, float32's range; stored as the uint16 bit pattern (numpy, zarr and
+  HDF5 have no bfloat16 type): ``float32 = (uint32(bits) << 16).view(float32)``.
+- ``int8``: per-row affine, ``logit = q * scale + offset`` with ``q`` in [-127, 127],
+  ``offset = (max + min) / 2`` and ``scale = (max - min) / 254``.
+- ``topk``: the k largest logits (float16) and their class indices (int32). The other C - k classes
+  are rebuilt as one constant ``tail`` chosen so that the row's logsumexp equals the stored one:
+  ``tail = log((exp(lse) - sum_k exp(v_k)) / (C - k))``. Softmax mass at T = 1 is therefore exact in
+  total, but its spread over the tail classes is lost (flat); at other temperatures and after
+  z-score the error grows — ``python -m pipeline audit`` measures it on your store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from storage.errors import BadWriteError, StoreError
+
+FLOAT16_MAX = 65504.0
+
+
+# Row arrays each encoding writes besides ``stats``: name → (stored dtype, last axis), where the
+# last axis is "classes", "topk", or None for a (V, N) array.
+ENCODINGS: dict[str, dict[str, tuple[str, str | None]]] = {
+    "float32": {"logits": ("float32", "classes")},
+    "float16": {"logits": ("float16", "classes")},
+    "bfloat16": {"logits": ("uint16", "classes")},  # bfloat16 bit patterns
+    "int8": {
+        "logits": ("int8", "classes"),
+        "scale": ("float32", None),
+        "offset": ("float32", None),
+    },
+    "topk": {"topk_values": ("float16", "topk"), "topk_indices": ("int32", "topk")},
+}
+STATS_FIELDS = ("max", "logsumexp", "mean", "std")
+
+
+def row_arrays(encoding: str, num_classes: int, topk: int = 0) -> dict[str, tuple[str, int | None]]:
+    """Every per-row array of an encoding, ``stats`` included: name → (dtype, last axis or None)."""
+    if encoding not in ENCODINGS:
+        raise StoreError(f"unknown encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
+    width = {"classes": num_classes, "topk": topk, None: None}
+    out = {name: (dtype, width[axis]) for name, (dtype, axis) in ENCODINGS[encoding].items()}
+    out["stats"] = ("float32", len(STATS_FIELDS))
+    return out
+
+
+def row_stats(logits: np.ndarray) -> np.ndarray:
+    """Per-row max, logsumexp, mean and unbiased std of raw logits, in float64 → float32 (B, 4)."""
+    x = logits.astype(np.float64, copy=False)  # (B, C)
+    mx = x.max(axis=1)
+    lse = mx + np.log(np.exp(x - mx[:, None]).sum(axis=1))
+    mean = x.mean(axis=1)
+    std = x.std(axis=1, ddof=1)
+    return np.stack([mx, lse, mean, std], axis=1).astype(np.float32)
+
+
+def check_finite(logits: np.ndarray, first_row: int) -> None:
+    """Refuse NaN/inf rows, naming them (global row numbers)."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad) + first_row
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        raise BadWriteError(
+            f"{len(rows)} row(s) hold NaN or inf logits (rows {shown}): fix the teacher or its "
+            f"inputs for these samples; nothing was written"
+        )
+
+
+def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> dict:
+    """float32 (B, C) raw logits → the arrays of ``name`` plus ``stats``."""
+    check_finite(logits, first_row)
+    out = {"stats": row_stats(logits)}
+    if name == "float32":
+        out["logits"] = logits.astype(np.float32, copy=False)
+    elif name == "float16":
+        big = np.abs(logits).max(axis=1) > FLOAT16_MAX
+        if big.any():
+            rows = np.flatnonzero(big)[:10] + first_row
+            raise BadWriteError(
+                f"logits beyond float16's range (|x| > 65504) in rows {', '.join(map(str, rows))}:"
+                f" use encoding float32 or bfloat16"
+            )
+        out["logits"] = logits.astype(np.float16)
+    elif name == "bfloat16":
+        out["logits"] = float32_to_bfloat16_bits(logits)
+    elif name == "int8":
+        lo = logits.min(axis=1).astype(np.float64)
+        hi = logits.max(axis=1).astype(np.float64)
+        offset = (hi + lo) / 2
+        scale = (hi - lo) / 254
+        # A constant row has scale 0: it decodes to its offset exactly.
+        safe = np.where(scale > 0, scale, 1.0)
+        q = np.rint((logits - offset[:, None]) / safe[:, None])
+        out["logits"] = np.clip(q, -127, 127).astype(np.int8)
+        out["scale"] = scale.astype(np.float32)
+        out["offset"] = offset.astype(np.float32)
+    elif name == "topk":
+        idx = np.argpartition(-logits, topk - 1, axis=1)[:, :topk]
+        vals = np.take_along_axis(logits, idx, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")  # largest first, for readers
+        out["topk_indices"] = np.take_along_axis(idx, order, axis=1).astype(np.int32)
+        out["topk_values"] = np.take_along_axis(vals, order, axis=1).astype(np.float16)
+    else:
+        row_arrays(name, logits.shape[1])  # raises: unknown encoding
+    return out
+
+
+def decode(name: str, parts: dict, num_classes: int) -> np.ndarray:
+    """The arrays of one encoding for B rows → float32 (B, C) raw logits."""
+    if name == "float32":
+        return np.asarray(parts["logits"], dtype=np.float32)
+    if name == "float16":
+        return parts["logits"].astype(np.float32)
+    if name == "bfloat16":
+        return bfloat16_bits_to_float32(parts["logits"])
+    if name == "int8":
+        q = parts["logits"].astype(np.float32)
+        return q * parts["scale"][:, None] + parts["offset"][:, None]
+    if name == "topk":
+        return _decode_topk(
+            parts["topk_values"], parts["topk_indices"], parts["stats"], num_classes
+        )
+    raise StoreError(f"unknown encoding {name!r}: choose one of {', '.join(ENCODINGS)}")
+
+
+def _decode_topk(
+    values: np.ndarray, indices: np.ndarray, stats: np.ndarray, num_classes: int
+) -> np.ndarray:
+    v = values.astype(np.float64)  # (B, k)
+    k = v.shape[1]
+    lse = stats[:, 1].astype(np.float64)  # (B,)
+    m = v.max(axis=1)
+    # Tail mass relative to exp(m): what the kept values do not explain of the stored logsumexp.
+    tail_mass = np.exp(lse - m) - np.exp(v - m[:, None]).sum(axis=1)
+    floor = np.exp(v.min(axis=1) - m) * 1e-6 * (num_classes - k)  # float16 rounding can eat it
+    tail_mass = np.maximum(tail_mass, floor)
+    tail = m + np.log(tail_mass / (num_classes - k))
+    out = np.repeat(tail[:, None], num_classes, axis=1)
+    np.put_along_axis(out, indices.astype(np.int64), v, axis=1)
+    return out.astype(np.float32)
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 → bfloat16, returned as its uint16 bit pattern."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
