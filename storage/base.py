@@ -344,8 +344,11 @@ class LogitStore(abc.ABC):
         )
         return self._decode_parts(parts)[inverse]
 
-    def read_block(self, view: int, start: int, stop: int) -> np.ndarray:
-        """Raw float32 logits of contiguous rows [start, stop) of one view (the fast path)."""
+    def read_block(
+        self, view: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Raw float32 logits of contiguous rows [start, stop) of one view (the fast path),
+        decoded into ``out`` (float32 (stop - start, C)) when given."""
         self._check_indices(np.array([start, stop - 1]), view)
         lay = self.layout
         self._require_done(view, np.arange(start // lay.chunk_rows, -(-stop // lay.chunk_rows)))
@@ -355,7 +358,13 @@ class LogitStore(abc.ABC):
             lambda n: self._read_block(n, view, start, stop),
             self._decoding_arrays(),
         )
-        return self._decode_parts(parts)
+        if out is None:
+            return self._decode_parts(parts)
+        if self.encoding in ("float32", "float16"):
+            np.copyto(out, parts["logits"])  # decode straight into the caller's buffer
+        else:
+            out[:] = self._decode_parts(parts)
+        return out
 
     def read_array(self, name: str, indices: Any, view: int = 0) -> np.ndarray:
         """Rows of any row array as stored (``stats``, ``view_params``, ``scale`` ...)."""

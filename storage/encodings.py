@@ -142,7 +142,8 @@ def _decode_topk(
     tail_mass = np.exp(lse - m) - np.exp(v - m[:, None]).sum(axis=1)
     floor = np.exp(v.min(axis=1) - m) * 1e-6 * (num_classes - k)  # float16 rounding can eat it
     tail_mass = np.maximum(tail_mass, floor)
-    tail = m + np.log(tail_mass / (num_classes - k))
+    # A tail class is never above the smallest kept one (it could be only by float16 rounding).
+    tail = np.minimum(m + np.log(tail_mass / (num_classes - k)), v.min(axis=1))
     out = np.repeat(tail[:, None], num_classes, axis=1)
     np.put_along_axis(out, indices.astype(np.int64), v, axis=1)
     return out.astype(np.float32)

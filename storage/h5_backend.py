@@ -17,6 +17,7 @@ import numpy as np
 
 from storage.base import LogitStore
 from storage.errors import StoreError
+from storage.h5_recover import clear_status_flags
 from storage.layout import Layout
 from storage.locking import WriterLock
 
@@ -109,7 +110,14 @@ class H5LogitStore(LogitStore):
         lock = WriterLock(_lock_path(path), path)
         lock.acquire()
         try:
-            f = h5py.File(path, "r+", libver="latest")
+            try:
+                f = h5py.File(path, "r+", libver="latest")
+            except OSError as exc:
+                if "already open for write" not in str(exc):
+                    raise
+                # Our lock proves no writer is alive: a killed writer left its SWMR flags set.
+                clear_status_flags(path)
+                f = h5py.File(path, "r+", libver="latest")
             f.swmr_mode = True
         except BaseException:
             lock.release()
