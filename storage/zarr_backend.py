@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.storage import LocalStore
 
 from storage.base import LogitStore
 from storage.errors import StoreError
 from storage.layout import Layout
 from storage.locking import WriterLock
+from storage.shard_reader import ShardReader, supports_fast_path
 
 COMPRESSORS = {"zstd": lambda: ZstdCodec(level=3), "gzip": lambda: GzipCodec(level=5)}
 LOCK_NAME = ".writer.lock"
@@ -43,6 +45,7 @@ class ZarrLogitStore(LogitStore):
         self._group = group
         self._lock = lock
         self._arrays: dict[str, zarr.Array] = {}
+        self._fast: dict[str, ShardReader | None] = {}
 
     # ---- creation / opening ----------------------------------------------------------------
     @classmethod
@@ -137,7 +140,28 @@ class ZarrLogitStore(LogitStore):
         for name, block in parts.items():
             self._array(name)[view, start : start + len(block)] = block
 
+    def _shard_reader(self, name: str) -> ShardReader | None:
+        if name not in self._fast:
+            arr = self._array(name)
+            local = isinstance(arr.store, LocalStore) and Path(self.path).is_dir()
+            self._fast[name] = (
+                ShardReader(
+                    self.path,
+                    name,
+                    arr.shape,
+                    arr.dtype,
+                    self.layout.chunk_rows,
+                    self.layout.chunks_per_shard,
+                )
+                if local and supports_fast_path(arr)
+                else None
+            )
+        return self._fast[name]
+
     def _read_block(self, name: str, view: int, start: int, stop: int) -> np.ndarray:
+        reader = self._shard_reader(name)
+        if reader is not None:
+            return reader.read(view, start, stop)
         return self._array(name)[view, start:stop]
 
     def _read_rows(self, name: str, view: int, rows: np.ndarray) -> np.ndarray:

@@ -1,8 +1,58 @@
 from __future__ import annotations
 
-from tests.storage.conformance import LogitStoreTests
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from storage import StoreCorruptError, open_store
+from tests.storage.conformance import PER_SHARD, ROWS, LogitStoreTests, N, V, teacher_logits
 
 
 class TestZarrLogitStore(LogitStoreTests):
     backend = "zarr"
     suffix = ".zarr"
+
+    @pytest.mark.parametrize("encoding", ["int8", "topk"])
+    def test_direct_shard_reader_equals_zarr(self, tmp_path, encoding):
+        path = self.path(tmp_path)
+        with self.make(path, encoding, view_param_width=3) as store:
+            x = teacher_logits()
+            for v in range(V):
+                store.write(v, 0, x[v], np.zeros((N, 3), np.int16) + v)
+        group = zarr.open_group(path, mode="r")
+        with open_store(path) as store:
+            for name in store.layout.arrays():
+                assert store._shard_reader(name) is not None
+                for a, b in [(0, N), (ROWS * PER_SHARD - 3, N - 1), (N - 1, N), (5, 6)]:
+                    np.testing.assert_array_equal(
+                        store._read_block(name, 2, a, b), group[name][2, a:b]
+                    )
+
+    def test_compressed_store_reads_through_zarr(self, tmp_path):
+        path = self.path(tmp_path)
+        x = teacher_logits()
+        with self.make(path, "float32", compressor="zstd") as store:
+            self.fill(store, x)
+        with open_store(path) as store:
+            assert store._shard_reader("logits") is None
+            np.testing.assert_array_equal(store.read_block(1, 0, N), x[1])
+            assert store.verify().ok
+
+    def test_truncated_and_deleted_shards_are_named(self, tmp_path):
+        path = self.path(tmp_path)
+        with self.make(path, "float32") as store:
+            self.fill(store, teacher_logits())
+        shard = Path(path, "logits", "c", "0", "1", "0")
+        os.truncate(shard, shard.stat().st_size // 2)
+        os.remove(Path(path, "stats", "c", "2", "3", "0"))
+        with open_store(path) as store:
+            report = store.verify()
+            damaged = {(v, c): what for v, c, what in report.damaged}
+            assert set(damaged) == {(0, 2), (0, 3), (2, 6), (2, 7)}
+            assert "file missing: stats/c/2/3/0" in damaged[(2, 6)]
+            assert "logits" in damaged[(0, 2)]
+            with pytest.raises(StoreCorruptError, match="run `python -m pipeline verify"):
+                store.read_block(0, 0, N)
