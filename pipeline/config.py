@@ -1,0 +1,260 @@
+"""Typed run configuration: YAML in, dataclasses out, strict about every key.
+
+A config is plain YAML read with ``yaml.safe_load`` (no code-executing tags). Every key must be a
+field of the dataclasses below — a typo is an error that lists the keys that exist, never silently
+ignored — and every value is checked against the field's type. Overrides come from the command
+line as ``--set section.key=value``, the value parsed as YAML (``--set teacher.milestones=[5,8]``).
+Each stage writes the resolved config next to its outputs, so a result always says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    kind: str = "fashion_mnist"
+    """Dataset kind: fashion_mnist, cifar10, cifar100, array, image_folder or synthetic."""
+    path: str | None = None
+    """Where the dataset's files are; None: the kind's default (Debian's package for
+    Fashion-MNIST)."""
+    train_subset: int | None = None
+    """Use only the first n training rows (quick runs); None: all."""
+    test_subset: int | None = None
+    """Use only the first n test rows; None: all."""
+    options: dict = field(default_factory=dict)
+    """Extra arguments of the dataset kind (synthetic: num_samples, image_size, channels, ...)."""
+
+
+@dataclass
+class AugmentConfig:
+    views: int = 4
+    """V, augmentation views per sample stored by precompute."""
+    pad: int = 2
+    """Random-crop padding in pixels (crop offsets in [0, 2*pad])."""
+    flip: bool = True
+    """Random horizontal flips."""
+    seed: int = 0
+    """Seed of the counter-based generator of view parameters."""
+    identity_view0: bool = True
+    """View 0 is the clean image (no crop shift, no flip)."""
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "resnet20"
+    """A name from the model zoo (pipeline.models.MODELS)."""
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [5, 8])
+    """Epochs at which the learning rate is multiplied by ``gamma``."""
+    gamma: float = 0.1
+    seed: int = 0
+    augment: bool = True
+    """Train on random views (fresh each epoch) rather than clean images."""
+    checkpoint: str | None = None
+    """Use this existing checkpoint instead of training (the user's own teacher)."""
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    atol: float = 1e-4
+    """Largest |ONNX Runtime - PyTorch| accepted on the parity batches (float32)."""
+    parity_batches: int = 4
+    """Real batches of the training set checked for parity."""
+
+
+@dataclass
+class PrecomputeConfig:
+    encoding: str = "float16"
+    """How logits are stored: float32, float16, bfloat16, int8, topk."""
+    backend: str = "zarr"
+    """Store backend: zarr (default) or hdf5."""
+    batch_size: int = 256
+    provider: str = "auto"
+    """ONNX Runtime provider: auto, cuda or cpu."""
+    fp16: bool = False
+    """Run the CUDA provider in float16 (GPU only)."""
+    workers: int = 0
+    """0: one process; n > 0: a local dask cluster of n workers."""
+    scheduler: str | None = None
+    """Address of a running dask.distributed scheduler (overrides workers)."""
+    chunk_rows: int | None = None
+    """Rows per chunk; None: about 1 MiB per chunk."""
+    threads: int | None = None
+    """ONNX Runtime intra-op threads; None: the cores this process may use."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Where every stage writes its outputs (checkpoints, ONNX file, store, metrics)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self.augment.views, "augment.views")
+        _positive(self.teacher.epochs, "teacher.epochs", allow_zero=True)
+        _positive(self.teacher.batch_size, "teacher.batch_size")
+        _positive(self.teacher.lr, "teacher.lr")
+        _positive(self.precompute.batch_size, "precompute.batch_size")
+        _positive(self.export.atol, "export.atol")
+        if self.augment.pad < 0:
+            raise ConfigError(f"augment.pad must be >= 0, got {self.augment.pad}")
+        if self.precompute.workers < 0:
+            raise ConfigError(f"precompute.workers must be >= 0, got {self.precompute.workers}")
+
+    # Where each stage's outputs live: fixed names inside run_dir.
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        return (
+            Path(self.teacher.checkpoint)
+            if self.teacher.checkpoint
+            else (self.run_path / "teacher.pt")
+        )
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.run_path / "teacher.onnx"
+
+    @property
+    def store_path(self) -> Path:
+        suffix = ".zarr" if self.precompute.backend == "zarr" else ".h5"
+        return self.run_path / f"store{suffix}"
+
+
+def _positive(value: float, name: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} not found: give the path of a YAML config "
+                f"(e.g. stages/configs/default.yaml)"
+            )
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where else ""
+            raise ConfigError(f"config file {path} is not valid YAML{at}: fix its syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, not {type(raw).__name__}"
+            )
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = parsed
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top)'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}: known keys in "
+            f"{prefix.rstrip('.') or 'the top level'} are {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a YAML value against a field's type (ints are accepted where floats are)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_name(hint)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, key) for v in value]
+    if hint is Any or (hint is dict and isinstance(value, dict)):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be {_name(hint)}, got {value!r}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_resolved(config: Config, path: str | Path) -> None:
+    """Write the config as resolved (defaults + file + overrides) next to a stage's output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

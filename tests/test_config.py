@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config, save_resolved
+from pipeline.errors import ConfigError
+
+
+def test_defaults_file_and_overrides_combine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: runs/x\nteacher:\n  epochs: 7\n  lr: 0.05\naugment:\n  views: 2\n")
+    config = load_config(
+        path,
+        [
+            "teacher.milestones=[3, 5]",
+            "export.atol=1e-3",
+            "precompute.scheduler=null",
+            "teacher.epochs=9",
+        ],
+    )
+    assert config.run_dir == "runs/x" and config.augment.views == 2
+    assert config.teacher.epochs == 9 and config.teacher.lr == 0.05
+    assert config.teacher.milestones == [3, 5] and config.export.atol == 1e-3
+    assert config.precompute.scheduler is None and config.teacher.batch_size == 128
+    save_resolved(config, tmp_path / "out" / "config.yaml")
+    again = load_config(tmp_path / "out" / "config.yaml")
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("teacher:\n  lrr: 0.1\n", [], "unknown config key teacher.lrr: known keys in teacher"),
+        ("", ["foo.bar=1"], "unknown config key foo: known keys in the top level"),
+        ("", ["teacher.epochs=abc"], "teacher.epochs must be int, got 'abc'"),
+        ("", ["teacher.lr=-1"], r"teacher.lr must be > 0, got -1.0"),
+        ("", ["augment.views=0"], r"augment.views must be > 0, got 0"),
+        ("", ["teacher=3"], "config section teacher must be a mapping"),
+        ("", ["teacher.epochs"], "must look like section.key=value"),
+        ("teacher: [1, 2\n", [], r"not valid YAML \(line"),
+        ("- a\n- b\n", [], "must hold a mapping of sections, not list"),
+        ("teacher:\n  milestones: 5\n", [], "teacher.milestones must be a list"),
+        ("teacher:\n  augment: yes please\n", [], "teacher.augment must be bool"),
+    ],
+)
+def test_bad_configs_are_refused_with_one_line(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file nowhere.yaml not found"):
+        load_config("nowhere.yaml")
+
+
+def test_yaml_tags_never_run_code(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
