@@ -71,7 +71,8 @@ class TeacherConfig:
 
 @dataclass
 class ExportConfig:
-    opset: int = 17
+    opset: int = 18
+    """ONNX opset (the dynamo exporter writes 18 or newer)."""
     atol: float = 1e-4
     """Largest |ONNX Runtime - PyTorch| accepted on the parity batches (float32)."""
     parity_batches: int = 4
