@@ -1,0 +1,129 @@
+"""Image folders: ``<root>/<split>/<class>/<image>``, what ImageNet-style datasets ship as.
+
+Classes are the training split's subfolder names, sorted, numbered from 0 (torchvision's
+ImageFolder convention). Files are decoded with Pillow per batch, never all at once; with
+``image_size`` every image is resized (bilinear) to it, otherwise all must share one size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets.base import ImageDataset, LazyImages, check_split
+from pipeline.errors import DatasetError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # ImageNet's, averaged over channels
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    for name in (split, "val") if split == "test" else (split,):
+        if (root / name).is_dir():
+            return root / name
+    raise DatasetError(
+        f"image_folder: no {split} folder in {root}; expected {root}/{split}/<class>/"
+    )
+
+
+def _classes(folder: Path) -> list[str]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(
+            f"image_folder: no class subfolders in {folder}; expected <class>/<image>"
+        )
+    return classes
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images decoded lazily from files; ``files[i]`` is the path of row i."""
+
+    def __init__(
+        self, name: str, files: list[Path], labels: np.ndarray, classes: list[str],
+        size: tuple[int, int], channels: int, mean: tuple[float, ...], std: tuple[float, ...],
+        resize: bool,
+    ) -> None:  # fmt: skip
+        self.files, self.classes, self._resize = files, classes, resize
+        self._mode = {1: "L", 3: "RGB"}[channels]
+        lazy = LazyImages((len(files), size[0], size[1], channels), self._decode)
+        super().__init__(name, lazy, labels, len(classes), mean, std)
+
+    def _decode(self, idx: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        _, h, w, c = self.images.shape
+        out = np.empty((len(idx), h, w, c), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            path = self.files[i]
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(self._mode)
+                    if self._resize and im.size != (w, h):
+                        im = im.resize((w, h), Image.Resampling.BILINEAR)
+                    a = np.asarray(im, dtype=np.uint8)
+            except OSError as e:
+                raise DatasetError(
+                    f"{path}: cannot decode image ({e}); remove or replace it"
+                ) from e
+            if a.shape[:2] != (h, w):
+                raise DatasetError(
+                    f"{path}: {a.shape[1]}×{a.shape[0]} differs from {w}×{h}; set image_size"
+                )
+            out[k] = a.reshape(h, w, c)
+        return out
+
+    def content_blocks(self) -> Iterator[bytes]:
+        """The encoded files (name, then bytes) and the decoding options: no full decode needed."""
+        yield f"{self._mode} {self.images.shape} resize={self._resize}\n".encode()
+        for path in self.files:
+            digest = hashlib.sha256(path.read_bytes()).digest()
+            yield f"{path.parent.name}/{path.name}\n".encode() + digest
+
+
+def image_folder(
+    split: str,
+    path: str | None = None,
+    image_size: int | list[int] | None = None,
+    channels: int = 3,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> ImageFolderDataset:
+    """The ``split`` folder of ``path``; ``image_size``: an int or [height, width] to resize to."""
+    check_split(split, "image_folder")
+    if not path:
+        raise DatasetError("image_folder: set the data path to the folder holding train/ and test/")
+    if channels not in (1, 3):
+        raise DatasetError(f"image_folder: channels must be 1 or 3, got {channels}")
+    root = Path(path)
+    folder = _split_dir(root, split)
+    classes = _classes(root / "train" if (root / "train").is_dir() else folder)
+    index = {c: k for k, c in enumerate(classes)}
+    files: list[Path] = []
+    labels: list[int] = []
+    for sub in _classes(folder):
+        if sub not in index:
+            raise DatasetError(f"image_folder: class {sub!r} of {folder} is not a training class")
+        found = sorted(p for p in (folder / sub).iterdir() if p.suffix.lower() in EXTENSIONS)
+        files += found
+        labels += [index[sub]] * len(found)
+    if not files:
+        raise DatasetError(f"image_folder: no images ({', '.join(EXTENSIONS)}) under {folder}")
+    if image_size is not None:
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        size = (int(hw[0]), int(hw[1]))
+    else:
+        from PIL import Image
+
+        with Image.open(files[0]) as im:
+            size = (im.size[1], im.size[0])
+    default_mean, default_std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GREY_MEAN, GREY_STD)
+    )
+    return ImageFolderDataset(
+        f"image_folder/{split}", files, np.asarray(labels, dtype=np.int64), classes, size, channels,
+        tuple(mean or default_mean), tuple(std or default_std), resize=image_size is not None,
+    )  # fmt: skip

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real Fashion-MNIST files (Debian's dataset-fashion-mnist package)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.datasets import FASHION_MNIST_DIR
+
+_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in _FILES)
+
+
+def _apt_install() -> str:
+    """Try to install the package; '' on success, else why not."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "not root, so the test set-up cannot install it"
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]
+    # Try the cached package lists first; refresh them only if the package is unknown there.
+    for cmd in (install, ["apt-get", "update", "-q"], install):
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(cmd)}` timed out"
+        if done.returncode == 0 and cmd is install:
+            return ""
+    tail = (done.stderr or done.stdout).strip().splitlines()
+    return f"apt-get failed: {tail[-1] if tail else done.returncode}"
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The folder of the four Fashion-MNIST IDX files; installs them (root + apt) or skips."""
+    folder = Path(FASHION_MNIST_DIR)
+    if _complete(folder):
+        return folder
+    reason = _apt_install()
+    if not reason and _complete(folder):
+        return folder
+    pytest.skip(
+        "Fashion-MNIST not installed: apt-get install dataset-fashion-mnist "
+        f"({reason or f'installed, but the files are not in {folder}'})"
+    )
