@@ -1,0 +1,200 @@
+"""Model checkpoints: a plain dict of tensors plus plain Python metadata.
+
+``torch.save`` writes it and ``torch.load(..., weights_only=True)`` reads it back, so loading
+never unpickles arbitrary objects: a checkpoint from someone else cannot run code. The model is
+named, not pickled; loading rebuilds it from the registry with the saved keyword arguments and
+refuses a state dict that does not fit it key for key and shape for shape.
+
+    {"format": "logitbank-checkpoint", "version": 1, "model_name": "resnet20",
+     "model_kwargs": {"num_classes": 10, "in_channels": 1, "image_size": [28, 28]},
+     "state_dict": {name: tensor}, "extra": {...}}
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError
+
+FORMAT = "logitbank-checkpoint"
+VERSION = 1
+_SHOWN = 5  # keys named in a mismatch message, per kind
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, validated for structure (not yet against the model)."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse values that ``weights_only=True`` could not load back (e.g. numpy scalars)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise ModelError(f"checkpoint {where}: key {k!r} is not a str or int")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise ModelError(
+        f"checkpoint {where} is a {type(value).__name__}; store plain Python values "
+        "(int, float, str, bool, None, list, dict) or tensors"
+    )
+
+
+def _fit(model: nn.Module, state: dict[str, torch.Tensor], model_name: str) -> None:
+    """Raise ModelError naming the first missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:_SHOWN])}{', …' if len(keys) > _SHOWN else ''}"
+        for label, keys in [
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ]
+        if keys
+    ]
+    if problems:
+        raise ModelError(
+            f"checkpoint does not fit model {model_name}: {'; '.join(problems)}; check the "
+            "model name and num_classes/in_channels/image_size it was trained with"
+        )
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights and metadata atomically (temp file + ``os.replace``).
+
+    Args:
+        path: the checkpoint file to write.
+        model: the model whose ``state_dict()`` is saved (moved to CPU).
+        model_name: its key in ``MODELS``.
+        model_kwargs: the ``build_model`` keyword arguments (num_classes, in_channels,
+            image_size) that rebuild it.
+        extra: plain metadata (epoch, accuracy, config...).
+
+    Raises:
+        ModelError: the weights do not fit ``model_name`` built with ``model_kwargs``, or the
+            metadata holds values ``weights_only`` loading would refuse.
+    """
+    from pipeline.models import build_model  # the registry imports this module
+
+    extra = dict(extra or {})
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs.items()}
+    _check_plain(kwargs, "model_kwargs")
+    _check_plain(extra, "extra")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # Fail now, at save time, rather than when someone loads it hours later.
+    _fit(build_model(model_name, **kwargs), state, model_name)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_name": model_name,
+        "model_kwargs": kwargs,
+        "state_dict": state,
+        "extra": extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a checkpoint with ``weights_only=True`` and check its structure.
+
+    Raises:
+        ModelError: the file is missing, truncated or corrupt, or not a logitbank checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} not found; run the teacher stage or fix the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"checkpoint {path} is truncated or corrupt ({first[:160]}); re-create it"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a logitbank checkpoint; save it with save_checkpoint")
+    if payload.get("version") != VERSION:
+        raise ModelError(
+            f"checkpoint {path} has version {payload.get('version')!r}, this logitbank reads "
+            f"{VERSION}; re-create it"
+        )
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"checkpoint {path} has no state_dict of tensors; re-create it")
+    return Checkpoint(
+        model_name=str(payload.get("model_name")),
+        model_kwargs=dict(payload.get("model_kwargs") or {}),
+        state_dict=state,
+        extra=dict(payload.get("extra") or {}),
+    )
+
+
+def load_model_from_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the named model, load its weights strictly, return it in eval mode on the CPU.
+
+    Raises:
+        ModelError: unreadable file, unknown model name, or weights that do not fit the model
+            (the message names the first missing / unexpected / mis-shaped keys).
+    """
+    from pipeline.models import build_model
+
+    ckpt = read_checkpoint(path)
+    kwargs = dict(ckpt.model_kwargs)
+    if isinstance(kwargs.get("image_size"), list):
+        kwargs["image_size"] = tuple(kwargs["image_size"])
+    model = build_model(ckpt.model_name, **kwargs)
+    _fit(model, ckpt.state_dict, ckpt.model_name)
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model.eval()
