@@ -1,0 +1,180 @@
+"""The per-row PyTorch reference of the loss kernels: the math every method computes through.
+
+The fused Triton kernels (``pipeline.kernels.triton_*``) are tested against these functions;
+names, argument order and returned shapes are the contract between the two:
+
+    decode_teacher(teacher, scale=None, offset=None)                  -> (B, C) float32
+    kd_rows(student, teacher, temperature, zscore=False, eps=1e-7)    -> (B,)
+        T² · KL(softmax(t'/T) || softmax(s'/T)),  x' = standardize(x) if zscore else x
+    dkd_rows(student, teacher, target, temperature, zscore, eps)      -> ((B,), (B,))
+        (T² · KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),  T² · KL(p̂ || q̂) over the C - 1 other classes)
+    ats_rows(student, teacher, target, tau1, tau2, student_temperature) -> (B,)
+        s_tau² · (-Σ_c p_ats,c · log_softmax(s / s_tau)_c),  p_ats = softmax(t / tau_c)
+
+Everything is in log space (``log_softmax``, ``logsumexp``): DKD's binary split is
+``log p_y = a_y - lse(a)`` and ``log(1 - p_y) = lse(a_{c≠y}) - lse(a)``, never ``log`` of a sum of
+probabilities, so ±100 logits at T = 1 stay finite in float32 (the official DKD gives inf/NaN).
+NCKD gathers the C - 1 non-target columns (no ``-1000`` mask, whose exact zeros make the gradient
+with respect to a learned temperature NaN). Temperatures are a float or a 0-d/(1,)/(B,) tensor;
+T² multiplies each row. The teacher is data: it is detached and never gets a gradient. A -inf
+teacher logit (a class ruled out) contributes 0 to values and student gradients; a gradient with
+respect to the temperature needs finite teacher logits (d(-inf / T)/dT is not finite).
+
+Inputs are computed in the wider of the student's dtype and float32 (float64 stays float64, for
+gradchecks); ``decode_teacher`` keeps a float64 teacher as float64 for the same reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import MethodError
+from pipeline.transforms import (
+    Temperature,
+    apply_temperature,
+    asymmetric_temperature,
+    check_temperature,
+    squared,
+    standardize,
+)
+
+__all__ = ["ats_rows", "decode_teacher", "dkd_rows", "kd_rows", "nontarget_index"]
+
+_FLOAT_TEACHERS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def decode_teacher(
+    teacher: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stored teacher logits as float32 (B, C); int8 as ``q * scale[:, None] + offset[:, None]``."""
+    if teacher.dtype == torch.int8:
+        if scale is None or offset is None:
+            raise MethodError("an int8 teacher needs its per-row scale and offset, (B,) each")
+        return teacher.float() * scale.float()[:, None] + offset.float()[:, None]
+    if scale is not None or offset is not None:
+        raise MethodError(f"scale/offset belong to int8 teachers only, got a {teacher.dtype} one")
+    if teacher.dtype in _FLOAT_TEACHERS:
+        return teacher.float()
+    if teacher.dtype == torch.float64:
+        return teacher  # kept exact for float64 checks
+    raise MethodError(f"teacher logits must be float16/bfloat16/float32/int8, not {teacher.dtype}")
+
+
+def _prepared(
+    student: torch.Tensor, teacher: torch.Tensor, zscore: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape-checked (B, C) student and detached teacher in one float dtype, z-scored if asked."""
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise MethodError(
+            f"student and teacher logits must both be (B, C), got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    student, teacher = student.to(dtype), teacher.detach().to(dtype)
+    if zscore:
+        student, teacher = standardize(student, eps), standardize(teacher, eps)
+    return student, teacher
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ_c p_c (log p_c - log q_c) per row with 0·log 0 = 0: (B,)."""
+    p = log_p.exp()
+    # A -inf teacher logit gives p = 0 and log p = -inf; zeroing log p there keeps both the value
+    # and every gradient finite (a where() around the product would still backprop 0 · inf).
+    log_p = torch.where(p > 0, log_p, 0.0)
+    return (p * (log_p - log_q)).sum(dim=1)
+
+
+def _check_target(target: torch.Tensor, batch: int) -> torch.Tensor:
+    if target.shape != (batch,):
+        raise MethodError(
+            f"target must be ({batch},) to match the logits, got {tuple(target.shape)}"
+        )
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise MethodError(f"target must hold integer class indices, not {target.dtype}")
+    return target.long()
+
+
+def kd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: Temperature,
+    zscore: bool = False,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Per-row ``T² · KL(softmax(t'/T) || softmax(s'/T))``: (B,)."""
+    s, t = _prepared(student, teacher, zscore, eps)
+    check_temperature("temperature", temperature, s.shape[0])
+    log_p = torch.log_softmax(apply_temperature(t, temperature), dim=1)  # (B, C)
+    log_q = torch.log_softmax(apply_temperature(s, temperature), dim=1)  # (B, C)
+    return squared(temperature) * _kl_rows(log_p, log_q)
+
+
+def nontarget_index(target: torch.Tensor, classes: int) -> torch.Tensor:
+    """Column indices of the C - 1 non-target classes of each row, in order: (B, C - 1).
+
+    A gather with these drops the target column exactly, without boolean indexing (which would
+    sync with the host and give a data-dependent shape).
+    """
+    cols = torch.arange(classes - 1, device=target.device)[None, :]  # (1, C - 1)
+    return cols + (cols >= target[:, None]).long()  # skip the target column
+
+
+def _binary_log_probs(
+    x: torch.Tensor, target: torch.Tensor, rest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_y, log(1 - p_y)) of softmax(x) from logsumexps: (B,) each."""
+    lse = torch.logsumexp(x, dim=1)  # (B,)
+    log_y = x.gather(1, target[:, None])[:, 0] - lse
+    log_rest = torch.logsumexp(x.gather(1, rest), dim=1) - lse
+    return log_y, log_rest
+
+
+def dkd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: Temperature,
+    zscore: bool = False,
+    eps: float = 1e-7,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row DKD parts ``(T² · TCKD, T² · NCKD)``: (B,), (B,)."""
+    s, t = _prepared(student, teacher, zscore, eps)
+    batch, classes = s.shape
+    if classes < 2:
+        raise MethodError(f"DKD needs 2 classes or more (a target and a non-target), got {classes}")
+    target = _check_target(target, batch)
+    check_temperature("temperature", temperature, batch)
+    a, b = apply_temperature(t, temperature), apply_temperature(s, temperature)  # (B, C)
+    rest = nontarget_index(target, classes)  # (B, C - 1)
+    lp_y, lp_rest = _binary_log_probs(a, target, rest)
+    lq_y, lq_rest = _binary_log_probs(b, target, rest)
+    tckd = _kl_rows(torch.stack([lp_y, lp_rest], dim=1), torch.stack([lq_y, lq_rest], dim=1))
+    log_p_hat = torch.log_softmax(a.gather(1, rest), dim=1)  # (B, C - 1)
+    log_q_hat = torch.log_softmax(b.gather(1, rest), dim=1)
+    nckd = _kl_rows(log_p_hat, log_q_hat)
+    t2 = squared(temperature)
+    return t2 * tckd, t2 * nckd
+
+
+def ats_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    tau1: Temperature,
+    tau2: Temperature,
+    student_temperature: Temperature,
+) -> torch.Tensor:
+    """Per-row ATS cross-entropy ``s_tau² · (-Σ_c p_ats,c · log_softmax(s / s_tau)_c)``: (B,)."""
+    s, t = _prepared(student, teacher, False, 0.0)
+    batch = s.shape[0]
+    target = _check_target(target, batch)
+    for name, value in (
+        ("tau1", tau1),
+        ("tau2", tau2),
+        ("student_temperature", student_temperature),
+    ):
+        check_temperature(name, value, batch)
+    p = torch.softmax(asymmetric_temperature(t, target, tau1, tau2), dim=1)  # (B, C)
+    log_q = torch.log_softmax(apply_temperature(s, student_temperature), dim=1)  # (B, C)
+    return squared(student_temperature) * -(p * log_q).sum(dim=1)
