@@ -1,0 +1,233 @@
+"""Loss kernels: the PyTorch reference (any device) and fused Triton kernels (CUDA), one API.
+
+    from pipeline.kernels import decode_teacher, kd_rows, dkd_rows, ats_rows
+    kd_rows(student, teacher, temperature, zscore=False, eps=1e-7, *, scale=None, offset=None,
+            impl="auto")                                        -> (B,)
+    dkd_rows(student, teacher, target, temperature, zscore=False, eps=1e-7, ...) -> (tckd, nckd)
+    ats_rows(student, teacher, target, tau1, tau2, student_temperature, ...)     -> (B,)
+    decode_teacher(teacher, scale=None, offset=None, *, impl="auto")            -> float32 (B, C)
+
+The formulas and signatures are those of ``pipeline.kernels.reference``; this module only picks
+who computes them. ``impl``:
+
+- ``"auto"`` (default): the fused Triton kernel when every tensor is on CUDA, triton imports and
+  the kernel supports the call; otherwise the reference. The environment variable
+  ``LOGITBANK_KERNELS`` (``auto``/``reference``/``triton``) sets what ``"auto"`` means, so
+  ``LOGITBANK_KERNELS=reference`` turns the fused kernels off everywhere without code changes.
+- ``"reference"``: PyTorch (an int8 teacher is decoded with ``scale``/``offset`` first).
+- ``"triton"``: the fused kernel or a ``MethodError`` saying why not. CPU tensors work only under
+  triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the
+  tests check the kernels without a GPU.
+
+Calls the fused kernels do not support, which ``"auto"`` explicitly sends to the reference:
+float64 (or other non-float32/16/bfloat16) students, teachers in other dtypes, and ATS
+temperatures that require a gradient. Fused losses are float32 whatever the student dtype; their
+gradients have the student's dtype. Teacher logits never get a gradient (they are data).
+
+Neither triton nor the reference is imported until first used, so ``import pipeline.kernels``
+works on machines without triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from pipeline.errors import MethodError
+
+__all__ = [
+    "ENV_VAR",
+    "IMPLS",
+    "ats_rows",
+    "decode_teacher",
+    "dkd_rows",
+    "kd_rows",
+    "resolve_impl",
+    "triton_available",
+]
+
+IMPLS = ("auto", "reference", "triton")
+ENV_VAR = "LOGITBANK_KERNELS"
+
+FUSED_STUDENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+def _reference() -> ModuleType:
+    return importlib.import_module("pipeline.kernels.reference")
+
+
+def _fused(name: str) -> ModuleType:
+    return importlib.import_module(f"pipeline.kernels.triton_{name}")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton and the fused kernel modules import (cached for the process)."""
+    try:
+        _fused("common")
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def _interpreted() -> bool:
+    return _fused("common").interpreted()
+
+
+def resolve_impl(impl: str, tensors: tuple[torch.Tensor, ...], unsupported: str | None) -> str:
+    """``"triton"`` or ``"reference"`` for a call on ``tensors``.
+
+    Args:
+        impl: ``"auto"``, ``"reference"`` or ``"triton"`` as passed by the caller.
+        tensors: the call's tensor arguments (their devices decide ``"auto"``).
+        unsupported: why the fused kernel cannot take this call, or None when it can.
+    """
+    if impl not in IMPLS:
+        raise MethodError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+        if impl not in IMPLS:
+            raise MethodError(f"{ENV_VAR} must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        ok = on_cuda and unsupported is None and triton_available()
+        return "triton" if ok else "reference"
+    if not triton_available():
+        raise MethodError("impl='triton' but triton does not import here (pip install triton)")
+    if unsupported is not None:
+        raise MethodError(f"impl='triton' cannot take this call: {unsupported}")
+    if not on_cuda and not _interpreted():
+        raise MethodError(
+            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return "triton"
+
+
+def _why_unsupported(student: torch.Tensor | None, teacher: torch.Tensor) -> str | None:
+    if student is not None and student.dtype not in FUSED_STUDENT_DTYPES:
+        return f"{student.dtype} student logits (fused kernels compute in float32)"
+    if teacher.dtype not in FUSED_TEACHER_DTYPES:
+        return f"{teacher.dtype} teacher logits"
+    return None
+
+
+def _check_temperature(name: str, value: float | torch.Tensor) -> None:
+    # Tensors are not checked: that would cost a host sync per step on CUDA.
+    if not isinstance(value, torch.Tensor) and not float(value) > 0:
+        raise MethodError(f"{name} must be > 0, got {value}")
+
+
+def _decoded(
+    teacher: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None
+) -> torch.Tensor:
+    return _reference().decode_teacher(teacher, scale, offset)
+
+
+def _tensors(*values: object) -> tuple[torch.Tensor, ...]:
+    return tuple(v for v in values if isinstance(v, torch.Tensor))
+
+
+def decode_teacher(
+    teacher: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Stored teacher logits (B, C) as float32; int8 as ``q * scale[:, None] + offset[:, None]``."""
+    tensors = _tensors(teacher, scale, offset)
+    if resolve_impl(impl, tensors, _why_unsupported(None, teacher)) == "reference":
+        return _reference().decode_teacher(teacher, scale, offset)
+    return _fused("decode").decode_teacher(teacher, scale, offset)
+
+
+def kd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float | torch.Tensor,
+    zscore: bool = False,
+    eps: float = 1e-7,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-row ``T² · KL(softmax(t'/T) || softmax(s'/T))`` (x' = z-score(x) if ``zscore``): (B,).
+
+    ``temperature`` is a float or a (B,) tensor (per sample); a tensor that requires grad gets
+    one (CTKD), in the fused kernel as in the reference.
+    """
+    _check_temperature("temperature", temperature)
+    tensors = _tensors(student, teacher, temperature, scale, offset)
+    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
+        decoded = _decoded(teacher, scale, offset)
+        return _reference().kd_rows(student, decoded, temperature, zscore=zscore, eps=eps)
+    return _fused("kd").kd_rows(
+        student, teacher, temperature, zscore, eps, scale=scale, offset=offset
+    )
+
+
+def dkd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    zscore: bool = False,
+    eps: float = 1e-7,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row DKD parts ``(tckd, nckd)``, each (B,) and scaled by T², in log space.
+
+    TCKD is the binary KL of [p_y, 1 - p_y] (teacher || student); NCKD the KL over the C - 1
+    non-target classes, the target column dropped exactly. ``temperature`` as in ``kd_rows``.
+    """
+    _check_temperature("temperature", temperature)
+    tensors = _tensors(student, teacher, target, temperature, scale, offset)
+    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
+        decoded = _decoded(teacher, scale, offset)
+        return _reference().dkd_rows(student, decoded, target, temperature, zscore=zscore, eps=eps)
+    return _fused("dkd").dkd_rows(
+        student, teacher, target, temperature, zscore, eps, scale=scale, offset=offset
+    )
+
+
+def ats_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    tau1: float | torch.Tensor,
+    tau2: float | torch.Tensor,
+    student_temperature: float | torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-row ATS cross-entropy ``s_tau² · -Σ_c p_ats,c · log_softmax(s / s_tau)_c``: (B,).
+
+    ``p_ats = softmax(t / tau_c)``, tau_c = tau1 on the target class and tau2 elsewhere, one
+    softmax over all classes. Temperatures that require a gradient go to the reference.
+    """
+    temps = (("tau1", tau1), ("tau2", tau2), ("student_temperature", student_temperature))
+    for name, value in temps:
+        _check_temperature(name, value)
+    why = _why_unsupported(student, teacher)
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in temps):
+        why = why or "ATS temperatures that require a gradient"
+    tensors = _tensors(student, teacher, target, tau1, tau2, student_temperature, scale, offset)
+    if resolve_impl(impl, tensors, why) == "reference":
+        decoded = _decoded(teacher, scale, offset)
+        return _reference().ats_rows(student, decoded, target, tau1, tau2, student_temperature)
+    return _fused("ats").ats_rows(
+        student, teacher, target, tau1, tau2, student_temperature, scale=scale, offset=offset
+    )

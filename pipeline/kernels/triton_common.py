@@ -1,0 +1,293 @@
+"""Shared pieces of the fused Triton loss kernels: tile loads, row statistics, online softmax.
+
+Every loss kernel gives each program ``ROWS`` rows and walks their classes in ``BLOCK``-wide
+column blocks, so any C works and no (B, C) intermediate is ever written: per-row state lives in
+float32 ``(ROWS,)`` registers. Teacher logits are read in their stored dtype; int8 rows are decoded
+in registers as ``q * scale + offset`` (the store's per-row affine code).
+
+Online logsumexp keeps, per row, the running max ``m`` and ``S = sum exp(x - m)``; when a block
+raises the max, ``S`` (and every sum weighted by ``exp(x - m)``) is rescaled by
+``exp(m_old - m_new)``.
+Masked entries are ``-inf`` in the exponent and 0 in the weights, and the rescale is written so a
+row whose every entry so far was masked gives 0, never ``exp(-inf - -inf) = NaN``.
+
+Importing this module imports triton: the dispatcher (``pipeline.kernels``) imports it lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline.errors import MethodError
+from pipeline.kernels import FUSED_STUDENT_DTYPES, FUSED_TEACHER_DTYPES
+
+#: Widest column block. 2048 float32 per tile keeps ~8 values per thread per live tile at 8 warps.
+MAX_BLOCK = 2048
+#: Elements per (ROWS, BLOCK) tile: small C packs several rows into one program.
+TILE = 2048
+
+STUDENT_DTYPES = FUSED_STUDENT_DTYPES
+TEACHER_DTYPES = FUSED_TEACHER_DTYPES
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a row kernel is launched: ``rows`` rows per program, ``block`` columns per step."""
+
+    rows: int
+    block: int
+    num_warps: int
+
+    def grid(self, batch: int) -> tuple[int]:
+        return (triton.cdiv(batch, self.rows),)
+
+    def meta(self) -> dict[str, int]:
+        """The tile's compile-time kernel arguments."""
+        return {"ROWS": self.rows, "BLOCK": self.block, "num_warps": self.num_warps}
+
+
+def affine(
+    scale: torch.Tensor | None, offset: torch.Tensor | None, dummy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) pointers for a launch; ``dummy`` (never read) when the teacher is float."""
+    return (dummy, dummy) if scale is None or offset is None else (scale, offset)
+
+
+def launch_config(batch: int, classes: int, override: tuple[int, int] | None = None) -> Launch:
+    """Tile shape for a (batch, classes) problem; ``override`` = (rows, block) is for tests."""
+    if override is not None:
+        rows, block = override
+    else:
+        block = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK)
+        rows = max(1, min(TILE // block, triton.next_power_of_2(max(batch, 1))))
+    if block & (block - 1) or rows & (rows - 1):
+        raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
+    return Launch(rows=rows, block=block, num_warps=8 if rows * block >= 2048 else 4)
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's GPU, not the current one (triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def interpreted() -> bool:
+    """True when triton built these kernels for its CPU interpreter (TRITON_INTERPRET=1 at import).
+
+    triton decides when a function is decorated, i.e. when this module is first imported.
+    """
+    return type(online_step).__name__ == "InterpretedFunction"
+
+
+def check_teacher(
+    teacher: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A row-contiguous (B, C) teacher and, for int8, its float32 (B,) scale and offset."""
+    if teacher.dim() != 2:
+        raise MethodError(f"teacher logits must be (B, C), got {tuple(teacher.shape)}")
+    if teacher.dtype not in TEACHER_DTYPES:
+        raise MethodError(f"fused kernels cannot read a {teacher.dtype} teacher")
+    if (teacher.dtype == torch.int8) != (scale is not None and offset is not None):
+        raise MethodError("an int8 teacher needs its per-row scale and offset (and only it)")
+    if scale is not None and offset is not None:
+        scale = rows_vector(scale, teacher.shape[0], teacher.device, "scale")
+        offset = rows_vector(offset, teacher.shape[0], teacher.device, "offset")
+    return teacher.contiguous(), scale, offset
+
+
+def check_inputs(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Validated, row-contiguous student and teacher (views when already contiguous)."""
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise MethodError(
+            f"student and teacher logits must both be (B, C), got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    if student.dtype not in STUDENT_DTYPES:
+        raise MethodError(f"fused kernels take float32/16 or bf16 students, not {student.dtype}")
+    if teacher.device != student.device:
+        raise MethodError(f"teacher on {teacher.device} but student on {student.device}")
+    teacher, scale, offset = check_teacher(teacher, scale, offset)
+    return student.contiguous(), teacher, scale, offset
+
+
+def rows_vector(
+    value: float | torch.Tensor, batch: int, device: torch.device, name: str
+) -> torch.Tensor:
+    """A float or a 0-d/(1,)/(B,) tensor as a contiguous float32 (B,) tensor (autograd kept)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+    if value.numel() not in (1, batch) or value.dim() > 1:
+        raise MethodError(f"{name} must be a float or a ({batch},) tensor, not {value.shape}")
+    if value.device != device:
+        raise MethodError(f"{name} is on {value.device}, the logits on {device}")
+    # expand + contiguous are differentiable: a global learnable temperature gets the sum.
+    return value.reshape(-1).expand(batch).to(torch.float32).contiguous()
+
+
+def check_target(target: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
+    """Targets as contiguous int64 (B,); out-of-range classes are an error, not a stray read."""
+    if target.shape != (batch,):
+        raise MethodError(f"target must be ({batch},), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise MethodError(f"target must hold integer class indices, not {target.dtype}")
+    target = target.to(torch.int64).contiguous()
+    ok = ((target >= 0) & (target < classes)).all()
+    if target.is_cuda:
+        torch._assert_async(ok)  # a device-side check: no host sync per training step
+    elif not bool(ok):
+        raise MethodError(f"target classes must lie in [0, {classes})")
+    return target
+
+
+@triton.jit
+def load_affine(scale_ptr, offset_ptr, rows, rmask, HAS_SCALE: tl.constexpr):
+    """Per-row (scale, offset) of an int8 teacher, or (1, 0): ``(ROWS,)`` each."""
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + rows, mask=rmask, other=1.0)
+        of = tl.load(offset_ptr + rows, mask=rmask, other=0.0)
+    else:
+        sc = tl.full(rows.shape, 1.0, tl.float32)
+        of = tl.zeros(rows.shape, tl.float32)
+    return sc, of
+
+
+@triton.jit
+def load_tile(ptr, row_off, cols, mask, sc, of, HAS_SCALE: tl.constexpr):
+    """(ROWS, BLOCK) float32 tile of a stored-dtype tensor, decoded; masked entries are junk."""
+    x = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0).to(tl.float32)
+    if HAS_SCALE:
+        x = x * sc[:, None] + of[:, None]
+    return x
+
+
+@triton.jit
+def load_at(ptr, row_off, col, rmask, sc, of, HAS_SCALE: tl.constexpr):
+    """One column per row (``col`` is ``(ROWS,)``, e.g. the target), decoded: ``(ROWS,)``."""
+    x = tl.load(ptr + row_off + col, mask=rmask, other=0).to(tl.float32)
+    if HAS_SCALE:
+        x = x * sc + of
+    return x
+
+
+@triton.jit
+def load_logits(
+    ptr, row_off, cols, mask, sc, of, k, mean, sd, eps,
+    HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr,
+):  # fmt: skip
+    """``load_tile``, z-scored with the rows' (shift, mean, std) from ``row_stats`` if ZSCORE."""
+    x = load_tile(ptr, row_off, cols, mask, sc, of, HAS_SCALE)
+    if ZSCORE:
+        x = (x - k[:, None] - mean[:, None]) / (sd[:, None] + eps)
+    return x
+
+
+@triton.jit
+def load_logit_at(
+    ptr, row_off, col, rmask, sc, of, k, mean, sd, eps,
+    HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr,
+):  # fmt: skip
+    """``load_at``, z-scored like ``load_logits``: ``(ROWS,)``."""
+    x = load_at(ptr, row_off, col, rmask, sc, of, HAS_SCALE)
+    if ZSCORE:
+        x = (x - k - mean) / (sd + eps)
+    return x
+
+
+@triton.jit
+def row_stats(
+    ptr, row_off, rmask, C, sc, of, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Per-row shift K (the first logit), mean of x - K and unbiased std, in one pass.
+
+    Each block's mean and squared deviations are exact within the block and merged with Chan's
+    parallel formula, which stays accurate where sum/sum-of-squares would cancel (logits far from
+    0). Shifting by the first logit makes a constant row give mean 0 and std 0 exactly, so it
+    standardizes to exact zeros (a uniform softmax), as METHODS.md requires.
+    """
+    k = load_at(ptr, row_off, tl.zeros([ROWS], tl.int64), rmask, sc, of, HAS_SCALE)
+    mean = tl.zeros([ROWS], tl.float32)
+    m2 = tl.zeros([ROWS], tl.float32)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        y = tl.where(mask, load_tile(ptr, row_off, cols, mask, sc, of, HAS_SCALE) - k[:, None], 0.0)
+        n_a = start * 1.0
+        n_b = tl.minimum(C - start, BLOCK) * 1.0
+        b_mean = tl.sum(y, axis=1) / n_b
+        dev = tl.where(mask, y - b_mean[:, None], 0.0)
+        delta = b_mean - mean
+        mean = mean + delta * (n_b / (n_a + n_b))
+        m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+    sd = tl.sqrt(m2 / (C * 1.0 - 1.0))
+    return k, mean, sd
+
+
+@triton.jit
+def online_step(m, x):
+    """Raise the running max ``m`` (ROWS,) with tile ``x`` (-inf where masked).
+
+    Returns the new max, the factor ``alpha`` that rescales sums kept against the old max, and
+    ``exp(x - m_new)`` (0 where masked).
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe[:, None])
+    return m_new, alpha, e
+
+
+@triton.jit
+def log_add_exp(x, y):
+    """log(exp(x) + exp(y)) elementwise, finite for finite inputs."""
+    m = tl.maximum(x, y)
+    return m + tl.log(tl.exp(x - m) + tl.exp(y - m))
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) accurate for small x (Goldberg's trick: the rounding of 1 + x cancels out)."""
+    w = 1.0 + x
+    return tl.where(w == 1.0, x, tl.log(w) * (x / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) = -log(sigmoid(-x)), accurate in both tails."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def shift_of(m_old, m_new):
+    # m_old - m_new, or 0 while nothing was accumulated (m_old = -inf, the sums are 0 then);
+    # never -inf - -inf, even in the branch where() discards.
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.where(m_old == float("-inf"), 0.0, m_old - m_new)
+
+
+@triton.jit
+def online_kl(m_a, s_a, m_b, s_b, w, a, b, mask):
+    """One block of the online KL(softmax(a) || softmax(b)) over (ROWS, BLOCK) tiles ``a``, ``b``.
+
+    Keeps ``w = Σ exp(a - m_a) · ((a - m_a) - (b - m_b))`` against the running maxes, so that
+    ``KL = w / s_a - log s_a + log s_b`` is a sum of range-sized terms, not of absolute-level
+    ones (a student equal to its teacher gives ~0 to the rounding of the range, and C = 1 exactly
+    0). Also returns the rescale factors and exponentials, for the caller's other weighted sums.
+    """
+    m_a_new, alpha_a, e_a = online_step(m_a, tl.where(mask, a, float("-inf")))
+    m_b_new, alpha_b, e_b = online_step(m_b, tl.where(mask, b, float("-inf")))
+    shift = shift_of(m_a, m_a_new) - shift_of(m_b, m_b_new)
+    ca = a - tl.where(m_a_new == float("-inf"), 0.0, m_a_new)[:, None]
+    cb = b - tl.where(m_b_new == float("-inf"), 0.0, m_b_new)[:, None]
+    w = alpha_a * (w + s_a * shift) + tl.sum(tl.where(mask, e_a * (ca - cb), 0.0), axis=1)
+    s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
+    s_b = s_b * alpha_b + tl.sum(e_b, axis=1)
+    return m_a_new, s_a, m_b_new, s_b, w, alpha_a, e_a, alpha_b, e_b

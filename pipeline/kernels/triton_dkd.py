@@ -1,0 +1,304 @@
+"""Fused DKD rows, Decoupled KD (Zhao et al., CVPR 2022), optionally on z-scored logits.
+
+    TCKD_b = T² · KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),   NCKD_b = T² · KL(p̂ || q̂)
+    p = softmax(t'/T), p̂ = softmax over the C - 1 non-target classes (target dropped exactly)
+
+Everything is in log space, so ±100 logits at T = 1 stay finite: with a = t'/T, b = s'/T and lse_n
+the logsumexp over the non-target classes, log p_y = a_y - lse(a) and
+log(1 - p_y) = lse_n(a) - lse(a), lse(a) = logaddexp(lse_n(a), a_y).
+
+Forward streams the non-target classes once (online logsumexp, the target column masked) and keeps
+per-row values for backward, which is one pass writing grad_student (B, C). With f = TCKD/T²,
+h = NCKD/T² and d = q_y - p_y:
+
+    ∂f/∂b_y = d,  ∂f/∂b_i = -d · q̂_i (i ≠ y);   ∂h/∂b_i = q̂_i - p̂_i (i ≠ y),  ∂h/∂b_y = 0
+    dL/dT = 2T·f - T·(Σ ∂f/∂a·a + Σ ∂f/∂b·b)   (the same for h), where
+    Σ ∂f/∂a·a = D·p_y(1-p_y)·(a_y - E_p̂[a]),  D = log(p_y/q_y) - log((1-p_y)/(1-q_y)) = u - v,
+    Σ ∂h/∂a·a = Cov_p̂(a, a - b)   (u, v: teacher and student log-odds of the target).
+
+Both gradients sum to 0 over the classes, so the z-score chain rule is the one of ``triton_kd``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from pipeline.errors import MethodError
+from pipeline.kernels.triton_common import (
+    affine,
+    check_inputs,
+    check_target,
+    launch_config,
+    load_affine,
+    load_logit_at,
+    load_logits,
+    on_device,
+    online_kl,
+    row_stats,
+    rows_vector,
+    softplus,
+)
+
+N_STATS = 15  # rows of the (N_STATS, B) float32 buffer forward leaves for backward
+
+
+@triton.jit
+def _binary_kl(u, v):
+    """KL([p, 1 - p] || [q, 1 - q]) from the log-odds u of p and v of q, in log space.
+
+    log p = -softplus(-u), log(1 - p) = -softplus(u): each difference of logs is a difference of
+    two accurately computed softplus values, with no logsumexp-sized cancellation.
+    """
+    sp_u, sp_nu = softplus(u), softplus(-u)
+    sp_v, sp_nv = softplus(v), softplus(-v)
+    return tl.exp(-sp_nu) * (sp_nv - sp_nu) + tl.exp(-sp_u) * (sp_v - sp_u)
+
+
+@triton.jit
+def _store_stats(
+    ptr, B, rows, rmask, lse_na, lse_nb, u, v, h, e_ab, e_a, eq_z, ep_z,
+    k_s, mean_s, sd_s, k_t, mean_t, sd_t,
+):  # fmt: skip
+    tl.store(ptr + 0 * B + rows, lse_na, mask=rmask)  # logsumexp of a over non-target classes
+    tl.store(ptr + 1 * B + rows, lse_nb, mask=rmask)
+    tl.store(ptr + 2 * B + rows, u, mask=rmask)
+    tl.store(ptr + 3 * B + rows, v, mask=rmask)
+    tl.store(ptr + 4 * B + rows, h, mask=rmask)
+    tl.store(ptr + 5 * B + rows, e_ab, mask=rmask)  # E_p̂[a - b]
+    tl.store(ptr + 6 * B + rows, e_a, mask=rmask)  # E_p̂[a]
+    tl.store(ptr + 7 * B + rows, eq_z, mask=rmask)  # E_q̂[z_s]
+    tl.store(ptr + 8 * B + rows, ep_z, mask=rmask)  # E_p̂[z_s]
+    tl.store(ptr + 9 * B + rows, k_s, mask=rmask)
+    tl.store(ptr + 10 * B + rows, mean_s, mask=rmask)
+    tl.store(ptr + 11 * B + rows, sd_s, mask=rmask)
+    tl.store(ptr + 12 * B + rows, k_t, mask=rmask)
+    tl.store(ptr + 13 * B + rows, mean_t, mask=rmask)
+    tl.store(ptr + 14 * B + rows, sd_t, mask=rmask)
+
+
+@triton.jit
+def _stat(ptr, i, B, rows, rmask):
+    return tl.load(ptr + i * B + rows, mask=rmask, other=0.0)
+
+
+@triton.jit
+def _dkd_rows_fwd(
+    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, target_ptr, tckd_ptr, nckd_ptr, stats_ptr,
+    B, C, s_stride, t_stride, eps,
+    HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    s_off = rows.to(tl.int64) * s_stride
+    t_off = rows.to(tl.int64) * t_stride
+    sc, of = load_affine(scale_ptr, offset_ptr, rows, rmask, HAS_SCALE)
+    zero = tl.zeros([ROWS], tl.float32)
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    y = tl.load(target_ptr + rows, mask=rmask, other=0)
+    k_s, mean_s, sd_s, k_t, mean_t, sd_t = zero, zero, zero, zero, zero, zero
+    if ZSCORE:
+        k_s, mean_s, sd_s = row_stats(s_ptr, s_off, rmask, C, sc, of, False, ROWS, BLOCK)
+        k_t, mean_t, sd_t = row_stats(t_ptr, t_off, rmask, C, sc, of, HAS_SCALE, ROWS, BLOCK)
+    xs_y = load_logit_at(s_ptr, s_off, y, rmask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+    xt_y = load_logit_at(t_ptr, t_off, y, rmask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE)
+    inv_t = 1.0 / temp
+    zero = tl.zeros([ROWS], tl.float32)
+    m_a = tl.full([ROWS], float("-inf"), tl.float32)
+    m_b = tl.full([ROWS], float("-inf"), tl.float32)
+    s_a, w_ab, w_a, w_pz, s_b, w_qz = zero, zero, zero, zero, zero, zero
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        nt = mask & (cols[None, :] != y[:, None])  # non-target classes
+        xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+        xt = load_logits(
+            t_ptr, t_off, cols, mask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE
+        )
+        xs = tl.where(nt, xs, 0.0)
+        a = tl.where(nt, xt * inv_t[:, None], 0.0)
+        b = xs * inv_t[:, None]
+        m_a, s_a, m_b, s_b, w_ab, alpha_a, e_a, alpha_b, e_b = online_kl(
+            m_a, s_a, m_b, s_b, w_ab, a, b, nt
+        )
+        w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
+        w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
+        w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
+    s_a = tl.where(rmask, s_a, 1.0)  # rows past B: keep them finite (and quiet)
+    s_b = tl.where(rmask, s_b, 1.0)
+    m_a = tl.where(rmask, m_a, 0.0)
+    m_b = tl.where(rmask, m_b, 0.0)
+    lse_na = m_a + tl.log(s_a)
+    lse_nb = m_b + tl.log(s_b)
+    u = xt_y * inv_t - lse_na  # teacher log-odds of the target: log p_y - log(1 - p_y)
+    v = xs_y * inv_t - lse_nb  # student's
+    h = w_ab / s_a - tl.log(s_a) + tl.log(s_b)  # NCKD / T²
+    tl.store(tckd_ptr + rows, temp * temp * _binary_kl(u, v), mask=rmask)
+    tl.store(nckd_ptr + rows, temp * temp * h, mask=rmask)
+    e_ab = w_ab / s_a + m_a - m_b  # E_p̂[a - b]: w is kept against the running maxes
+    _store_stats(stats_ptr, B, rows, rmask, lse_na, lse_nb, u, v, h, e_ab, w_a / s_a,
+                 w_qz / s_b, w_pz / s_a, k_s, mean_s, sd_s, k_t, mean_t, sd_t)  # fmt: skip
+
+
+@triton.jit
+def _dkd_rows_bwd(
+    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, target_ptr, stats_ptr, go_t_ptr, go_n_ptr,
+    gs_ptr, gt_ptr, B, C, s_stride, t_stride, eps,
+    HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, WRITE_GS: tl.constexpr,
+    NEED_T_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    s_off = rows.to(tl.int64) * s_stride
+    t_off = rows.to(tl.int64) * t_stride
+    sc, of = load_affine(scale_ptr, offset_ptr, rows, rmask, HAS_SCALE)
+    zero = tl.zeros([ROWS], tl.float32)
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    inv_t = 1.0 / temp
+    y = tl.load(target_ptr + rows, mask=rmask, other=0)
+    go_t = tl.load(go_t_ptr + rows, mask=rmask, other=0.0)
+    go_n = tl.load(go_n_ptr + rows, mask=rmask, other=0.0)
+    lse_na = _stat(stats_ptr, 0, B, rows, rmask)
+    lse_nb = _stat(stats_ptr, 1, B, rows, rmask)
+    u = _stat(stats_ptr, 2, B, rows, rmask)
+    v = _stat(stats_ptr, 3, B, rows, rmask)
+    h = _stat(stats_ptr, 4, B, rows, rmask)
+    e_ab = _stat(stats_ptr, 5, B, rows, rmask)
+    e_a = _stat(stats_ptr, 6, B, rows, rmask)
+    eq_z = _stat(stats_ptr, 7, B, rows, rmask)
+    ep_z = _stat(stats_ptr, 8, B, rows, rmask)
+    k_s = _stat(stats_ptr, 9, B, rows, rmask)
+    mean_s = _stat(stats_ptr, 10, B, rows, rmask)
+    sd_s = _stat(stats_ptr, 11, B, rows, rmask)
+    k_t = _stat(stats_ptr, 12, B, rows, rmask)
+    mean_t = _stat(stats_ptr, 13, B, rows, rmask)
+    sd_t = _stat(stats_ptr, 14, B, rows, rmask)
+    xs_y = load_logit_at(s_ptr, s_off, y, rmask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+    d = tl.exp(-softplus(-v)) - tl.exp(-softplus(-u))  # q_y - p_y
+    g_scale = temp  # dL/dz_s = T · (∂f/∂b · go_t + ∂h/∂b · go_n)
+    coef = zero
+    if ZSCORE:
+        g_scale = g_scale / (sd_s + eps)
+        sum_gz = temp * (go_t * d * (xs_y - eq_z) + go_n * (eq_z - ep_z))  # Σ_i g_i z_i
+        safe_sd = tl.where(sd_s > 0, sd_s, 1.0)
+        coef = tl.where(sd_s > 0, sum_gz / ((C * 1.0 - 1.0) * safe_sd), 0.0)
+    cov = zero
+    qpb = zero
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        is_y = cols[None, :] == y[:, None]
+        nt = mask & ~is_y
+        xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+        xt = load_logits(
+            t_ptr, t_off, cols, mask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE
+        )
+        xs = tl.where(mask, xs, 0.0)
+        a = tl.where(nt, xt * inv_t[:, None], 0.0)
+        b = xs * inv_t[:, None]
+        p_hat = tl.exp(tl.where(nt, a - lse_na[:, None], float("-inf")))
+        q_hat = tl.exp(tl.where(nt, b - lse_nb[:, None], float("-inf")))
+        if WRITE_GS:
+            g_nt = go_n[:, None] * (q_hat - p_hat) - (go_t * d)[:, None] * q_hat
+            g = tl.where(is_y, (go_t * d)[:, None], g_nt)
+            g = g_scale[:, None] * g - coef[:, None] * xs
+            gs = gs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
+            tl.store(gs, g.to(gs_ptr.dtype.element_ty), mask=mask)
+        if NEED_T_GRAD:
+            cov += tl.sum(p_hat * (a - e_a[:, None]) * (a - b - e_ab[:, None]), axis=1)
+            qpb += tl.sum((q_hat - p_hat) * (b - lse_nb[:, None]), axis=1)
+    if NEED_T_GRAD:
+        xt_y = load_logit_at(
+            t_ptr, t_off, y, rmask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE
+        )
+        # Σ ∂f/∂a·a + Σ ∂f/∂b·b; D = log(p_y/q_y) - log((1-p_y)/(1-q_y)) is u - v.
+        p_pn = tl.exp(-softplus(u) - softplus(-u))  # p_y (1 - p_y)
+        f_ab = (u - v) * p_pn * (xt_y * inv_t - e_a) + d * (xs_y - eq_z) * inv_t
+        f = _binary_kl(u, v)
+        g_t = go_t * (2.0 * temp * f - temp * f_ab) + go_n * (2.0 * temp * h - temp * (cov + qpb))
+        tl.store(gt_ptr + rows, g_t, mask=rmask)
+
+
+class DKDRows(torch.autograd.Function):
+    """Per-row (TCKD, NCKD), each (B,) float32; differentiable in student and temperature."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student: torch.Tensor,  # (B, C) float32/16, bfloat16
+        teacher: torch.Tensor,  # (B, C) stored dtype
+        target: torch.Tensor,  # (B,) int64
+        temperature: torch.Tensor,  # (B,) float32
+        scale: torch.Tensor | None,  # (B,) float32, int8 teachers only
+        offset: torch.Tensor | None,
+        zscore: bool,
+        eps: float,
+        config: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, classes = student.shape
+        launch = launch_config(batch, classes, config)
+        tckd = torch.empty(batch, dtype=torch.float32, device=student.device)  # (B,)
+        nckd = torch.empty_like(tckd)  # (B,)
+        stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=student.device)
+        with on_device(student):
+            _dkd_rows_fwd[launch.grid(batch)](
+                student, teacher, *affine(scale, offset, tckd), temperature, target, tckd, nckd,
+                stats, batch, classes, student.stride(0), teacher.stride(0), eps,
+                HAS_SCALE=scale is not None, ZSCORE=zscore, **launch.meta(),
+            )  # fmt: skip
+        ctx.save_for_backward(student, teacher, target, temperature, scale, offset, stats)
+        ctx.zscore, ctx.eps, ctx.launch = zscore, eps, launch
+        return tckd, nckd
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_tckd: torch.Tensor, grad_nckd: torch.Tensor
+    ) -> tuple:
+        student, teacher, target, temperature, scale, offset, stats = ctx.saved_tensors
+        batch, classes = student.shape
+        write_gs, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_tckd = grad_tckd.to(torch.float32).contiguous()  # (B,)
+        grad_nckd = grad_nckd.to(torch.float32).contiguous()  # (B,)
+        grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
+        grad_t = torch.empty_like(temperature) if need_t else None  # (B,)
+        launch = ctx.launch
+        with on_device(student):
+            _dkd_rows_bwd[launch.grid(batch)](
+                student, teacher, *affine(scale, offset, stats), temperature, target, stats,
+                grad_tckd, grad_nckd, stats if grad_s is None else grad_s,
+                stats if grad_t is None else grad_t, batch, classes, student.stride(0),
+                teacher.stride(0), ctx.eps, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
+                WRITE_GS=write_gs, NEED_T_GRAD=need_t, **launch.meta(),
+            )  # fmt: skip
+        return grad_s, None, None, grad_t, None, None, None, None, None
+
+
+def dkd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    zscore: bool = False,
+    eps: float = 1e-7,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    config: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused per-row ``(TCKD, NCKD)``, each float32 (B,) and scaled by T².
+
+    Args as ``triton_kd.kd_rows``, plus ``target``: (B,) integer classes in [0, C).
+    """
+    student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
+    batch, classes = student.shape
+    if classes < 2:
+        raise MethodError(f"DKD needs 2 classes or more (target and non-target), got {classes}")
+    target = check_target(target, batch, classes)
+    temp = rows_vector(temperature, batch, student.device, "temperature")
+    if batch == 0:
+        empty = student.sum(dim=1, dtype=torch.float32) * 0.0 + temp * 0.0
+        return empty, empty.clone()
+    return DKDRows.apply(student, teacher, target, temp, scale, offset, zscore, float(eps), config)

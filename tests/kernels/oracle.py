@@ -1,0 +1,95 @@
+"""Float64 oracle of the loss kernels, written from the formulas in METHODS.md, independent of
+``pipeline.kernels.reference`` and of the fused kernels; gradients come from autograd on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def zscore(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """(x - mean) / (unbiased std + eps) per row."""
+    return (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)
+
+
+def _column(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(temperature, dtype=torch.float64)
+    return t.reshape(-1, 1).expand(like.shape[0], 1)  # (B, 1)
+
+
+def kd_rows(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, zs: bool
+) -> torch.Tensor:
+    """T² · KL(softmax(t'/T) || softmax(s'/T)) per row, float64 (B,)."""
+    if zs:
+        student, teacher = zscore(student), zscore(teacher)
+    t = _column(temperature, student)
+    log_p = F.log_softmax(teacher / t, dim=1)
+    log_q = F.log_softmax(student / t, dim=1)
+    return t[:, 0] ** 2 * (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def dkd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    zs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T² · TCKD, T² · NCKD) per row, float64, the target column dropped for NCKD."""
+    if zs:
+        student, teacher = zscore(student), zscore(teacher)
+    t = _column(temperature, student)
+    batch, classes = student.shape
+    keep = ~F.one_hot(target, classes).bool()  # (B, C)
+
+    def binary(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.logsumexp(x, dim=1)
+        rest = torch.logsumexp(x[keep].reshape(batch, classes - 1), dim=1)
+        return x.gather(1, target[:, None])[:, 0] - lse, rest - lse
+
+    a, b = teacher / t, student / t
+    lp_y, lp_n = binary(a)
+    lq_y, lq_n = binary(b)
+    tckd = lp_y.exp() * (lp_y - lq_y) + lp_n.exp() * (lp_n - lq_n)
+    log_p = F.log_softmax(a[keep].reshape(batch, classes - 1), dim=1)
+    log_q = F.log_softmax(b[keep].reshape(batch, classes - 1), dim=1)
+    nckd = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return t[:, 0] ** 2 * tckd, t[:, 0] ** 2 * nckd
+
+
+def ats_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    tau1: float,
+    tau2: float,
+    student_temperature: float,
+) -> torch.Tensor:
+    """s_tau² · (-Σ p_ats · log_softmax(s / s_tau)), p_ats one softmax with tau1 on the target."""
+    tau = torch.full_like(teacher, tau2)
+    tau.scatter_(1, target[:, None], tau1)
+    p = F.softmax(teacher / tau, dim=1)
+    log_q = F.log_softmax(student / student_temperature, dim=1)
+    return student_temperature**2 * -(p * log_q).sum(dim=1)
+
+
+def encode_int8(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The store's int8 code: q in [-127, 127], scale = (max - min) / 254, offset = mid-range."""
+    hi, lo = logits.amax(dim=1), logits.amin(dim=1)
+    offset = (hi + lo) / 2
+    scale = (hi - lo) / 254
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((logits - offset[:, None]) / safe[:, None]).clamp(-127, 127)
+    return q.to(torch.int8), scale.float(), offset.float()
+
+
+def decode(
+    teacher: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """Exact float64 value of stored teacher logits."""
+    if teacher.dtype == torch.int8:
+        assert scale is not None and offset is not None
+        return teacher.double() * scale.double()[:, None] + offset.double()[:, None]
+    return teacher.double()

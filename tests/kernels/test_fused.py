@@ -1,0 +1,278 @@
+"""Fused Triton loss kernels against the float64 oracle, on CPU through triton's interpreter.
+
+Tolerances: float32 kernels vs the float64 oracle computed on the same (exactly representable)
+inputs, ``|err| <= 1e-5 * max(max|expected|, floor)`` per tensor. The floor is the size of the
+quantity the result is a difference of, so a value that is tiny because of cancellation is
+judged against the terms that cancelled:
+
+- losses: no floor (1e-5 relative to the largest row);
+- grad_student: go·T per row, / (std + eps) under z-score (the scale of dL/ds);
+- grad_temperature: 2·go·loss/T, the first of the two terms of dL/dT = 2T·KL - T·(...), which
+  nearly cancel near the loss's stationary temperature.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the fused kernels are untested")
+
+from pipeline.errors import MethodError
+from tests.kernels import oracle
+
+common = importlib.import_module("pipeline.kernels.triton_common")
+if not common.interpreted():
+    pytest.skip(
+        "the fused kernels were imported before TRITON_INTERPRET=1 was set, so they need a GPU",
+        allow_module_level=True,
+    )
+fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
+fused_dkd = importlib.import_module("pipeline.kernels.triton_dkd").dkd_rows
+fused_ats = importlib.import_module("pipeline.kernels.triton_ats").ats_rows
+
+B = 5
+# (classes, (rows per program, block) or None = the default tile); the overrides make the kernels
+# walk several column blocks (the last one partial) and leave masked rows in the last program.
+SHAPES = [(2, None), (3, None), (10, None), (37, (2, 16)), (130, (4, 32)), (130, None)]
+TEACHER_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+def _case(classes: int, teacher_dtype: torch.dtype = torch.float32, seed: int = 0, spread=3.0):
+    g = torch.Generator().manual_seed(seed + 1000 * classes)
+    student = torch.randn(B, classes, generator=g) * spread
+    teacher = torch.randn(B, classes, generator=g) * spread + 0.5
+    target = torch.randint(0, classes, (B,), generator=g)
+    scale = offset = None
+    if teacher_dtype == torch.int8:
+        teacher, scale, offset = oracle.encode_int8(teacher)
+    else:
+        teacher = teacher.to(teacher_dtype)
+    return student, teacher, target, scale, offset
+
+
+def _temperature(per_sample: bool, seed: int = 0) -> float | torch.Tensor:
+    if not per_sample:
+        return 4.0
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + 4.0 * torch.rand(B, generator=g)).requires_grad_()
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0, rtol=1e-5) -> None:
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    err = (actual.double() - expected.detach()).abs().max().item()
+    bound = rtol * max(expected.detach().abs().max().item(), floor)
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+def _grad_floor(student: torch.Tensor, go: torch.Tensor, temp, zs: bool) -> float:
+    t = torch.as_tensor(temp, dtype=torch.float64).detach().expand(B)
+    scale = go.double() * t
+    if zs:
+        scale = scale / (student.double().std(dim=1) + 1e-7)
+    return scale.max().item()
+
+
+def _leaf64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().double().requires_grad_()
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["T", "T_b"])
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+@pytest.mark.parametrize(("classes", "config"), SHAPES)
+def test_kd(classes: int, config, zs: bool, per_sample: bool) -> None:
+    student, teacher, _, _, _ = _case(classes)
+    student.requires_grad_()
+    temp = _temperature(per_sample)
+    loss = fused_kd(student, teacher, temp, zs, config=config)
+    go = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    leaves = [student, temp] if per_sample else [student]
+    grads = torch.autograd.grad(loss, leaves, go)
+
+    leaves64 = [_leaf64(x) for x in leaves]
+    temp64 = leaves64[1] if per_sample else temp
+    ref = oracle.kd_rows(leaves64[0], teacher.double(), temp64, zs)
+    refs = torch.autograd.grad(ref, leaves64, go.double())
+    _check(loss, ref)
+    _check(grads[0], refs[0], _grad_floor(student, go, temp, zs))
+    if per_sample:
+        _check(grads[1], refs[1], (2 * go * ref / temp64).abs().max().item())
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["T", "T_b"])
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+@pytest.mark.parametrize(("classes", "config"), SHAPES)
+def test_dkd(classes: int, config, zs: bool, per_sample: bool) -> None:
+    student, teacher, target, _, _ = _case(classes)
+    student.requires_grad_()
+    temp = _temperature(per_sample)
+    tckd, nckd = fused_dkd(student, teacher, target, temp, zs, config=config)
+    g = torch.Generator().manual_seed(2)
+    go_t, go_n = torch.rand(B, generator=g), torch.rand(B, generator=g)
+    leaves = [student, temp] if per_sample else [student]
+    grads = torch.autograd.grad((tckd, nckd), leaves, (go_t, go_n))
+
+    leaves64 = [_leaf64(x) for x in leaves]
+    temp64 = leaves64[1] if per_sample else temp
+    ref_t, ref_n = oracle.dkd_rows(leaves64[0], teacher.double(), target, temp64, zs)
+    refs = torch.autograd.grad((ref_t, ref_n), leaves64, (go_t.double(), go_n.double()))
+    _check(tckd, ref_t)
+    _check(nckd, ref_n)
+    _check(grads[0], refs[0], _grad_floor(student, go_t + go_n, temp, zs))
+    if per_sample:
+        floor = (2 * (go_t * ref_t + go_n * ref_n) / temp64).abs().max().item()
+        _check(grads[1], refs[1], floor)
+
+
+@pytest.mark.parametrize(("classes", "config"), SHAPES)
+def test_ats(classes: int, config) -> None:
+    student, teacher, target, _, _ = _case(classes)
+    student.requires_grad_()
+    loss = fused_ats(student, teacher, target, 4.0, 2.0, 1.5, config=config)
+    go = torch.rand(B, generator=torch.Generator().manual_seed(3))
+    (grad,) = torch.autograd.grad(loss, [student], go)
+    s64 = _leaf64(student)
+    ref = oracle.ats_rows(s64, teacher.double(), target, 4.0, 2.0, 1.5)
+    (ref_grad,) = torch.autograd.grad(ref, [s64], go.double())
+    _check(loss, ref)
+    _check(grad, ref_grad, (go * 1.5).max().item())
+
+
+@pytest.mark.parametrize("method", ["kd", "kd_zscore", "dkd", "dkd_zscore", "ats"])
+@pytest.mark.parametrize("dtype", TEACHER_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_teacher_dtypes(dtype: torch.dtype, method: str) -> None:
+    """Stored dtypes are read as stored (int8 decoded in registers) and match the exact values."""
+    student, teacher, target, scale, offset = _case(37, dtype, seed=7)
+    student.requires_grad_()
+    exact = oracle.decode(teacher, scale, offset)  # (B, C) float64
+    s64 = _leaf64(student)
+    zs = method.endswith("zscore")
+    kw = {"scale": scale, "offset": offset, "config": (2, 16)}
+    if method.startswith("kd"):
+        out = fused_kd(student, teacher, 3.0, zs, **kw)
+        ref = oracle.kd_rows(s64, exact, 3.0, zs)
+    elif method.startswith("dkd"):
+        out = sum(fused_dkd(student, teacher, target, 3.0, zs, **kw))
+        ref = sum(oracle.dkd_rows(s64, exact, target, 3.0, zs))
+    else:
+        out = fused_ats(student, teacher, target, 4.0, 2.0, 1.0, **kw)
+        ref = oracle.ats_rows(s64, exact, target, 4.0, 2.0, 1.0)
+    (grad,) = torch.autograd.grad(out.sum(), [student])
+    (ref_grad,) = torch.autograd.grad(ref.sum(), [s64])
+    _check(out, ref)
+    _check(grad, ref_grad, _grad_floor(student, torch.ones(B), 3.0, zs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("method", ["kd", "dkd", "ats"])
+def test_half_students(method: str, dtype: torch.dtype) -> None:
+    """Half-precision students: float32 loss, gradient in the student's dtype (rounded once)."""
+    student, teacher, target, _, _ = _case(37, seed=3)
+    student = student.to(dtype).requires_grad_()
+    s64 = _leaf64(student)
+    if method == "kd":
+        out = fused_kd(student, teacher, 2.0)
+        ref = oracle.kd_rows(s64, teacher.double(), 2.0, False)
+    elif method == "dkd":
+        out = sum(fused_dkd(student, teacher, target, 2.0))
+        ref = sum(oracle.dkd_rows(s64, teacher.double(), target, 2.0, False))
+    else:
+        out = fused_ats(student, teacher, target, 4.0, 2.0, 2.0)
+        ref = oracle.ats_rows(s64, teacher.double(), target, 4.0, 2.0, 2.0)
+    (grad,) = torch.autograd.grad(out.sum(), [student])
+    (ref_grad,) = torch.autograd.grad(ref.sum(), [s64])
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    _check(out, ref)
+    _check(grad, ref_grad, 2.0, rtol=1e-2)
+
+
+def _extreme(classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """±100 logits, the target at +100 for the teacher and -100 for the student."""
+    g = torch.Generator().manual_seed(classes)
+    student = (torch.rand(B, classes, generator=g) > 0.5).float() * 200 - 100
+    teacher = (torch.rand(B, classes, generator=g) > 0.5).float() * 200 - 100
+    target = torch.randint(0, classes, (B,), generator=g)
+    rows = torch.arange(B)
+    teacher[rows, target] = 100.0
+    student[rows, target] = -100.0
+    return student, teacher, target
+
+
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+@pytest.mark.parametrize("classes", [2, 10, 37])
+def test_extreme_logits_stay_finite(classes: int, zs: bool) -> None:
+    """±100 logits at T = 1: finite losses and gradients, equal to the oracle (log space)."""
+    student, teacher, target = _extreme(classes)
+    student.requires_grad_()
+    s64 = _leaf64(student)
+    tckd, nckd = fused_dkd(student, teacher, target, 1.0, zs, config=(2, 16))
+    kd = fused_kd(student, teacher, 1.0, zs, config=(2, 16))
+    ats = fused_ats(student, teacher, target, 1.0, 1.0, 1.0, config=(2, 16))
+    grads = torch.autograd.grad((tckd + nckd + kd + ats).sum(), [student])[0]
+    ref_t, ref_n = oracle.dkd_rows(s64, teacher.double(), target, 1.0, zs)
+    ref_kd = oracle.kd_rows(s64, teacher.double(), 1.0, zs)
+    ref_ats = oracle.ats_rows(s64, teacher.double(), target, 1.0, 1.0, 1.0)
+    ref_grads = torch.autograd.grad((ref_t + ref_n + ref_kd + ref_ats).sum(), [s64])[0]
+    for out, ref in [(tckd, ref_t), (nckd, ref_n), (kd, ref_kd), (ats, ref_ats)]:
+        _check(out, ref)
+    _check(grads, ref_grads, _grad_floor(student, torch.full((B,), 4.0), 1.0, zs))
+
+
+def test_constant_rows_standardize_to_uniform() -> None:
+    """A constant row z-scores to exact zeros (uniform softmax), never NaN, gradient finite."""
+    student, teacher, target, _, _ = _case(10, seed=5)
+    teacher[0] = 3.25
+    student[1] = -7.5
+    student.requires_grad_()
+    kd = fused_kd(student, teacher, 2.0, True)
+    tckd, nckd = fused_dkd(student, teacher, target, 2.0, True)
+    (grad,) = torch.autograd.grad((kd + tckd + nckd).sum(), [student])
+    assert torch.isfinite(grad).all()
+    _check(kd, oracle.kd_rows(student.detach().double(), teacher.double(), 2.0, True))
+
+
+def test_global_learnable_temperature() -> None:
+    """CTKD's global tau: a 0-d tensor is broadcast to the rows and gets the summed gradient."""
+    student, teacher, target, _, _ = _case(37, seed=11)
+    theta = torch.tensor(1.0, requires_grad=True)
+    tau = 1.0 + 20.0 * torch.sigmoid(theta)
+    tckd, nckd = fused_dkd(student, teacher, target, tau, config=(2, 16))
+    loss = fused_kd(student, teacher, tau, config=(2, 16)).mean() + (tckd + 2 * nckd).mean()
+    (grad,) = torch.autograd.grad(loss, [theta])
+
+    theta64 = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    tau64 = 1.0 + 20.0 * torch.sigmoid(theta64)
+    ref_t, ref_n = oracle.dkd_rows(student.double(), teacher.double(), target, tau64, False)
+    ref_kd = oracle.kd_rows(student.double(), teacher.double(), tau64, False)
+    ref = ref_kd.mean() + (ref_t + 2 * ref_n).mean()
+    (ref_grad,) = torch.autograd.grad(ref, [theta64])
+    # Rows pull tau both ways: judge the sum against its terms' size (2·loss/T · dtau/dtheta).
+    floor = 2 * ref.item() / tau64.item() * 20 * (torch.sigmoid(theta64) * torch.sigmoid(-theta64))
+    assert abs(grad.item() - ref_grad.item()) <= 1e-5 * max(abs(ref_grad.item()), floor.item())
+
+
+def test_dkd_decomposes_kd() -> None:
+    """METHODS.md's identity, kernel against kernel: KD = TCKD + (1 - p_y) · NCKD per sample."""
+    student, teacher, target, _, _ = _case(130, seed=13)
+    kd = fused_kd(student, teacher, 4.0)
+    tckd, nckd = fused_dkd(student, teacher, target, 4.0)
+    p_y = torch.softmax(teacher.double() / 4.0, dim=1)[torch.arange(B), target]
+    _check(tckd + (1 - p_y) * nckd, kd.double())
+
+
+def test_bad_inputs_raise_method_error() -> None:
+    student, teacher, target, _, _ = _case(10)
+    q, _, _ = oracle.encode_int8(teacher)
+    with pytest.raises(MethodError, match="int8"):
+        fused_kd(student, q, 2.0)
+    with pytest.raises(MethodError, match="target"):
+        fused_dkd(student, teacher, target + 10, 2.0)
+    with pytest.raises(MethodError, match="2 classes"):
+        fused_dkd(student[:, :1], teacher[:, :1], target * 0, 2.0)
+    with pytest.raises(MethodError, match=r"\(B, C\)"):
+        fused_kd(student, teacher[:, :3], 2.0)
+    with pytest.raises(MethodError, match="temperature"):
+        fused_kd(student, teacher, torch.ones(3))
