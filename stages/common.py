@@ -1,0 +1,33 @@
+"""What every config-driven stage takes on the command line: --config, --set, and its output."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.config import Config, load_config, save_resolved
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="YAML config (default: stages/configs/default.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set teacher.epochs=2",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, stage: str) -> Config:
+    """The resolved config, also written to RUN_DIR/STAGE.config.yaml."""
+    config = load_config(args.config, args.set)
+    save_resolved(config, config.run_path / f"{stage}.config.yaml")
+    return config
