@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write, publish, temp_beside
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -205,11 +205,9 @@ def check_onnx_parity(
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _torch_export(
@@ -289,7 +287,6 @@ def export_onnx(
             ``<path>.parity-failed.json``); UserError for bad arguments or an export that
             does not check.
     """
-    import onnx
 
     if exporter not in EXPORTERS:
         raise UserError(
@@ -311,46 +308,61 @@ def export_onnx(
     batches = list(parity_batches) if parity_batches is not None else [sample_batch]
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     was_training = model.training
     model.eval()
-    try:
+    with temp_beside(path, ".tmp.onnx") as tmp:
         try:
-            with _quiet_exporter():
-                _torch_export(model, sample, tmp, opset, dynamic_batch, exporter)
-            _check_self_contained(tmp)
-        except UserError:
-            raise
-        except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(
-                f"ONNX export of {type(model).__name__} failed ({first[:200]}); try "
-                "exporter='torchscript' or a model without data-dependent control flow"
-            ) from e
-        record = _parity_record(tmp, model, batches, atol)
-        record.update(
-            onnx_file=path.name,
-            opset=opset,
-            exporter=exporter,
-            dynamic_batch=dynamic_batch,
-            input_shape=[None if dynamic_batch else len(sample), *sample.shape[1:]],
-            model=type(model).__name__,
-        )
-        if not record["passed"]:
-            # A stale teacher.onnx from an earlier export would no longer match this model.
-            path.unlink(missing_ok=True)
-            parity_path(path).unlink(missing_ok=True)
-            _write_json(path.with_name(path.name + ".parity-failed.json"), record)
-            _verdict(record, f"the ONNX export of {type(model).__name__}")
-        os.replace(tmp, path)
-        _write_json(parity_path(path), record)
-        path.with_name(path.name + ".parity-failed.json").unlink(missing_ok=True)
-        return record
-    finally:
-        model.train(was_training)
-        tmp.unlink(missing_ok=True)
-        # The dynamo exporter may leave "<name>.data" beside the file when external data is on.
-        Path(str(tmp) + ".data").unlink(missing_ok=True)
+            return _export_checked(
+                model, sample, batches, tmp, path, opset, dynamic_batch, exporter, atol
+            )
+        finally:
+            model.train(was_training)
+            # The dynamo exporter may leave "<name>.data" beside the file when external data is on.
+            Path(str(tmp) + ".data").unlink(missing_ok=True)
+
+
+def _export_checked(
+    model: nn.Module,
+    sample: torch.Tensor,
+    batches: list,
+    tmp: Path,
+    path: Path,
+    opset: int,
+    dynamic_batch: bool,
+    exporter: str,
+    atol: float,
+) -> dict[str, Any]:
+    """Export to ``tmp``, check it, and publish it as ``path`` only if the parity check passed."""
+    import onnx
+
+    try:
+        with _quiet_exporter():
+            _torch_export(model, sample, tmp, opset, dynamic_batch, exporter)
+        _check_self_contained(tmp)
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"ONNX export of {type(model).__name__} failed ({first[:200]}); try "
+            "exporter='torchscript' or a model without data-dependent control flow"
+        ) from e
+    record = _parity_record(tmp, model, batches, atol)
+    record.update(
+        onnx_file=path.name,
+        opset=opset,
+        exporter=exporter,
+        dynamic_batch=dynamic_batch,
+        input_shape=[None if dynamic_batch else len(sample), *sample.shape[1:]],
+        model=type(model).__name__,
+    )
+    if not record["passed"]:
+        # A stale teacher.onnx from an earlier export would no longer match this model.
+        path.unlink(missing_ok=True)
+        parity_path(path).unlink(missing_ok=True)
+        _write_json(path.with_name(path.name + ".parity-failed.json"), record)
+        _verdict(record, f"the ONNX export of {type(model).__name__}")
+    publish(tmp, path)
+    _write_json(parity_path(path), record)
+    path.with_name(path.name + ".parity-failed.json").unlink(missing_ok=True)
+    return record

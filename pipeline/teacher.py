@@ -10,8 +10,6 @@ model's name and arguments, the resolved config and the test accuracy.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from tqdm import tqdm
 from pipeline.config import Config, to_dict
 from pipeline.data import Split, splits
 from pipeline.errors import ModelError
+from pipeline.fileio import atomic_write
 from pipeline.fingerprint import spec_hash
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
 
@@ -43,15 +42,8 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> float:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def train_teacher(config: Config, progress: bool = True) -> Path:
@@ -120,7 +112,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
             opt.step()
             seen += len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}",
                 acc=f"{100 * correct / seen:.1f}",

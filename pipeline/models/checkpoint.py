@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.fileio import atomic_write
 
 FORMAT = "logitbank-checkpoint"
 VERSION = 1
@@ -126,17 +126,8 @@ def save_checkpoint(
         "extra": extra,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 

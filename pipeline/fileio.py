@@ -1,0 +1,52 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+
+``tempfile.mkstemp`` creates its file with mode 0600; a published result should get the usual
+permissions (0666 less the umask), like any file ``open`` creates, so the other users of a shared
+run directory can read a teacher or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Give ``tmp`` the default file permissions and rename it over ``path`` (atomic)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def temp_beside(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """A fresh temporary path in ``path``'s folder (same file system, so renaming is atomic),
+    removed afterwards unless it was published."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` through a temporary file, flushed to disk before it replaces the old one."""
+    with temp_beside(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        publish(tmp, path)
