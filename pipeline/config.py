@@ -96,8 +96,88 @@ class PrecomputeConfig:
     """Address of a running dask.distributed scheduler (overrides workers)."""
     chunk_rows: int | None = None
     """Rows per chunk; None: about 1 MiB per chunk."""
+    chunks_per_shard: int | None = None
+    """Chunks per shard file (zarr); None: about 32 MiB per shard. A shard is the unit of
+    writing, resuming and parallel work."""
     threads: int | None = None
     """ONNX Runtime intra-op threads; None: the cores this process may use."""
+
+
+@dataclass
+class DistillConfig:
+    """A student trained from the store (recipe defaults: METHODS.md's CIFAR-100 recipe)."""
+
+    student: str = "resnet8x4"
+    """A name from the model zoo (pipeline.models.MODELS)."""
+    method: str = "kd"
+    """A method of pipeline.methods.METHODS (kd, dkd, ctkd, ls, ats, pskd, ls+dkd, ...) or ce
+    (cross-entropy only, the baseline; needs no store)."""
+    method_options: dict = field(default_factory=dict)
+    """The method's own keys (e.g. {temperature: 2, beta: 6}); unset keys keep METHODS.md's."""
+    teacher_source: str = "store"
+    """Where teacher logits come from: store (the precomputed store) or online (the teacher
+    checkpoint run in memory on the same inputs; for equivalence checks)."""
+    store: str | None = None
+    """Path of the teacher's store; None: the run's own (RUN_DIR/store.zarr)."""
+    views: int | None = None
+    """Use the first n stored views; None: all of them."""
+    view_policy: str = "epoch"
+    """Which view a block is read from: epoch (view = epoch mod V) or block (a random view)."""
+    window: int = 8
+    """Blocks (store chunks) read together and shuffled as one pool of rows."""
+    memory_budget_mb: int = 1024
+    """Teacher views that fit this many MiB decoded (float32) are kept in RAM and shuffled over
+    all rows instead of per window."""
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    """0.05; METHODS.md uses 0.01 for MobileNet/ShuffleNet students and 0.1 for PS-KD."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    """Nesterov momentum (PS-KD's official recipe)."""
+    schedule: str = "multistep"
+    """Learning-rate schedule per epoch: multistep (milestones, gamma) or cosine."""
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    """Epochs at which multistep multiplies the learning rate by ``gamma``."""
+    gamma: float = 0.1
+    seed: int = 0
+    """Seed of the student's initialisation and of the batch order."""
+    pskd_encoding: str = "float32"
+    """Encoding of PS-KD's self-teacher store (the student's own logits each epoch)."""
+    device: str = "auto"
+    """auto (CUDA when there is one), cpu or cuda."""
+    eval_batch_size: int = 512
+    prefetch: int = 2
+    """Batches prepared ahead by a background thread (0: none, everything in the loop)."""
+    name: str | None = None
+    """Output folder under RUN_DIR/distill; None: STUDENT-METHOD-sSEED (+ -online)."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "lr", "window", "eval_batch_size", "memory_budget_mb"):
+            _positive(getattr(self, key), f"distill.{key}")
+        for key in ("momentum", "weight_decay", "prefetch"):
+            _positive(getattr(self, key), f"distill.{key}", allow_zero=True)
+        _positive(self.gamma, "distill.gamma")
+        if self.views is not None:
+            _positive(self.views, "distill.views")
+        choices = {
+            "teacher_source": ("store", "online"),
+            "view_policy": ("epoch", "block"),
+            "schedule": ("multistep", "cosine"),
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"distill.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
+                )
+        if sorted(self.milestones) != self.milestones or min(self.milestones, default=1) < 1:
+            raise ConfigError(
+                f"distill.milestones must be increasing epochs >= 1, got {self.milestones}"
+            )
+        if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):
+            raise ConfigError(f"distill.name must be a plain folder name, got {self.name!r}")
 
 
 @dataclass
@@ -109,6 +189,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _positive(self.augment.views, "augment.views")

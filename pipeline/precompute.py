@@ -11,6 +11,7 @@ sha256, dataset hash, preprocessing and augmentation spec, seed).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import Split, splits
 from pipeline.errors import UserError
-from pipeline.onnx_export import sha256_file
+from pipeline.onnx_export import parity_path, sha256_file
 from pipeline.ort import Runner, active_provider, available_cores, check_io, make_session
 from pipeline.overlap import run_overlapped
 from pipeline.views import NUM_VIEW_PARAMS
@@ -70,8 +71,29 @@ class TeacherLogits:
         return np.concatenate(out), np.concatenate(params)
 
 
+def checked_onnx_sha256(onnx_path: Path) -> str:
+    """The ONNX file's sha256, refused unless its export passed the parity check: a file changed
+    or replaced since then was never compared with PyTorch."""
+    record_path = parity_path(onnx_path)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        raise UserError(
+            f"{onnx_path} has no readable parity record ({record_path.name}): run the export "
+            f"stage, which writes it"
+        ) from None
+    digest = sha256_file(onnx_path)
+    if not record.get("passed") or record.get("onnx_sha256") != digest:
+        raise UserError(
+            f"{onnx_path} is not the file whose parity check passed ({record_path.name}: "
+            f"passed={record.get('passed')}, sha256 {str(record.get('onnx_sha256'))[:12]} vs "
+            f"file {digest[:12]}): run the export stage again"
+        )
+    return digest
+
+
 def store_fingerprint(config: Config, train: Split) -> dict:
-    return {"onnx_sha256": sha256_file(config.onnx_path), **train.fingerprint()}
+    return {"onnx_sha256": checked_onnx_sha256(config.onnx_path), **train.fingerprint()}
 
 
 def precompute(config: Config, *, overwrite: bool = False, progress: bool = True) -> Path:
@@ -175,6 +197,7 @@ def _open_or_create(config: Config, train: Split, fingerprint: dict, overwrite: 
         config.augment.views,
         encoding=pc.encoding,
         chunk_rows=pc.chunk_rows,
+        chunks_per_shard=pc.chunks_per_shard,
         backend=pc.backend,
         fingerprint=fingerprint,
         labels=train.labels,

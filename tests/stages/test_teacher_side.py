@@ -1,0 +1,209 @@
+"""teacher → export → precompute end to end on the tiny synthetic config.
+
+The store must hold exactly what the teacher computes in PyTorch for each stored view, its
+view parameters must rebuild the very input tensors, a SIGKILLed precompute must resume to the
+same arrays as an uninterrupted one, and two dask workers must write what one process writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.__main__ import main
+from pipeline.config import load_config
+from pipeline.data import splits
+from pipeline.models import load_model_from_checkpoint
+from pipeline.views import apply_view, normalize
+from storage import open_store
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "stages" / "configs" / "tiny.yaml"
+# float32 so that the comparison with PyTorch is not blurred by the encoding; 4 chunks per shard
+# so that a view is two shards and a crash can land between them.
+SETTINGS = ["precompute.encoding=float32", "precompute.chunks_per_shard=4"]
+ARRAYS = ("logits", "stats", "view_params", "done", "labels")
+
+
+def _args(stage: str, run_dir: Path, *extra: str) -> list[str]:
+    sets = [f"run_dir={run_dir}", *SETTINGS]
+    return [
+        stage,
+        "--config",
+        str(TINY),
+        *[a for s in sets for a in ("--set", s)],
+        "--quiet",
+        *extra,
+    ]
+
+
+def _raw(path: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][:] for name in ARRAYS}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("tiny")
+    for stage in ("teacher", "export", "precompute"):
+        assert main(_args(stage, run_dir)) == 0, stage
+    return run_dir
+
+
+def _copy_teacher(run: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("teacher.pt", "teacher.onnx", "teacher.onnx.parity.json"):
+        shutil.copy2(run / name, dest / name)
+    return dest
+
+
+def test_store_equals_pytorch_for_every_view(run: Path) -> None:
+    config = load_config(TINY, [f"run_dir={run}", *SETTINGS])
+    train, _ = splits(config)
+    model = load_model_from_checkpoint(run / "teacher.pt").eval()
+    with open_store(run / "store.zarr") as store:
+        assert store.complete
+        assert store.layout.num_views == config.augment.views == 2
+        np.testing.assert_array_equal(store.labels, train.labels)
+        indices = np.arange(len(train))
+        for view in range(store.layout.num_views):
+            x, _, params = train.batch(indices, view=view)
+            with torch.no_grad():
+                expected = model(x).numpy()
+            stored = store.read(indices, view=view)
+            assert np.abs(stored - expected).max() <= 1e-4
+            stored_params = store.read_array("view_params", indices, view=view)
+            np.testing.assert_array_equal(stored_params, params)
+            # The stored parameters alone rebuild the exact input tensor, byte for byte.
+            images, _ = train.dataset.get_batch(indices)
+            replayed = normalize(apply_view(images, stored_params, train.spec), train.preprocess)
+            assert torch.equal(replayed, x)
+        # The two views are different images, and view 0 is the clean one.
+        assert not np.array_equal(
+            store.read_array("view_params", indices, 0), store.read_array("view_params", indices, 1)
+        )
+        assert torch.equal(train.batch(indices, view=0)[0], train.batch(indices)[0])
+
+
+def test_fingerprint_names_what_the_store_was_made_from(run: Path) -> None:
+    import json
+
+    record = json.loads((run / "teacher.onnx.parity.json").read_text())
+    with open_store(run / "store.zarr") as store:
+        fp = store.fingerprint
+    assert fp["onnx_sha256"] == record["onnx_sha256"]
+    assert {"dataset", "preprocess", "augment", "seed", "rows"} <= set(fp)
+
+
+def test_rerun_of_a_finished_stage_changes_nothing(run: Path) -> None:
+    before = _raw(run / "store.zarr")
+    mtime = (run / "teacher.pt").stat().st_mtime_ns
+    assert main(_args("teacher", run)) == 0
+    assert main(_args("precompute", run)) == 0
+    assert (run / "teacher.pt").stat().st_mtime_ns == mtime
+    after = _raw(run / "store.zarr")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_sigkill_half_way_then_rerun_equals_uninterrupted(run: Path, tmp_path: Path) -> None:
+    crashed = _copy_teacher(run, tmp_path / "crashed")
+    # The child is the real precompute stage; its store writes are counted and the process
+    # SIGKILLs itself after the 6th (view 0 is 4 writes of 64 rows: half of view 1 is written).
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        from storage.base import LogitStore
+        from pipeline.__main__ import main
+        write, count = LogitStore.write, [0]
+        def counted(self, *args, **kwargs):
+            write(self, *args, **kwargs)
+            count[0] += 1
+            if count[0] == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+        LogitStore.write = counted
+        sys.exit(main({_args("precompute", crashed)!r}))
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    with open_store(crashed / "store.zarr") as store:
+        done = np.asarray(store.done)
+        assert done[0].all() and 0 < done[1].sum() < done[1].size, done
+    assert main(_args("precompute", crashed)) == 0
+    clean, resumed = _raw(run / "store.zarr"), _raw(crashed / "store.zarr")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(resumed[name], clean[name], err_msg=name)
+
+
+def test_two_dask_workers_equal_one_process(run: Path, tmp_path: Path) -> None:
+    parallel = _copy_teacher(run, tmp_path / "parallel")
+    assert main(_args("precompute", parallel, "--workers", "2")) == 0
+    one, two = _raw(run / "store.zarr"), _raw(parallel / "store.zarr")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
+def test_an_onnx_changed_after_export_is_refused(run: Path, tmp_path: Path, capsys) -> None:
+    changed = _copy_teacher(run, tmp_path / "changed")
+    with open(changed / "teacher.onnx", "ab") as f:
+        f.write(b"\0")  # any change: the file is no longer the one whose parity was checked
+    assert main(_args("precompute", changed)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "run the export stage again" in err
+    assert not (changed / "store.zarr").exists()
+
+
+def test_a_store_from_other_inputs_is_refused_and_kept(run: Path, tmp_path: Path, capsys) -> None:
+    other = _copy_teacher(run, tmp_path / "other")
+    shutil.copytree(run / "store.zarr", other / "store.zarr")
+    before = _raw(other / "store.zarr")
+    assert main([*_args("precompute", other), "--set", "augment.seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "made from other inputs" in err and "--overwrite" in err
+    after = _raw(other / "store.zarr")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+@pytest.mark.realdata
+def test_fashion_mnist_subset_end_to_end(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    """The real files: a small teacher on 512 images, 2 views stored, spot-checked against
+    PyTorch (float16 store: within float16 rounding of the logits)."""
+    sets = [
+        f"run_dir={tmp_path}",
+        "data.kind=fashion_mnist",
+        f"data.path={fashion_mnist_dir}",
+        "data.train_subset=512",
+        "data.test_subset=256",
+        "data.options={}",
+        "teacher.epochs=1",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    for stage in ("teacher", "export", "precompute"):
+        assert main([stage, "--config", str(TINY), *args, "--quiet"]) == 0, stage
+    config = load_config(TINY, sets)
+    train, _ = splits(config)
+    assert train.image_shape == (1, 28, 28) and train.num_classes == 10
+    model = load_model_from_checkpoint(tmp_path / "teacher.pt").eval()
+    indices = np.arange(0, 512, 7)
+    with open_store(tmp_path / "store.zarr") as store:
+        assert store.complete and store.layout.num_samples == 512
+        for view in range(2):
+            x, _, _ = train.batch(indices, view=view)
+            with torch.no_grad():
+                expected = model(x).numpy()
+            stored = store.read(indices, view=view)
+            assert np.abs(stored - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())
