@@ -12,11 +12,15 @@ STAMP := $(VENV)/.installed
 # torch range is already met and pip never downloads a CUDA build of several GB.
 TORCH_CPU := torch==2.13.0
 CONFIG ?= stages/configs/default.yaml
-RUN ?= runs/default
-STORE ?= $(RUN)/store.zarr
+RUN_DIR ?= runs/default
+STORE ?= $(RUN_DIR)/store.zarr
+# Extra config overrides, space-separated: make teacher SET="teacher.epochs=1 data.train_subset=5000"
 SET ?=
+STAGE_ARGS = --config $(CONFIG) --set run_dir=$(RUN_DIR) $(foreach s,$(SET),--set $(s))
+# Where Debian's dataset-fashion-mnist package puts the files (the default config reads them).
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup test bench lint clean verify audit plan
+.PHONY: help setup data teacher export precompute run test bench lint clean verify audit plan
 
 help: ## list the targets (the default goal)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -31,17 +35,43 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+data: ## install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is missing
+	@grep -qE '^\s*kind:\s*fashion_mnist' $(CONFIG) || exit 0; \
+	 if ls $(FMNIST_DIR)/train-images-idx3-ubyte* >/dev/null 2>&1; then exit 0; fi; \
+	 sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	 echo "installing Fashion-MNIST (apt-get install dataset-fashion-mnist)"; \
+	 $$sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	 { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	 { echo "error: could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist' or set data.path in the config" >&2; exit 2; }
+
+# Stage outputs are file targets: a finished stage is skipped (each stage also checks its own
+# inputs and resumes an interrupted run). After changing SET, force a stage with `make -B STAGE`.
+teacher: $(RUN_DIR)/teacher.pt ## train the teacher of CONFIG (or take teacher.checkpoint)
+$(RUN_DIR)/teacher.pt: $(STAMP) $(CONFIG) | data
+	$(PY) -m pipeline teacher $(STAGE_ARGS)
+
+export: $(RUN_DIR)/teacher.onnx ## export the teacher to ONNX, parity-checked against PyTorch
+$(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt
+	$(PY) -m pipeline export $(STAGE_ARGS)
+
+precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into STORE (WORKERS=n: dask)
+$(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx
+	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS))
+
+run: precompute ## the default pipeline: data, teacher, export, precompute
+	@echo "store: $(STORE)"
+
 test: $(STAMP) ## run the whole test suite (not the benchmarks)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP) ## run the benchmarks in tests/benchmarks and print their tables
-	$(PY) -m tests.benchmarks
+bench: $(STAMP) ## run the benchmarks in tests/benchmarks, each printing its table (BENCH="store losses")
+	$(PY) -m tests.benchmarks $(BENCH)
 
 lint: $(STAMP) ## ruff: style and common bugs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check pipeline stages storage tests
 
-verify: $(STAMP) ## check a store's checksums and completeness (STORE=path)
+verify: $(STAMP) ## check a store's checksums and completeness (STORE=path, default the run's)
 	$(PY) -m pipeline verify $(STORE)
 
 audit: $(STAMP) ## bytes per row and KD-loss error of every encoding on a store (STORE=path)

@@ -117,6 +117,9 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     produce = TeacherLogits(
         str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16
     )
+    if progress and not (pc.workers or pc.scheduler):
+        provider = active_provider(produce.runner.session)
+        print(f"ONNX Runtime on {provider}, {threads} thread(s)", flush=True)
     bar = tqdm(
         total=rows,
         unit="rows",
@@ -136,9 +139,6 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
                 progress=bar.update,
             )
         else:
-            if progress:
-                provider = active_provider(produce.runner.session)
-                print(f"ONNX Runtime on {provider}, {threads} thread(s)", flush=True)
             jobs = [
                 (v, a, min(a + pc.batch_size, b))
                 for v, s, b in todo
