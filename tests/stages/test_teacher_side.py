@@ -207,3 +207,107 @@ def test_fashion_mnist_subset_end_to_end(fashion_mnist_dir: Path, tmp_path: Path
                 expected = model(x).numpy()
             stored = store.read(indices, view=view)
             assert np.abs(stored - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    """The CLI ends in exit status 2 and one line on stderr that holds every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> None:
+    # Dataset files missing: says how to install them or where to point the config.
+    _fails(
+        capsys,
+        [
+            "teacher",
+            "--config",
+            str(TINY),
+            "--set",
+            f"run_dir={tmp_path / 'a'}",
+            "--set",
+            "data.kind=fashion_mnist",
+            "--set",
+            f"data.path={tmp_path / 'nowhere'}",
+            "--set",
+            "data.options={}",
+            "--quiet",
+        ],
+        "dataset-fashion-mnist",
+    )
+    # A corrupt IDX file names the file.
+    idx = tmp_path / "fm"
+    idx.mkdir()
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (idx / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    _fails(
+        capsys,
+        [
+            "teacher",
+            "--config",
+            str(TINY),
+            "--set",
+            f"run_dir={tmp_path / 'b'}",
+            "--set",
+            "data.kind=fashion_mnist",
+            "--set",
+            f"data.path={idx}",
+            "--set",
+            "data.options={}",
+            "--quiet",
+        ],
+        "train-images-idx3-ubyte",
+    )
+    # An ONNX teacher with another number of classes than the dataset.
+    other = _copy_teacher(run, tmp_path / "classes")
+    _fails(
+        capsys,
+        _args("precompute", other, "--set", "data.options.num_classes=7"),
+        "classes",
+    )
+    # An unknown provider.
+    _fails(
+        capsys,
+        _args(
+            "precompute", _copy_teacher(run, tmp_path / "prov"), "--set", "precompute.provider=tpu"
+        ),
+        "tpu",
+        "auto",
+    )
+    # An unreachable dask scheduler: refused quickly, naming the address.
+    _fails(
+        capsys,
+        _args(
+            "precompute", _copy_teacher(run, tmp_path / "dask"), "--scheduler", "tcp://127.0.0.1:9"
+        ),
+        "tcp://127.0.0.1:9",
+        "dask scheduler",
+    )
+    # A teacher checkpoint that does not fit the model name it claims.
+    bad = _copy_teacher(run, tmp_path / "ckpt")
+    (bad / "teacher.pt").write_bytes((bad / "teacher.pt").read_bytes()[:100])
+    _fails(capsys, _args("export", bad), "teacher.pt")
+    # The store from a different teacher (another ONNX file) is refused, not overwritten.
+    swapped = _copy_teacher(run, tmp_path / "swapped")
+    shutil.copytree(run / "store.zarr", swapped / "store.zarr")
+    assert main(_args("teacher", swapped, "--set", "teacher.seed=5")) == 0
+    assert main(_args("export", swapped, "--set", "teacher.seed=5")) == 0
+    _fails(
+        capsys,
+        _args("precompute", swapped, "--set", "teacher.seed=5"),
+        "onnx_sha256",
+        "--overwrite",
+    )
+    for name in ARRAYS:
+        np.testing.assert_array_equal(
+            _raw(swapped / "store.zarr")[name], _raw(run / "store.zarr")[name]
+        )
