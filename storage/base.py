@@ -9,6 +9,7 @@ refusing unfinished chunks, verification — lives here once.
 from __future__ import annotations
 
 import abc
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from storage.encodings import decode, encode, row_arrays
+from storage.encodings import decode, decode_into, encode, row_arrays
 from storage.errors import (
     BadWriteError,
     StoreCorruptError,
@@ -76,8 +77,10 @@ class LogitStore(abc.ABC):
         self.attrs = attrs
         self._done: np.ndarray | None = None  # (V, n_chunks) uint8, cached
         self._pending: dict[tuple[int, int], _Pending] = {}
+        self._spare: dict[str, np.ndarray] | None = None  # a flushed shard's buffers, for reuse
         self._labels: np.ndarray | None = None
         self._closed = False
+        self._scratch = threading.local()  # per-thread buffers for decoding stored logits
         #: (view, shard) written by this handle in "task" mode; the coordinator marks them done.
         self.written_shards: list[tuple[int, int]] = []
 
@@ -125,8 +128,11 @@ class LogitStore(abc.ABC):
         """Write whole shard-aligned rows [start, start + len) of every array in ``parts``."""
 
     @abc.abstractmethod
-    def _read_block(self, name: str, view: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of one row array, as stored."""
+    def _read_block(
+        self, name: str, view: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows [start, stop) of one row array, as stored; into ``out`` (C-contiguous, the stored
+        dtype) when given, and returned."""
 
     @abc.abstractmethod
     def _read_rows(self, name: str, view: int, rows: np.ndarray) -> np.ndarray:
@@ -186,6 +192,14 @@ class LogitStore(abc.ABC):
     def _require_done(self, view: int, chunks: np.ndarray) -> None:
         if self.done[view, chunks].all():
             return
+        self._refuse_missing(view, chunks)
+
+    def _require_done_range(self, view: int, first: int, stop: int) -> None:
+        """Chunks first..stop-1 of one view must be done (the block-read fast path)."""
+        if not self.done[view, first:stop].all():
+            self._refuse_missing(view, np.arange(first, stop))
+
+    def _refuse_missing(self, view: int, chunks: np.ndarray) -> None:
         self.refresh()  # a concurrent writer may have finished them since
         missing = chunks[self.done[view, chunks] == 0]
         if len(missing):
@@ -247,10 +261,7 @@ class LogitStore(abc.ABC):
                 continue
             pend = self._pending.get((view, s))
             if pend is None:
-                pend = _Pending(
-                    {k: np.empty((b - a, *p.shape[1:]), p.dtype) for k, p in piece.items()},
-                    np.zeros(b - a, bool),
-                )
+                pend = _Pending(self._shard_buffers(piece, b - a), np.zeros(b - a, bool))
                 self._pending[(view, s)] = pend
             for k, p in piece.items():
                 pend.parts[k][lo - a : hi - a] = p
@@ -258,6 +269,22 @@ class LogitStore(abc.ABC):
             if pend.filled.all():
                 del self._pending[(view, s)]
                 self._flush(view, s, pend.parts)
+                self._spare = pend.parts  # written (copied out) by now: reuse for the next shard
+
+    def _shard_buffers(self, piece: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """Buffers for one shard's rows: the last flushed shard's when they fit (fresh ones of
+        tens of MB cost their page faults again on every shard)."""
+        spare, self._spare = self._spare, None
+        if (
+            spare is not None
+            and spare.keys() == piece.keys()
+            and all(
+                spare[k].shape == (rows, *p.shape[1:]) and spare[k].dtype == p.dtype
+                for k, p in piece.items()
+            )
+        ):
+            return spare
+        return {k: np.empty((rows, *p.shape[1:]), p.dtype) for k, p in piece.items()}
 
     def _check_view_params(self, view_params: Any, rows: int) -> np.ndarray:
         width = self.layout.view_param_width
@@ -349,22 +376,58 @@ class LogitStore(abc.ABC):
     ) -> np.ndarray:
         """Raw float32 logits of contiguous rows [start, stop) of one view (the fast path),
         decoded into ``out`` (float32 (stop - start, C)) when given."""
-        self._check_indices(np.array([start, stop - 1]), view)
         lay = self.layout
-        self._require_done(view, np.arange(start // lay.chunk_rows, -(-stop // lay.chunk_rows)))
-        parts = self._guarded(
-            view,
-            np.array([start, stop - 1]),
-            lambda n: self._read_block(n, view, start, stop),
-            self._decoding_arrays(),
-        )
+        if not (
+            isinstance(view, (int, np.integer))
+            and isinstance(start, (int, np.integer))
+            and isinstance(stop, (int, np.integer))
+            and 0 <= view < lay.num_views
+            and 0 <= start <= stop <= lay.num_samples
+        ):
+            self._check_indices(np.array([start, stop - 1]), view)  # raises, naming the problem
+            raise StoreError(
+                f"rows [{start}, {stop}) are no block of the store's rows 0..{lay.num_samples - 1}"
+            )
+        view, start, stop = int(view), int(start), int(stop)
+        shape = (stop - start, lay.num_classes)
+        if out is not None and (out.shape != shape or out.dtype != np.float32):
+            raise StoreError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
+        if start == stop:
+            return np.empty(shape, np.float32) if out is None else out
+        cr = lay.chunk_rows
+        self._require_done_range(view, start // cr, -(-stop // cr))
+        enc = self.encoding
+        if enc not in ("float32", "float16", "bfloat16"):
+            parts = self._guarded(
+                view,
+                np.array([start, stop - 1]),
+                lambda n: self._read_block(n, view, start, stop),
+                self._decoding_arrays(),
+            )
+            if out is None:
+                return self._decode_parts(parts)
+            out[...] = self._decode_parts(parts)
+            return out
         if out is None:
-            return self._decode_parts(parts)
-        if self.encoding in ("float32", "float16"):
-            np.copyto(out, parts["logits"])  # decode straight into the caller's buffer
-        else:
-            out[:] = self._decode_parts(parts)
+            out = np.empty(shape, np.float32)
+        try:
+            if enc == "float32" and out.flags.c_contiguous:
+                self._read_block("logits", view, start, stop, out=out)  # no copy at all
+            else:
+                raw = self._read_block("logits", view, start, stop, out=self._buffer(shape))
+                decode_into(enc, raw, out)
+        except READ_ERRORS as exc:
+            raise self._corrupt(view, start, stop - 1, exc) from None
         return out
+
+    def _buffer(self, shape: tuple[int, int]) -> np.ndarray:
+        """A per-thread C-contiguous buffer of the stored logits' dtype, reused across reads."""
+        dtype = np.dtype(self.row_arrays["logits"][0])
+        size = shape[0] * shape[1]
+        buf = getattr(self._scratch, "logits", None)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = self._scratch.logits = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
 
     def read_array(self, name: str, indices: Any, view: int = 0) -> np.ndarray:
         """Rows of any row array as stored (``stats``, ``view_params``, ``scale`` ...)."""
@@ -379,13 +442,15 @@ class LogitStore(abc.ABC):
         try:
             return {n: read(n) for n in names}
         except READ_ERRORS as exc:
-            lay = self.layout
-            chunks = sorted({int(r) // lay.chunk_rows for r in (rows.min(), rows.max())})
-            raise StoreCorruptError(
-                f"store {self.path}: reading view {view} chunk(s) {chunks[0]}..{chunks[-1]} failed "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): run "
-                f"`python -m pipeline verify {self.path}` to name the damaged chunks"
-            ) from None
+            raise self._corrupt(view, int(rows.min()), int(rows.max()), exc) from None
+
+    def _corrupt(self, view: int, first: int, last: int, exc: BaseException) -> StoreCorruptError:
+        cr = self.layout.chunk_rows
+        return StoreCorruptError(
+            f"store {self.path}: reading view {view} chunk(s) {first // cr}..{last // cr} failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}): run "
+            f"`python -m pipeline verify {self.path}` to name the damaged chunks"
+        )
 
     def _check_indices(self, indices: Any, view: int) -> np.ndarray:
         if not 0 <= view < self.num_views:
@@ -415,8 +480,10 @@ class LogitStore(abc.ABC):
     def load_view(self, view: int) -> np.ndarray:
         """One whole view decoded into RAM: float32 (N, C)."""
         out = np.empty((self.num_samples, self.num_classes), np.float32)
-        for start, block in self.iter_blocks(view):
-            out[start : start + len(block)] = block
+        step = self.layout.shard_rows
+        for start in range(0, self.num_samples, step):
+            stop = min(start + step, self.num_samples)
+            self.read_block(view, start, stop, out=out[start:stop])
         return out
 
     # ---- verification ----------------------------------------------------------------------

@@ -147,11 +147,16 @@ class H5LogitStore(LogitStore):
             dset[view, start : start + len(block)] = block
             dset.flush()  # SWMR: make the rows visible before `done` says they are there
 
-    def _read_block(self, name: str, view: int, start: int, stop: int) -> np.ndarray:
+    def _read_block(
+        self, name: str, view: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         dset = self._file[name]
         if self.mode == "r":
             dset.refresh()
-        return dset[view, start:stop]
+        if out is None:
+            return dset[view, start:stop]
+        dset.read_direct(out, np.s_[view, start:stop])  # straight into the caller's buffer
+        return out
 
     def _read_rows(self, name: str, view: int, rows: np.ndarray) -> np.ndarray:
         dset = self._file[name]

@@ -5,8 +5,8 @@ chunk decode. Training does not need uniformly random rows, only well-mixed batc
 :class:`BlockSampler` shuffles the *order of blocks* (one chunk each), reads ``window`` blocks
 contiguously, and shuffles the rows within that window. Each block is read from one view.
 :class:`LogitBatches` turns that plan into ``(indices, views, logits)`` batches through
-preallocated buffers; when the views fit ``memory_budget`` it loads them whole and shuffles over all
-rows instead.
+preallocated buffers; when the views fit ``memory_budget`` it loads them whole (once per process)
+and shuffles over all rows instead, gathering each batch straight from the views in RAM.
 
 Both are plain picklable objects that open the store lazily, so they work in DataLoader worker
 processes: each worker (and each DDP rank) takes a disjoint share of the blocks.
@@ -124,11 +124,12 @@ class LogitBatches:
         self.fingerprint = fingerprint
         self._store = None
         self._pid = None
-        self._ram: dict[int, np.ndarray] = {}
+        self._ram: np.ndarray | None = None  # (views, N, C) float32, filled view by view
+        self._ram_loaded: set[int] = set()
 
     def __getstate__(self) -> dict:
         # Handles and RAM copies stay in the process that made them; each worker opens its own.
-        return {**self.__dict__, "_store": None, "_pid": None, "_ram": {}}
+        return {**self.__dict__, "_store": None, "_pid": None, "_ram": None, "_ram_loaded": set()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -177,50 +178,69 @@ class LogitBatches:
         rows = int(sum(b - a for a, b, _ in self.sampler().blocks(self.epoch)))
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
-    def _read(self, view: int, start: int, stop: int, out: np.ndarray) -> None:
-        if self.in_ram():
-            if view not in self._ram:
-                self._ram[view] = self.store.load_view(view)
-            out[:] = self._ram[view][start:stop]
-        else:
-            self.store.read_block(view, start, stop, out=out)
+    def _ram_views(self, views: np.ndarray) -> np.ndarray:
+        """The views in RAM as one (V * N, C) array, loading those of ``views`` not loaded yet."""
+        s = self.store
+        if self._ram is None:
+            # Pages of views never loaded are never touched, so they take no memory.
+            self._ram = np.empty((self.num_views, s.num_samples, s.num_classes), np.float32)
+        for v in map(int, views):
+            if v not in self._ram_loaded:
+                step = s.layout.shard_rows
+                for start in range(0, s.num_samples, step):
+                    stop = min(start + step, s.num_samples)
+                    s.read_block(v, start, stop, out=self._ram[v, start:stop])
+                self._ram_loaded.add(v)
+        return self._ram.reshape(-1, s.num_classes)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         s, b = self.store, self.batch_size
         sampler = self.sampler()
-        cap = sampler.window * sampler.block_rows
-        pool = np.empty((min(cap, s.num_samples), s.num_classes), np.float32)
-        pool_idx = np.empty(len(pool), np.int64)
-        pool_view = np.empty(len(pool), np.int64)
+        in_ram = self.in_ram()
+        if not in_ram:
+            # Streamed: each window of blocks is read (decoded) into one pool, rows drawn from it.
+            cap = sampler.window * sampler.block_rows
+            pool = np.empty((min(cap, s.num_samples), s.num_classes), np.float32)
         ring = [
             (np.empty(b, np.int64), np.empty(b, np.int64), np.empty((b, s.num_classes), np.float32))
             for _ in range(self.num_buffers)
         ]
         k, filled = 0, 0
         for group, perm in sampler.windows(self.epoch):
-            at = 0
-            for start, stop, view in group:
-                n = int(stop - start)
-                self._read(int(view), int(start), int(stop), pool[at : at + n])
-                pool_idx[at : at + n] = np.arange(start, stop)
-                pool_view[at : at + n] = view
-                at += n
-            pos = 0
-            while pos < len(perm):
-                idx, views, logits = ring[k % self.num_buffers]
-                take = min(b - filled, len(perm) - pos)
-                sel = perm[pos : pos + take]
-                np.take(pool, sel, axis=0, out=logits[filled : filled + take])
-                idx[filled : filled + take] = pool_idx[sel]
-                views[filled : filled + take] = pool_view[sel]
-                filled += take
+            counts = group[:, 1] - group[:, 0]
+            rows = np.concatenate([np.arange(a, z) for a, z, _ in group])  # the window's rows
+            one_view = bool((group[:, 2] == group[0, 2]).all())
+            views = int(group[0, 2]) if one_view else np.repeat(group[:, 2], counts)
+            if in_ram:  # gather straight from the views in RAM: no copy of the window
+                src = self._ram_views(np.unique(group[:, 2]))
+                where = (views if one_view else views[perm]) * s.num_samples + rows[perm]
+            else:
+                at = 0
+                for (start, stop, view), n in zip(group.tolist(), counts.tolist()):
+                    s.read_block(view, start, stop, out=pool[at : at + n])
+                    at += n
+                src, where = pool, perm
+            rows = rows[perm]
+            if not one_view:
+                views = views[perm]
+            pos, total = 0, len(perm)
+            while pos < total:
+                idx, vws, logits = ring[k % self.num_buffers]
+                take = min(b - filled, total - pos)
+                end = filled + take
+                # mode="clip": indices are in range by construction, and numpy buffers `out`
+                # with the default mode="raise".
+                src.take(where[pos : pos + take], 0, logits[filled:end], "clip")
+                idx[filled:end] = rows[pos : pos + take]
+                vws[filled:end] = views if one_view else views[pos : pos + take]
+                filled = end
                 pos += take
                 if filled == b:
-                    yield idx, views, logits
+                    yield idx, vws, logits
                     k, filled = k + 1, 0
         if filled and not self.drop_last:
-            idx, views, logits = ring[k % self.num_buffers]
-            yield idx[:filled], views[:filled], logits[:filled]
+            idx, vws, logits = ring[k % self.num_buffers]
+            yield idx[:filled], vws[:filled], logits[:filled]
 
 
 def _worker_share() -> tuple[int, int]:

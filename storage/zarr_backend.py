@@ -3,8 +3,9 @@
 Chunks ``(1, chunk_rows, C)`` sit inside shards ``(1, shard_rows, C)``: one file per shard, a
 crc32c checksum per chunk (and on each shard's index), no general-purpose compressor unless asked
 for — on logits it gains < 10 % and costs 2-3x on reads. Shards are written whole, so no write is
-ever a read-modify-write; zarr's local store writes each file to a temporary name and renames it,
-so a reader sees a shard entirely or not at all.
+ever a read-modify-write; each file is written to a temporary name and renamed, so a reader sees a
+shard entirely or not at all. Uncompressed shards on a local disk are written and read directly
+(``storage.shard_reader``), byte for byte as zarr lays them out; the rest goes through zarr.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from storage.base import LogitStore
 from storage.errors import StoreError
 from storage.layout import Layout
 from storage.locking import WriterLock
-from storage.shard_reader import ShardReader, supports_fast_path
+from storage.shard_reader import ShardReader, supports_fast_path, write_shard
 
 COMPRESSORS = {"zstd": lambda: ZstdCodec(level=3), "gzip": lambda: GzipCodec(level=5)}
 LOCK_NAME = ".writer.lock"
@@ -137,8 +138,27 @@ class ZarrLogitStore(LogitStore):
         return arr
 
     def _write_block(self, view: int, start: int, parts: dict[str, np.ndarray]) -> None:
+        lay = self.layout
         for name, block in parts.items():
-            self._array(name)[view, start : start + len(block)] = block
+            stop = start + len(block)
+            whole = start % lay.shard_rows == 0 and (
+                len(block) == lay.shard_rows or stop == lay.num_samples
+            )
+            if whole and self._shard_reader(name) is not None:
+                # Our own plain shards: write the file directly, as zarr would lay it out, without
+                # zarr's per-chunk codec pipeline (a shard is written once, whole).
+                write_shard(
+                    self.shard_file(name, view, start // lay.shard_rows),
+                    block,
+                    lay.chunk_rows,
+                    lay.chunks_per_shard,
+                    self._array(name).fill_value,
+                )
+            else:
+                # Every chunk written, even one equal to the fill value (all-zero view_params):
+                # a done chunk always has its file.
+                arr = self._array(name).with_config({"write_empty_chunks": True})
+                arr[view, start:stop] = block
 
     def _shard_reader(self, name: str) -> ShardReader | None:
         if name not in self._fast:
@@ -152,19 +172,29 @@ class ZarrLogitStore(LogitStore):
                     arr.dtype,
                     self.layout.chunk_rows,
                     self.layout.chunks_per_shard,
+                    fill_value=arr.fill_value,
                 )
                 if local and supports_fast_path(arr)
                 else None
             )
         return self._fast[name]
 
-    def _read_block(self, name: str, view: int, start: int, stop: int) -> np.ndarray:
+    def _read_block(
+        self, name: str, view: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         reader = self._shard_reader(name)
         if reader is not None:
-            return reader.read(view, start, stop)
-        return self._array(name)[view, start:stop]
+            return reader.read(view, start, stop, out=out)
+        block = self._array(name)[view, start:stop]
+        if out is None:
+            return block
+        out[...] = block
+        return out
 
     def _read_rows(self, name: str, view: int, rows: np.ndarray) -> np.ndarray:
+        reader = self._shard_reader(name)
+        if reader is not None:
+            return reader.read_rows(view, rows)
         arr = self._array(name)
         sel = (view, rows) if arr.ndim == 2 else (view, rows, slice(None))
         return arr.get_orthogonal_selection(sel)
@@ -193,6 +223,10 @@ class ZarrLogitStore(LogitStore):
         return [str(f.relative_to(self.path)) for f in files if not f.is_file()]
 
     def _close(self) -> None:
+        for reader in self._fast.values():
+            if reader is not None:
+                reader.close()
+        self._fast.clear()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
