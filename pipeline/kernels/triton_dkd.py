@@ -184,6 +184,7 @@ def _dkd_rows_bwd(
         sum_gz = temp * (go_t * d * (xs_y - eq_z) + go_n * (eq_z - ep_z))  # Σ_i g_i z_i
         safe_sd = tl.where(sd_s > 0, sd_s, 1.0)
         coef = tl.where(sd_s > 0, sum_gz / ((C * 1.0 - 1.0) * safe_sd), 0.0)
+    e_b = e_a - e_ab  # E_p̂[b]: the centre of Σ (q̂ - p̂)·b (see triton_kd)
     cov = zero
     qpb = zero
     for start in range(0, C, BLOCK):
@@ -208,7 +209,7 @@ def _dkd_rows_bwd(
             tl.store(gs, g.to(gs_ptr.dtype.element_ty), mask=mask)
         if NEED_T_GRAD:
             cov += tl.sum(p_hat * (a - e_a[:, None]) * (a - b - e_ab[:, None]), axis=1)
-            qpb += tl.sum((q_hat - p_hat) * (b - lse_nb[:, None]), axis=1)
+            qpb += tl.sum((q_hat - p_hat) * (b - e_b[:, None]), axis=1)
     if NEED_T_GRAD:
         xt_y = load_logit_at(
             t_ptr, t_off, y, rmask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE

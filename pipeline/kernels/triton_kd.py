@@ -127,6 +127,7 @@ def _kd_rows_bwd(
         g_scale = g_scale / (sd_s + eps)
         safe_sd = tl.where(sd_s > 0, sd_s, 1.0)
         coef = tl.where(sd_s > 0, go * temp * d_ez / ((C * 1.0 - 1.0) * safe_sd), 0.0)
+    e_b = e_a - e_ab  # E_p[b]: (q - p)·b centred on it sums range-sized, not lse-sized, terms
     cov = zero
     qpb = zero
     for start in range(0, C, BLOCK):
@@ -148,7 +149,7 @@ def _kd_rows_bwd(
             tl.store(gs, g.to(gs_ptr.dtype.element_ty), mask=mask)
         if NEED_T_GRAD:
             cov += tl.sum(p * (a - e_a[:, None]) * (a - b - e_ab[:, None]), axis=1)
-            qpb += tl.sum((q - p) * (b - lse_b[:, None]), axis=1)  # Σ(q-p) = 0: centre on lse_b
+            qpb += tl.sum((q - p) * (b - e_b[:, None]), axis=1)  # Σ(q-p) = 0: centre on E_p[b]
     if NEED_T_GRAD:
         tl.store(gt_ptr + rows, go * (2.0 * temp * kl - temp * (cov + qpb)), mask=rmask)
 

@@ -7,18 +7,24 @@ the same inputs; the teacher is passed in the store's default float16 encoding, 
 reference decodes to float32 first and the fused kernels read as stored.
 
 - eager: ``pipeline.kernels.reference`` as written;
-- compile: ``torch.compile`` of the same reference function (compile time excluded: it is warmed
-  up first);
+- compile: ``torch.compile(dynamic=False)`` of the same reference function, one specialization
+  per shape (its compile time is excluded from the step time and reported apart);
 - fused: ``pipeline.kernels`` with ``impl="triton"``; needs CUDA (on CPU triton only has its
   interpreter, which is not a performance path, so the row says so instead of a number).
 
-Reported: median time per step, and the peak memory a step adds over its inputs
-(``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident-set growth, from the
-kernel's VmHWM after resetting it through /proc/self/clear_refs, or n/a where that is refused),
-each with its ratio to eager.
+Timing: after warm-up steps, the median of many steps, each timed with CUDA events on GPU (a
+host clock and a synchronize on CPU). Each step takes the next of ``--sets`` input sets (distinct
+student/teacher/target tensors), so repeated steps do not find their inputs in the L2 cache.
+Peak memory: what one step adds over its inputs (``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``; on CPU the resident set's high-water mark after resetting it through
+/proc/self/clear_refs, or n/a where that is refused). Ratios are to eager.
 
     python -m tests.benchmarks.bench_losses [--methods kd dkd] [--classes 10 1000]
-                                            [--seconds 2] [--no-compile]
+                                            [--seconds 1] [--no-compile] [--quick] [--out DIR]
+
+``--quick`` (for a short GPU lease): KD and DKD only, 0.2 s of timing per cell, 2 input sets,
+and no new torch.compile once 75 s have passed (the eager and fused rows still run): about 1-2
+minutes on an H200, compile warm-ups included.
 """
 
 from __future__ import annotations
@@ -27,25 +33,29 @@ import argparse
 import gc
 import importlib
 import importlib.util
+import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-import pipeline.kernels as kernels
+from tests.gpu.light_imports import heavy_modules, isolate_storage
 
 CLASSES = (10, 100, 1000, 32768, 131072)
 ELEMENTS = 2**24
 METHODS = ("kd", "dkd", "ls", "ats")
+QUICK_METHODS = ("kd", "dkd")
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _reference_steps(ref) -> dict[str, Step]:
+def _reference_steps(ref: ModuleType) -> dict[str, Step]:
     """Scalar losses built from the reference module directly (what torch.compile traces)."""
     return {
         "kd": lambda s, t, y: ref.kd_rows(s, ref.decode_teacher(t), 4.0).mean(),
@@ -55,15 +65,12 @@ def _reference_steps(ref) -> dict[str, Step]:
     }
 
 
-def _fused_steps() -> dict[str, Step]:
-    def tri(name: str) -> Callable:
-        return getattr(kernels, name)
-
+def _fused_steps(kernels: ModuleType) -> dict[str, Step]:
     return {
-        "kd": lambda s, t, y: tri("kd_rows")(s, t, 4.0, impl="triton").mean(),
-        "dkd": lambda s, t, y: _dkd_total(*tri("dkd_rows")(s, t, y, 4.0, impl="triton")),
-        "ls": lambda s, t, y: tri("kd_rows")(s, t, 2.0, zscore=True, impl="triton").mean(),
-        "ats": lambda s, t, y: tri("ats_rows")(s, t, y, 4.0, 2.0, 1.0, impl="triton").mean(),
+        "kd": lambda s, t, y: kernels.kd_rows(s, t, 4.0, impl="triton").mean(),
+        "dkd": lambda s, t, y: _dkd_total(*kernels.dkd_rows(s, t, y, 4.0, impl="triton")),
+        "ls": lambda s, t, y: kernels.kd_rows(s, t, 2.0, zscore=True, impl="triton").mean(),
+        "ats": lambda s, t, y: kernels.ats_rows(s, t, y, 4.0, 2.0, 1.0, impl="triton").mean(),
     }
 
 
@@ -77,6 +84,8 @@ class Result:
     ms: float | None  # median ms per forward+backward; None = not run
     peak_mb: float | None  # peak memory a step adds over its inputs; None = not measurable
     note: str = ""
+    warmup_s: float | None = None  # the first call (torch.compile / triton compile included)
+    steps: int = 0
 
 
 class PeakMemory:
@@ -122,63 +131,125 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(step: Step, inputs, device: torch.device, seconds: float) -> tuple[float, float]:
-    """(median ms, peak MB) of step + backward, after one warm-up (and compile) call."""
-    student, teacher, target = inputs
+def _measure(step: Step, sets: list[Inputs], device: torch.device, seconds: float) -> Result:
+    """Median ms of step + backward over rotating input sets, peak MB of one step, warm-up s."""
+    calls = 0
 
     def once() -> None:
+        nonlocal calls
+        student, teacher, target = sets[calls % len(sets)]
+        calls += 1
         student.grad = None
         step(student, teacher, target).backward()
 
-    once()  # warm-up: compiles (torch.compile, triton) and fills caches
-    student.grad = None  # the baseline holds the inputs only; the step's gradient is its own
+    t0 = time.perf_counter()
+    once()  # compiles (torch.compile, triton) and fills caches
+    _sync(device)
+    warmup = time.perf_counter() - t0
+    for _ in range(2):
+        once()
+    for student, _, _ in sets:
+        student.grad = None  # the baseline holds the inputs only; the step's gradient is its own
     _sync(device)
     with PeakMemory(device) as mem:
         once()
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while len(times) < 3 or (time.perf_counter() < end and len(times) < 50):
-        t0 = time.perf_counter()
-        once()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    student.grad = None
-    return statistics.median(times) * 1e3, mem.peak
+    t0 = time.perf_counter()
+    once()
+    _sync(device)
+    estimate = time.perf_counter() - t0  # one step, host clock: sizes the timed run
+    steps = int(min(200, max(5, seconds / max(estimate, 1e-6))))
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        for start, end in zip(starts, ends):
+            start.record()
+            once()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    else:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            once()
+            times.append((time.perf_counter() - t0) * 1e3)
+    for student, _, _ in sets:
+        student.grad = None
+    return Result("", statistics.median(times), mem.peak, warmup_s=warmup, steps=steps)
 
 
-def _inputs(classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(classes: int, device: torch.device, count: int) -> list[Inputs]:
+    """``count`` independent input sets (random, never zeros) of B = 2^24 // C rows."""
     batch = ELEMENTS // classes
     g = torch.Generator(device=device).manual_seed(classes)
-    student = (3 * torch.randn(batch, classes, generator=g, device=device)).requires_grad_()
-    teacher = (3 * torch.randn(batch, classes, generator=g, device=device)).half()  # stored
-    target = torch.randint(0, classes, (batch,), generator=g, device=device)
-    return student, teacher, target
+    sets = []
+    for _ in range(count):
+        student = 3 * torch.randn(batch, classes, generator=g, device=device)
+        teacher = 0.8 * student + 1.5 * torch.randn(batch, classes, generator=g, device=device)
+        target = torch.randint(0, classes, (batch,), generator=g, device=device)
+        sets.append((student.requires_grad_(), teacher.half(), target))  # teacher as stored
+    return sets
+
+
+def _compile(fn: Step) -> Step:
+    return torch.compile(fn, dynamic=False)
 
 
 def run(
-    methods: tuple[str, ...], classes: tuple[int, ...], seconds: float, compile_: bool
+    methods: tuple[str, ...],
+    classes: tuple[int, ...],
+    seconds: float,
+    compile_: bool,
+    sets: int = 3,
+    compile_budget: float | None = None,
 ) -> list[tuple[str, int, int, list[Result]]]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    isolate_storage()  # before anything imports pipeline (pipeline.errors -> storage.errors)
+    kernels = importlib.import_module("pipeline.kernels")
     ref = importlib.import_module("pipeline.kernels.reference")
-    eager, fused = _reference_steps(ref), _fused_steps()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    eager, fused = _reference_steps(ref), _fused_steps(kernels)
     fused_ok = device.type == "cuda" and kernels.triton_available()
+    started = time.perf_counter()
     rows = []
     for method in methods:
-        compiled = torch.compile(eager[method]) if compile_ else None
         for c in classes:
-            inputs = _inputs(c, device)
-            results = [Result("eager", *_measure(eager[method], inputs, device, seconds))]
-            if compiled is not None:
-                results.append(Result("compile", *_measure(compiled, inputs, device, seconds)))
+            inputs = _inputs(c, device, sets)
+            results = [_safe("eager", eager[method], inputs, device, seconds)]
+            if compile_:
+                late = compile_budget is not None and time.perf_counter() - started > compile_budget
+                if late:
+                    note = f"skipped: past the {compile_budget:g}s compile budget"
+                    results.append(Result("compile", None, None, note))
+                else:
+                    torch._dynamo.reset()  # one specialization per cell, no recompile limits
+                    step = _compile(eager[method])
+                    results.append(_safe("compile", step, inputs, device, seconds))
             if fused_ok:
-                results.append(Result("fused", *_measure(fused[method], inputs, device, seconds)))
+                results.append(_safe("fused", fused[method], inputs, device, seconds))
             else:
                 why = "needs CUDA (no GPU in this run)" if device.type != "cuda" else "no triton"
                 results.append(Result("fused", None, None, why))
             rows.append((method, c, ELEMENTS // c, results))
             print(_format_row(method, c, ELEMENTS // c, results), flush=True)
             del inputs
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
+
+
+def _safe(impl: str, step: Step, sets: list[Inputs], device: torch.device, seconds: float):
+    """``_measure`` that reports an error (a compile failure, say) in the row and goes on."""
+    try:
+        result = _measure(step, sets, device, seconds)
+    except Exception as exc:
+        for student, _, _ in sets:
+            student.grad = None
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        print(f"{impl} failed: {text}", flush=True)
+        return Result(impl, None, None, f"error: {text}")
+    result.impl = impl
+    return result
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -191,16 +262,39 @@ def _format_row(method: str, classes: int, batch: int, results: list[Result]) ->
     base = results[0]
     out = []
     for r in results:
+        head = f"{method:<4} {classes:>6} {batch:>8}  {r.impl:<8}"
         if r.ms is None:
-            out.append(f"{method:<4} {classes:>6} {batch:>8}  {r.impl:<8} {r.note}")
+            out.append(f"{head} {r.note}")
             continue
         peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:8.1f}"
-        head = f"{method:<4} {classes:>6} {batch:>8}  {r.impl:<8}"
         out.append(
-            f"{head} {r.ms:9.2f} {_ratio(r.ms, base.ms):>7}  {peak:>8} "
-            f"{_ratio(r.peak_mb, base.peak_mb):>7}"
+            f"{head} {r.ms:9.3f} {_ratio(r.ms, base.ms):>7}  {peak:>8} "
+            f"{_ratio(r.peak_mb, base.peak_mb):>7}  {r.warmup_s or 0:7.1f}s {r.steps:>4}"
         )
     return "\n".join(out)
+
+
+def _table(rows: list[tuple[str, int, int, list[Result]]]) -> list[str]:
+    """One line per (method, C): ms and peak MB of each impl, ratios to eager."""
+    impls = [r.impl for r in rows[0][3]] if rows else []
+    head = f"{'meth':<4} {'C':>6} {'B':>8} |"
+    for impl in impls:
+        head += f" {impl + ' ms':>14} {impl + ' MB':>15} |"
+    lines = [head]
+    for method, c, b, results in rows:
+        base = results[0]
+        line = f"{method:<4} {c:>6} {b:>8} |"
+        for r in results:
+            if r.ms is None:
+                line += f" {'—':>14} {'—':>15} |"
+                continue
+            ms = f"{r.ms:.3f}" + ("" if r is base else f" {_ratio(r.ms, base.ms)}")
+            mb = "n/a" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+            if r is not base and r.peak_mb is not None:
+                mb += f" {_ratio(r.peak_mb, base.peak_mb)}"
+            line += f" {ms:>14} {mb:>15} |"
+        lines.append(line)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,22 +302,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     parser.add_argument("--classes", nargs="+", type=int, default=list(CLASSES))
     parser.add_argument("--seconds", type=float, default=None, help="timing budget per cell")
+    parser.add_argument("--sets", type=int, default=None, help="input sets rotated per step")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--quick", action="store_true", help="KD/DKD, short timing (~1-2 min)")
+    parser.add_argument("--compile-budget", type=float, default=None, help="s; no compile after")
+    parser.add_argument("--out", type=Path, default=None, help="write bench_losses.json here")
     args = parser.parse_args(argv)
-    if importlib.util.find_spec("pipeline.kernels.reference") is None:
-        raise SystemExit("bench_losses needs the PyTorch reference, pipeline/kernels/reference.py")
     cuda = torch.cuda.is_available()
     # The CPU run is kept to a few minutes: KD and DKD, one second per cell unless asked.
-    methods = tuple(args.methods or (METHODS if cuda else ("kd", "dkd")))
-    seconds = args.seconds if args.seconds is not None else (2.0 if cuda else 1.0)
+    default_methods = QUICK_METHODS if args.quick or not cuda else METHODS
+    methods = tuple(args.methods or default_methods)
+    seconds = args.seconds if args.seconds is not None else (0.2 if args.quick else 1.0)
+    sets = args.sets if args.sets is not None else (2 if args.quick else 3)
+    budget = args.compile_budget
+    if budget is None and args.quick:
+        budget = 75.0
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'})"
+    triton_version = "absent"
+    if importlib.util.find_spec("triton") is not None:
+        triton_version = importlib.import_module("triton").__version__
     print(f"loss forward+backward, B*C = 2^24, teacher float16, {where}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"torch {torch.__version__}, triton {triton_version}, "
+          f"{torch.get_num_threads()} threads, {sets} input sets rotated")  # fmt: skip
     print(f"{'meth':<4} {'C':>6} {'B':>8}  {'impl':<8} {'ms/step':>9} {'vs eager':>7}"
-          f"  {'peak MB':>8} {'vs eager':>7}")  # fmt: skip
-    run(methods, tuple(args.classes), seconds, not args.no_compile)
+          f"  {'peak MB':>8} {'vs eager':>7}  {'warm-up':>8} {'steps':>4}")  # fmt: skip
+    started = time.perf_counter()
+    rows = run(methods, tuple(args.classes), seconds, not args.no_compile, sets, budget)
+    print(f"\nsummary ({where}; median ms per forward+backward, peak MB over the inputs, "
+          f"ratios to eager; {time.perf_counter() - started:.0f}s):")  # fmt: skip
+    for line in _table(rows):
+        print(line)
     if not cuda:
         print("fused: needs CUDA (no GPU in this run); peak MB = resident-set growth on CPU")
+    heavy = heavy_modules()
+    if heavy:
+        print(f"note: heavy modules imported: {heavy}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "device": where,
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "sets": sets,
+            "seconds_per_cell": seconds,
+            "rows": [
+                {"method": m, "classes": c, "batch": b, "results": [asdict(r) for r in rs]}
+                for m, c, b, rs in rows
+            ],
+        }
+        (args.out / "bench_losses.json").write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

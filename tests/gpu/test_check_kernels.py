@@ -1,0 +1,46 @@
+"""The GPU check script stays runnable without a GPU: its CPU-interpreter mode on a few cases.
+
+The real run is ``bash tests/gpu/run_on_device.sh`` on a CUDA machine (compiled kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.gpu import check_kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cases_cover_every_kernel_and_partition_once() -> None:
+    cases = check_kernels.build_cases(check_kernels.PROFILES["full"])
+    methods = {c.method for c in cases}
+    assert {"kd", "ls", "dkd", "dkd_ls", "ats", "decode", "ctkd_kd", "ctkd_dkd"} <= methods
+    assert {c.teacher for c in cases} == set(check_kernels.TEACHERS)
+    assert {2, 10, 100, 1000, 32768, 131072} <= {c.classes for c in cases}
+    assert all(c.batch * c.classes <= 2**22 for c in cases)
+    parts = check_kernels.partition(cases, 8)
+    assert sorted(i for part in parts for i in part) == list(range(len(cases)))
+
+
+def test_worker_args_drop_parent_only_options() -> None:
+    argv = ["--out", "/tmp/x", "--jobs=4", "--budget", "9", "--seed", "3", "--only", "kd"]
+    assert check_kernels._worker_args(argv) == ["--seed", "3", "--only", "kd"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_interpreter_run_passes(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "tests.gpu.check_kernels", "--interpret", "--jobs", "1"]
+    cmd += ["--only", "C=10 ", "dispatch", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    payload = json.loads((tmp_path / "check_kernels.json").read_text())
+    assert payload["passed"] and payload["heavy_modules"] == []
+    assert payload["environment"]["interpreted"] is True
+    assert {r["status"] for r in payload["records"]} == {"PASS"}
