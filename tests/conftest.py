@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pipeline.datasets import FASHION_MNIST_DIR
 
@@ -56,3 +57,10 @@ def fashion_mnist_dir() -> Path:
         "Fashion-MNIST not installed: apt-get install dataset-fashion-mnist "
         f"({reason or f'installed, but the files are not in {folder}'})"
     )
+
+
+# Property tests draw the same examples on every run (CI must not pass or fail by chance); set
+# HYPOTHESIS_PROFILE=explore to draw fresh ones while developing.
+settings.register_profile("logitbank", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "logitbank"))

@@ -64,11 +64,13 @@ def test_zscore_kd_ignores_teacher_shift_and_scale(
         for x in (teacher, moved)
     ]
     torch.testing.assert_close(exact[0], exact[1], rtol=1e-8, atol=1e-10)
-    # ... and up to eps / std with the official one (eps = 1e-7).
+    # ... and up to eps / std with the official one (eps = 1e-7): a row whose logits are close
+    # together (small std, e.g. C = 2 scaled down) moves by more, so the bound follows its std.
+    smallest_std = min(teacher.std(dim=1).min().item(), moved.std(dim=1).min().item())
     torch.testing.assert_close(
         ls.ls_kd_loss(student, moved, temp),
         ls.ls_kd_loss(student, teacher, temp),
-        rtol=1e-5,
+        rtol=max(1e-5, 10 * 1e-7 / smallest_std),
         atol=1e-7,
     )
     # Plain KD is not invariant (so the check above can fail).
