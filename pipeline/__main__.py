@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "teacher": ("stages.teacher", "train a teacher from the zoo (or use a given checkpoint)"),
     "export": ("stages.export", "export the teacher to ONNX, parity-checked against PyTorch"),
     "precompute": ("stages.precompute", "the teacher's logits for V views into the store"),
+    "distill": ("stages.distill", "train a student from the store with a distillation method"),
     "verify": ("stages.verify", "check a store's checksums and completeness"),
     "audit": ("stages.audit", "bytes per row and KD-loss error of every encoding on a store"),
     "plan": ("stages.plan", "disk bytes, files and memory of a store before a run"),

@@ -116,7 +116,8 @@ class DistillConfig:
     """The method's own keys (e.g. {temperature: 2, beta: 6}); unset keys keep METHODS.md's."""
     teacher_source: str = "store"
     """Where teacher logits come from: store (the precomputed store) or online (the teacher
-    checkpoint run in memory on the same inputs; for equivalence checks)."""
+    checkpoint run in memory on the same inputs; for equivalence checks). ce and pskd read no
+    teacher logits either way."""
     store: str | None = None
     """Path of the teacher's store; None: the run's own (RUN_DIR/store.zarr)."""
     views: int | None = None

@@ -1,0 +1,257 @@
+"""The distill stage: a student from the zoo trained from the teacher's stored raw logits.
+
+    for each epoch e:  batches in block order (view e mod V), images replayed from the store's
+                       view parameters, raw logits to the device ahead of the step
+                       loss = method(student(x), teacher_logits, y, ctx); SGD step
+                       test accuracy; state written atomically; one JSON line of metrics
+
+The teacher is never loaded (except with ``teacher_source: online``, the in-memory reference used
+to check that the store changes nothing). The method applies its temperature or z-score to the
+raw logits on the device, through the fused kernels on CUDA. ``ce`` trains on labels alone and
+``pskd`` on the student's own previous-epoch predictions, kept in a self-teacher store.
+
+Resuming: after every epoch the model, optimizer, scheduler, method state (CTKD's temperature),
+RNG state, history and epoch go to ``state.pt`` (atomically). The batch order depends only on
+(seed, epoch), so a run killed at any point and started again ends with the same weights, bit for
+bit on the CPU, as one never interrupted. A finished run is not trained again.
+
+Outputs, in ``RUN_DIR/distill/STUDENT-METHOD-sSEED/``: ``student.pt`` (weights_only-loadable,
+with test accuracy and config), ``metrics.jsonl`` (one line per epoch), ``config.yaml``,
+``state.pt`` while running, ``pskd/`` for PS-KD.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import Config, save_resolved, to_dict
+from pipeline.data import Split, splits
+from pipeline.distill_data import StoreRows, ToDevice, prefetch
+from pipeline.distill_inputs import DistillError, Sources, build_sources
+from pipeline.distill_state import (
+    Student,
+    build_student,
+    finished,
+    load_state,
+    save_state,
+    write_metrics,
+)
+from pipeline.fingerprint import spec_hash
+from pipeline.methods import MethodContext
+from pipeline.models import save_checkpoint
+from storage import LogitStore, StoreWarning
+
+StepHook = Callable[[int, int, dict[str, torch.Tensor]], None]
+"""``on_step(epoch, step, terms)``: called after each optimizer step (step counts from 1) with the
+step's detached loss terms; for tests and custom logging (a ``float`` of a term syncs the GPU)."""
+
+
+def output_dir(config: Config) -> Path:
+    """RUN_DIR/distill/NAME: one folder per student, so many students share one store."""
+    cfg = config.distill
+    name = cfg.name
+    if name is None:
+        method = cfg.method.strip().lower().replace(" ", "")
+        online = (
+            "-online" if cfg.teacher_source == "online" and method not in ("ce", "pskd") else ""
+        )
+        name = f"{cfg.student}-{method}-s{cfg.seed}{online}"
+    return config.run_path / "distill" / name
+
+
+def config_key(config: Config) -> str:
+    """What the weights depend on; a state or checkpoint made with another key is refused."""
+    d = to_dict(config)
+    return spec_hash({k: d[k] for k in ("distill", "data", "augment")})
+
+
+def pick_device(name: str) -> torch.device:
+    """``distill.device`` as a torch device; ``auto`` takes CUDA when there is one."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DistillError("distill.device=cuda but no CUDA device is visible: use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy (%) on clean images."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(split), batch_size):
+        x, y, _ = split.batch(np.arange(start, min(start + batch_size, len(split))))
+        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
+    return 100.0 * int(correct) / max(1, len(split))
+
+
+def _train_epoch(
+    epoch: int,
+    step: int,
+    config: Config,
+    student: Student,
+    src: Sources,
+    feeder: ToDevice,
+    bar: tqdm,
+    on_step: StepHook | None,
+    open_stores: list[LogitStore],
+) -> tuple[dict, int]:
+    """One pass over the training set: (its metrics record, the global step after it)."""
+    cfg = config.distill
+    model, method = student.model, student.method
+    needs = method.teacher_input
+    model.train()
+    method.train()
+    previous = writer = None
+    if src.self_teacher is not None:
+        prev_store = src.self_teacher.reader(epoch)
+        if prev_store is not None:
+            open_stores.append(prev_store)
+            previous = StoreRows(prev_store, view=0)
+        writer = src.self_teacher.writer(epoch)
+        open_stores.append(writer.store)
+    device = feeder.device
+    sums: dict[str, torch.Tensor] = {}  # loss terms × rows, summed on the device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    t0 = time.perf_counter()
+    for batch in feeder(prefetch(src.batches(epoch, previous), cfg.prefetch)):
+        logits = model(batch.x)  # (B, K)
+        if needs == "logits" and src.teacher is not None:
+            with torch.no_grad():
+                teacher = src.teacher(batch.x)  # (B, K), online
+        elif needs == "logits":
+            teacher = batch.teacher  # (B, K) raw logits from the store
+        elif needs == "probabilities" and batch.previous is not None:
+            teacher = F.softmax(batch.previous.float(), dim=1)  # PS-KD's P_prev (B, K)
+        else:
+            teacher = None  # ce, or PS-KD's first epoch (one-hot targets)
+        terms = method(logits, teacher, batch.y, MethodContext(epoch, cfg.epochs, step))
+        student.opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        student.opt.step()
+        step += 1
+        if writer is not None:  # PS-KD: this forward pass is the next epoch's teacher
+            writer.add(batch.indices, logits.detach().float().cpu().numpy())
+        n = len(batch.indices)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * n
+        correct += (logits.detach().argmax(1) == batch.y).sum()
+        seen += n
+        if on_step is not None:
+            on_step(epoch, step, {k: v.detach() for k, v in terms.items()})
+        bar.update(n)
+        if not bar.disable and (step % 10 == 0 or seen == bar.total):  # a host sync: not always
+            bar.set_postfix(
+                loss=f"{float(sums['total']) / seen:.3f}",
+                acc=f"{100 * int(correct) / seen:.1f}",
+                rows_s=f"{seen / (time.perf_counter() - t0):.0f}",
+            )
+    seconds = time.perf_counter() - t0
+    if writer is not None:
+        writer.close()
+    if previous is not None:
+        previous.store.close()
+    return {
+        "epoch": epoch + 1,
+        "lr": student.opt.param_groups[0]["lr"],
+        "loss": {k: float(v) / max(1, seen) for k, v in sums.items()},
+        "train_acc": 100.0 * int(correct) / max(1, seen),
+        "rows_per_s": seen / max(seconds, 1e-9),
+        "views": sorted({int(v) for v in src.batches.sampler.blocks(epoch)[:, 2]}),
+    }, step
+
+
+def train_student(
+    config: Config, *, progress: bool = True, on_step: StepHook | None = None
+) -> Path:
+    """Train (or resume, or skip when finished) one student; return its checkpoint path."""
+    cfg = config.distill
+    out = output_dir(config)
+    ckpt_path, state_path = out / "student.pt", out / "state.pt"
+    key = config_key(config)
+    if finished(ckpt_path, key):
+        return ckpt_path
+    state = load_state(state_path, key)
+    save_resolved(config, out / "config.yaml")
+    device = pick_device(cfg.device)
+    train, test = splits(config)
+    student, kwargs = build_student(config, train, device)
+    src = build_sources(config, train, student.method.teacher_input, device, out, key)
+    history: list[dict] = []
+    first = step = 0
+    if state is not None:
+        student.load(state, device)
+        history = json.loads(state["history"])
+        first, step = int(state["epoch"]) + 1, int(state["step"])
+    if src.self_teacher is not None:
+        src.self_teacher.keep_only(first - 1)  # a killed epoch's half-written store goes
+
+    feeder = ToDevice(device)
+    open_stores: list[LogitStore] = [src.store] if src.store is not None else []
+    try:
+        for epoch in range(first, cfg.epochs):
+            t0 = time.perf_counter()
+            bar = tqdm(
+                total=len(train),
+                disable=not progress,
+                leave=False,
+                unit="rows",
+                unit_scale=True,
+                desc=f"{out.name} epoch {epoch + 1}/{cfg.epochs}",
+            )
+            with bar:
+                record, step = _train_epoch(
+                    epoch, step, config, student, src, feeder, bar, on_step, open_stores
+                )
+            student.sched.step()
+            record["test_acc"] = evaluate(student.model, test, device, cfg.eval_batch_size)
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            save_state(
+                state_path, student, device, epoch=epoch, step=step, history=history, key=key
+            )
+            write_metrics(out / "metrics.jsonl", history)
+            if src.self_teacher is not None:
+                src.self_teacher.keep_only(epoch)  # the next epoch reads this one
+            if progress:
+                terms = ", ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
+                print(
+                    f"{out.name} epoch {epoch + 1}/{cfg.epochs}: {terms}; train top-1 "
+                    f"{record['train_acc']:.2f}%, test top-1 {record['test_acc']:.2f}%",
+                    flush=True,
+                )
+    finally:
+        for store in open_stores:
+            with warnings.catch_warnings():  # a failed epoch's unfinished blocks are expected
+                warnings.simplefilter("ignore", StoreWarning)
+                store.close()
+
+    save_checkpoint(
+        ckpt_path,
+        student.model,
+        model_name=cfg.student,
+        model_kwargs=kwargs,
+        extra={
+            "test_acc": history[-1]["test_acc"],
+            "method": cfg.method,
+            "method_state": {k: v.cpu() for k, v in student.method.state_dict().items()},
+            "history": json.dumps(history),
+            "config_hash": key,
+            "config": json.dumps(to_dict(config)),
+            "teacher_store": src.store.path if src.store is not None else None,
+            "store_fingerprint": None if src.store is None else json.dumps(src.store.fingerprint),
+        },
+    )
+    state_path.unlink(missing_ok=True)
+    return ckpt_path

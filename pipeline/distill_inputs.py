@@ -1,0 +1,225 @@
+"""What a distill run reads, checked before the first step: the method, the store, the teacher,
+and the batch plan built on them (:func:`build_sources`).
+
+A store is only usable when it was made from this very dataset and augmentation: its class count,
+row count and labels must be the dataset's, its fingerprint (dataset hash, preprocessing and
+augmentation spec, seed) must match, the views asked for must be stored and finished, and the
+augmentation parameters it recorded must be those the view generator gives — so the student's
+replayed images are provably the teacher's. Each refusal is one line naming the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data import Split
+from pipeline.distill_data import EpochBatches, StoreRows, ViewParams
+from pipeline.distill_pskd import SelfTeacher
+from pipeline.errors import MethodError, ModelError, UserError
+from pipeline.methods import METHODS, Method, MethodContext, build_method
+from pipeline.methods.base import check_student, check_target
+from pipeline.models import load_model_from_checkpoint
+from pipeline.views import NUM_VIEW_PARAMS, view_params
+from storage import LogitStore, check_fingerprint, make_layout, open_store
+from storage.sampler import BlockSampler
+
+
+class DistillError(UserError):
+    """A store, state file or run folder the distill stage cannot use as it is."""
+
+
+class CrossEntropy(Method):
+    """``ce``: plain cross-entropy on the labels, the baseline every method is compared with."""
+
+    teacher_input = "none"
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor | None,
+        target: torch.Tensor,
+        ctx: MethodContext,
+    ) -> dict[str, torch.Tensor]:
+        check_target(target, student.shape[0], check_student(student))
+        ce = F.cross_entropy(student, target)
+        return {"ce": ce, "total": ce}
+
+
+def method_names() -> list[str]:
+    return ["ce", *METHODS]
+
+
+def build_student_method(name: str, options: dict[str, Any], num_classes: int) -> Method:
+    """The training loss for ``distill.method``: ``ce`` or anything ``build_method`` accepts."""
+    key = name.strip().lower().replace(" ", "")
+    if key == "ce":
+        if options:
+            raise MethodError(
+                f"method 'ce' takes no options, got {', '.join(map(repr, sorted(options)))}"
+            )
+        return CrossEntropy()
+    if key not in METHODS and "+" not in key:
+        raise MethodError(f"unknown method {name!r}: known are {', '.join(method_names())}")
+    return build_method({"name": key, **options}, num_classes=num_classes)
+
+
+def store_path(config: Config) -> Path:
+    return Path(config.distill.store) if config.distill.store else config.store_path
+
+
+def open_teacher_store(config: Config, train: Split) -> tuple[LogitStore, int, np.ndarray]:
+    """The teacher's store, checked against ``train``: (store, views used, params (V, N, P))."""
+    path = store_path(config)
+    store = open_store(path)
+    try:
+        views = _check_store(store, config, train)
+        return store, views, _stored_params(store, views, train)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _check_store(store: LogitStore, config: Config, train: Split) -> int:
+    path = store.path
+    if store.num_classes != train.num_classes:
+        raise DistillError(
+            f"store {path} holds {store.num_classes} classes but the dataset has "
+            f"{train.num_classes}: use the store made for this dataset"
+        )
+    if store.num_samples != len(train):
+        raise DistillError(
+            f"store {path} holds {store.num_samples} rows but the training set has {len(train)}: "
+            f"use the store made for this dataset (and the same data.train_subset)"
+        )
+    labels = store.labels
+    if not np.array_equal(labels, train.labels):
+        bad = np.flatnonzero(labels != train.labels)
+        raise DistillError(
+            f"store {path}: labels differ from the dataset's at {len(bad)} row(s) (first: row "
+            f"{bad[0]}, store {labels[bad[0]]} vs dataset {train.labels[bad[0]]}): use the store "
+            f"made for this dataset"
+        )
+    check_fingerprint(path, store.fingerprint, train.fingerprint())
+    wanted = config.distill.views or store.num_views
+    if wanted > store.num_views:
+        raise DistillError(
+            f"distill.views={wanted} but store {path} holds {store.num_views} view(s): ask for "
+            f"at most {store.num_views}, or precompute with augment.views={wanted}"
+        )
+    missing = [(v, c) for v, c in store.missing_chunks() if v < wanted]
+    if missing:
+        raise DistillError(
+            f"store {path} is unfinished ({len(missing)} chunk(s) of the first {wanted} view(s) "
+            f"missing): rerun precompute to finish it"
+        )
+    if store.layout.view_param_width != NUM_VIEW_PARAMS:
+        raise DistillError(
+            f"store {path} keeps {store.layout.view_param_width} augmentation parameter(s) per "
+            f"row, not {NUM_VIEW_PARAMS}: it cannot replay the teacher's images; precompute again"
+        )
+    return wanted
+
+
+def _stored_params(store: LogitStore, views: int, train: Split) -> np.ndarray:
+    """The stored view parameters (V, N, P) int16, refused unless the generator agrees."""
+    rows = np.arange(store.num_samples)
+    table = np.empty((views, store.num_samples, NUM_VIEW_PARAMS), np.int16)
+    for v in range(views):
+        table[v] = store.read_array("view_params", rows, view=v)
+        expected = view_params(train.augment.seed, v, rows, train.spec)
+        if not np.array_equal(table[v], expected):
+            n = int(np.flatnonzero((table[v] != expected).any(axis=1))[0])
+            raise DistillError(
+                f"store {store.path}: view {v} row {n} was made with augmentation parameters "
+                f"{table[v, n].tolist()}, the generator gives {expected[n].tolist()}: the store "
+                f"comes from another augmentation; precompute it again"
+            )
+    return table
+
+
+def online_teacher(config: Config, train: Split, device: torch.device) -> torch.nn.Module:
+    """The teacher checkpoint in memory, in eval mode, for ``teacher_source: online``."""
+    model = load_model_from_checkpoint(config.teacher_checkpoint)
+    channels, height, width = train.image_shape
+    with torch.no_grad():
+        probe = model(torch.zeros(1, channels, height, width))
+    if probe.shape[1] != train.num_classes:
+        raise ModelError(
+            f"teacher {config.teacher_checkpoint} predicts {probe.shape[1]} classes, the dataset "
+            f"has {train.num_classes}"
+        )
+    return model.to(device).eval()
+
+
+@dataclass
+class Sources:
+    """Where one run's batches and teacher signal come from."""
+
+    batches: EpochBatches
+    store: LogitStore | None = None
+    """The teacher's store (``teacher_source: store``)."""
+    teacher: nn.Module | None = None
+    """The teacher in memory (``teacher_source: online``)."""
+    self_teacher: SelfTeacher | None = None
+    """PS-KD's per-epoch stores of the student's own logits."""
+
+
+def build_sources(
+    config: Config, train: Split, needs: str, device: torch.device, out: Path, key: str
+) -> Sources:
+    """The batch plan and the logit sources for a method that ``needs`` logits,
+    probabilities (PS-KD) or nothing (ce)."""
+    cfg = config.distill
+    store = teacher = self_teacher = None
+    params = ViewParams(train)
+    views = cfg.views or config.augment.views
+    if needs == "logits" and cfg.teacher_source == "store":
+        store, views, table = open_teacher_store(config, train)
+        params = ViewParams(train, table)
+        block_rows = store.layout.chunk_rows
+    else:
+        # Without a store, the blocks a precompute with this config would have made: the plan
+        # (and so the batches) is then the same as when reading that store.
+        block_rows = make_layout(
+            len(train),
+            train.num_classes,
+            views,
+            config.precompute.encoding,
+            config.precompute.chunk_rows,
+        ).chunk_rows
+        if needs == "logits":
+            teacher = online_teacher(config, train, device)
+    # The others shuffle over all rows when the teacher's views fit in RAM (as storage's
+    # LogitBatches does); PS-KD writes as it reads, so it keeps to windows of blocks.
+    budget = cfg.memory_budget_mb << 20
+    in_ram = needs != "probabilities" and views * len(train) * train.num_classes * 4 <= budget
+    sampler = BlockSampler(
+        num_samples=len(train),
+        block_rows=block_rows,
+        num_views=views,
+        window=-(-len(train) // block_rows) if in_ram else cfg.window,
+        seed=cfg.seed,
+        view_policy=cfg.view_policy,
+    )
+    rows = StoreRows(store, in_ram=in_ram) if store is not None else None
+    batches = EpochBatches(sampler, cfg.batch_size, train, params, rows, pin=device.type == "cuda")
+    if needs == "probabilities":
+        self_teacher = SelfTeacher(
+            out / "pskd",
+            num_samples=len(train),
+            num_classes=train.num_classes,
+            block_rows=block_rows,
+            labels=train.labels,
+            encoding=cfg.pskd_encoding,
+            backend=config.precompute.backend,
+            fingerprint={"config_hash": key, **train.fingerprint()},
+        )
+    return Sources(batches, store, teacher, self_teacher)

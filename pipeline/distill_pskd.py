@@ -1,0 +1,156 @@
+"""PS-KD's self-teacher on disk: the student's own logits of the last epoch, in a logit store.
+
+PS-KD (Kim et al., ICCV 2021) mixes the one-hot target with the student's softmax from the
+previous epoch, P_prev (N × C). The official code keeps P_prev as a float32 matrix in RAM and
+copies it into every checkpoint (5 GB for ImageNet). Here each epoch e writes the raw logits of
+its training forward passes into its own store, ``OUT/pskd/epoch{e}.zarr`` (the same format and
+code as the teacher's store; the softmax is taken when the rows are read back), and epoch e + 1
+reads it block by block with the same geometry as the teacher's store. Only two stores exist at
+a time: the one being read and the one being written. A resumed run finds the last finished one
+on disk, so nothing N × C is ever held in RAM or put into a state file.
+
+Raw logits rather than probabilities, because that is what a store holds: the softmax at read
+time gives P_prev exactly (in float32 encoding), and the store stays a normal logit store that
+``verify`` and ``audit`` understand.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from storage import LogitStore, create_store, open_store
+
+FINGERPRINT_KIND = "pskd-self-teacher"
+
+
+class BlockWriter:
+    """Collects a store's rows block by block and writes each block once all its rows arrived.
+
+    Rows come in window-shuffled order, so a block completes when its window has been trained on:
+    at most about two windows of rows are buffered, never the whole epoch.
+    """
+
+    def __init__(self, store: LogitStore, block_rows: int) -> None:
+        self.store = store
+        self.block_rows = block_rows
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # block -> (rows, filled)
+
+    def add(self, indices: np.ndarray, logits: np.ndarray) -> None:
+        """Rows ``indices`` (B,) of float32 ``logits`` (B, C)."""
+        n, classes = self.store.num_samples, self.store.num_classes
+        blocks = indices // self.block_rows
+        for block in np.unique(blocks):
+            start = int(block) * self.block_rows
+            stop = min(start + self.block_rows, n)
+            rows, filled = self._pending.get(int(block)) or (
+                np.empty((stop - start, classes), np.float32),
+                np.zeros(stop - start, bool),
+            )
+            mine = blocks == block
+            rows[indices[mine] - start] = logits[mine]
+            filled[indices[mine] - start] = True
+            if filled.all():
+                self.store.write(0, start, rows)
+                self._pending.pop(int(block), None)
+            else:
+                self._pending[int(block)] = (rows, filled)
+
+    def close(self) -> None:
+        """Close the store; every row must have been written (each epoch sees every row)."""
+        left = sorted(self._pending)
+        self._pending.clear()
+        self.store.close()
+        if left:
+            raise UserError(
+                f"PS-KD self-teacher store {self.store.path}: block(s) {left[:5]} incomplete at "
+                f"the end of the epoch (the sampler must visit every row once per epoch)"
+            )
+
+
+class SelfTeacher:
+    """The per-epoch self-teacher stores of one run, in ``folder``."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        num_samples: int,
+        num_classes: int,
+        block_rows: int,
+        labels: np.ndarray,
+        encoding: str,
+        backend: str,
+        fingerprint: dict,
+    ) -> None:
+        self.folder = folder
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.block_rows = block_rows
+        self.labels = labels
+        self.encoding = encoding
+        self.backend = backend
+        self.fingerprint = dict(fingerprint)
+        """Provenance of the run (config hash, dataset); each store adds ``epoch``."""
+
+    def path(self, epoch: int) -> Path:
+        suffix = ".zarr" if self.backend == "zarr" else ".h5"
+        return self.folder / f"epoch{epoch:04d}{suffix}"
+
+    def writer(self, epoch: int) -> BlockWriter:
+        """A fresh store for ``epoch`` (a half-written one from a killed run is replaced)."""
+        path = self.path(epoch)
+        _remove(path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        store = create_store(
+            path,
+            self.num_samples,
+            self.num_classes,
+            1,
+            encoding=self.encoding,
+            # One chunk per block and one chunk per shard: a finished block is written at once.
+            chunk_rows=self.block_rows,
+            chunks_per_shard=1,
+            backend=self.backend,
+            fingerprint={**self.fingerprint, "kind": FINGERPRINT_KIND, "epoch": epoch},
+            labels=self.labels,
+        )
+        return BlockWriter(store, self.block_rows)
+
+    def reader(self, epoch: int) -> LogitStore | None:
+        """The store written in ``epoch - 1``, open for reading; None in epoch 0 (one-hot)."""
+        if epoch == 0:
+            return None
+        path = self.path(epoch - 1)
+        if not path.exists():
+            raise UserError(
+                f"PS-KD self-teacher store {path} of epoch {epoch} is missing, so the run cannot "
+                f"resume: delete {self.folder.parent} to train this student afresh"
+            )
+        store = open_store(path, fingerprint={**self.fingerprint, "epoch": epoch - 1})
+        if not store.complete:
+            store.close()
+            raise UserError(
+                f"PS-KD self-teacher store {path} is incomplete: delete {self.folder.parent} to "
+                f"train this student afresh"
+            )
+        return store
+
+    def keep_only(self, epoch: int) -> None:
+        """Remove every epoch's store except ``epoch``'s (the one the next epoch reads)."""
+        if not self.folder.is_dir():
+            return
+        keep = self.path(epoch).name
+        for path in self.folder.glob("epoch*"):
+            if path.name != keep:
+                _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,157 @@
+"""A distill run's resumable state: the student, its optimizer and schedule, files on disk.
+
+After every epoch ``state.pt`` receives (atomically) the model, the method's own state (CTKD's
+temperature), the optimizer, the scheduler, the RNG states, the history and the epoch. Together
+with a batch order that depends on (seed, epoch) only, that is all a killed run needs to go on
+exactly where the last finished epoch left it. The final ``student.pt`` records the config hash,
+so a finished run is recognised and not trained again, and a run folder is never reused by a
+run with another config.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data import Split
+from pipeline.distill_inputs import DistillError, build_student_method
+from pipeline.errors import ModelError
+from pipeline.fileio import atomic_write
+from pipeline.methods import Method
+from pipeline.models import build_model, read_checkpoint
+
+
+def load_state(path: Path, key: str) -> dict | None:
+    """The state of the last finished epoch of this run, or None when there is none yet."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ):
+        raise DistillError(
+            f"state file {path} is truncated or corrupt: delete it to train this student afresh"
+        ) from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise DistillError(f"{path} is not a distill state file: delete it to start afresh")
+    if state.get("config_hash") != key:
+        raise DistillError(
+            f"{path} belongs to a run with another config: restore that config to resume it, "
+            f"set distill.name to train this one elsewhere, or delete the folder"
+        )
+    return state
+
+
+def finished(path: Path, key: str) -> bool:
+    """Whether ``path`` holds this very run's final checkpoint (then there is nothing to do)."""
+    if not path.exists():
+        return False
+    try:
+        ckpt = read_checkpoint(path)
+    except ModelError as exc:
+        raise DistillError(f"{exc} (delete it to train the student again)") from None
+    if ckpt.extra.get("config_hash") != key:
+        raise DistillError(
+            f"{path} is a finished run with another config: set distill.name to train this one "
+            f"elsewhere, or delete the folder"
+        )
+    return True
+
+
+def save_state(
+    path: Path,
+    student: Student,
+    device: torch.device,
+    *,
+    epoch: int,
+    step: int,
+    history: list[dict],
+    key: str,
+) -> None:
+    """Everything to go on after ``epoch`` (0-based), written atomically: a kill at any moment
+    leaves the previous state or this one, never half a file."""
+    state = {
+        **student.state(device),
+        "epoch": epoch,
+        "step": step,
+        "history": json.dumps(history),
+        "config_hash": key,
+    }
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.jsonl, rewritten whole from the state's history so it always matches it."""
+    with atomic_write(path, "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class Student:
+    """What a training state holds besides the history: weights, method, optimizer, schedule."""
+
+    model: nn.Module
+    method: Method
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+    def state(self, device: torch.device) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),  # CTKD's temperature
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+
+    def load(self, state: dict, device: torch.device) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def build_student(config: Config, train: Split, device: torch.device) -> tuple[Student, dict]:
+    """The student, its loss and optimizer, initialised from the seed; and the model kwargs."""
+    cfg = config.distill
+    channels, height, width = train.image_shape
+    kwargs = {
+        "num_classes": train.num_classes,
+        "in_channels": channels,
+        "image_size": (height, width),
+    }
+    # Both draw their initial weights (instance-wise CTKD has an MLP) from the seeded generator.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.student, **kwargs).to(device)
+    method = build_student_method(cfg.method, cfg.method_options, train.num_classes).to(device)
+    opt = torch.optim.SGD(
+        [*model.parameters(), *method.parameters()],  # CTKD's temperature trains alongside
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestones, gamma=cfg.gamma)
+    return Student(model, method, opt, sched), kwargs

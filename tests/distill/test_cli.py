@@ -1,0 +1,140 @@
+"""`python -m pipeline distill`: a run, and every bad input as one line, exit 2, no traceback.
+
+Each kind of refusal runs as a real command line (``BAD``); they start together, a few at a time,
+in one module fixture, since each costs an interpreter start-up of about two seconds. Variants of
+the same refusals (``MORE_BAD``) go through the same ``main`` in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from pipeline.__main__ import main
+from pipeline.data import splits
+from pipeline.distill import output_dir
+from storage import create_store, open_store
+from tests.distill.conftest import ONE_THREAD, REPO
+
+OK = ("distill.method=dkd", "distill.epochs=2", "distill.name=cli-dkd")
+
+# name → (--set overrides, the message expected on the one line of stderr)
+BAD: dict[str, tuple[tuple[str, ...], str]] = {
+    "unknown student": (
+        ("distill.student=resnet8",),
+        r"unknown model 'resnet8'; choose one of: resnet20, .*resnet8x4",
+    ),
+    "unknown method": (
+        ("distill.method=fitnet",),
+        r"unknown method 'fitnet': known are ce, kd, dkd, ctkd, ls, ats, pskd",
+    ),
+    "parameter out of range": (
+        ("distill.method=dkd", "distill.method_options={beta: -2}"),
+        r"beta must be >= 0(\.0)?, got -2",
+    ),
+    "unknown config key": (
+        ("distill.learning_rate=0.1",),
+        r"unknown config key distill.learning_rate: known keys in distill are student",
+    ),
+    "fingerprint": (
+        ("augment.pad=1",),
+        r"made from other inputs \(augment: store '[0-9a-f]+' vs expected '[0-9a-f]+'\)",
+    ),
+    "more views than stored": (("distill.views=3",), r"distill.views=3 but store .* holds 2 view"),
+    # The cases below are prepared by the fixture (a crafted store or a damaged file).
+    "class count": (("distill.store={tmp}/c5.zarr",), "holds 5 classes but the dataset has 10"),
+    "labels": (("distill.store={tmp}/labels.zarr",), r"labels differ .* at 256 row\(s\)"),
+    "truncated state": (("distill.name=trunc-state",), r"state\.pt is truncated or corrupt"),
+    "truncated checkpoint": (
+        ("distill.name=trunc-ckpt",),
+        r"student\.pt is truncated or corrupt .*delete it",
+    ),
+}
+
+MORE_BAD: dict[str, tuple[tuple[str, ...], str]] = {
+    "unknown composition": (("distill.method=ats+ls",), r"unknown composition 'ats\+ls'"),
+    "unknown method key": (
+        ("distill.method_options.tau=2",),
+        r"unknown key\(s\) 'tau' for method 'kd': allowed are temperature",
+    ),
+    "options for ce": (("distill.method=ce", "distill.method_options.x=1"), "takes no options"),
+    "bad choice": (("distill.teacher_source=cloud",), "must be one of store, online"),
+    "no store": (("distill.store=/nonexistent/store.zarr",), "does not exist"),
+    "online without teacher": (
+        ("distill.teacher_source=online", "teacher.checkpoint=/nonexistent/t.pt"),
+        r"checkpoint /nonexistent/t.pt not found",
+    ),
+}
+
+
+def _crafted_store(path, tiny_run, classes: int, labels: np.ndarray) -> None:
+    with open_store(tiny_run.run_dir / "store.zarr") as src:
+        fingerprint, params = src.fingerprint, src.read_array("view_params", np.arange(256))
+    with create_store(
+        path, 256, classes, 1, chunk_rows=32, fingerprint=fingerprint, labels=labels,
+        view_param_width=3,
+    ) as store:  # fmt: skip
+        store.write(0, 0, np.zeros((256, classes), np.float32), params)
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **ONE_THREAD},
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def results(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("cli")
+    train, _ = splits(tiny_run.config())
+    _crafted_store(tmp / "c5.zarr", tiny_run, 5, train.labels % 5)
+    _crafted_store(tmp / "labels.zarr", tiny_run, 10, (train.labels + 1) % 10)
+    for name, file in (("trunc-state", "state.pt"), ("trunc-ckpt", "student.pt")):
+        out = output_dir(tiny_run.config(f"distill.name={name}"))
+        out.mkdir(parents=True)
+        (out / file).write_bytes(b"PK\x03\x04 truncated")
+    jobs = {
+        name: tiny_run.argv(*(s.replace("{tmp}", str(tmp)) for s in sets))
+        for name, (sets, _) in BAD.items()
+    }
+    jobs["ok"] = tiny_run.argv(*OK)
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(jobs, pool.map(_cli, jobs.values())))
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(results, case):
+    result = results[case]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(BAD[case][1], lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD))
+def test_more_bad_input_in_process(tiny_run, capsys, case):
+    sets, message = MORE_BAD[case]
+    assert main(tiny_run.argv(*sets)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_a_run_from_the_command_line(results, tiny_run):
+    result = results["ok"]
+    assert result.returncode == 0, result.stderr
+    out = output_dir(tiny_run.config(*OK))
+    assert result.stdout.strip().startswith(f"distill: {out / 'student.pt'} (test top-1 ")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -1,0 +1,65 @@
+"""A short run of every method of the registry (and `ce`): finite losses, learning, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.data import splits
+from pipeline.distill import evaluate, output_dir, train_student
+from pipeline.distill_inputs import method_names
+from pipeline.models import load_model_from_checkpoint, read_checkpoint
+
+CHANCE = 10.0  # 10 balanced classes
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_trains_a_student(tiny_run, method):
+    # One clean view: the synthetic set is learnable in a few epochs (see conftest).
+    config = tiny_run.config(f"distill.method={method}", "distill.views=1")
+    path = train_student(config, progress=False)
+    assert path == output_dir(config) / "student.pt"
+    assert path.parent.name == f"small_cnn-{method}-s0"
+
+    lines = (path.parent / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert set(r) == {
+            "epoch", "lr", "loss", "train_acc", "test_acc", "rows_per_s", "seconds", "views"
+        }  # fmt: skip
+        assert "total" in r["loss"] and all(math.isfinite(v) for v in r["loss"].values())
+        assert 0 <= r["train_acc"] <= 100 and 0 <= r["test_acc"] <= 100
+        assert r["rows_per_s"] > 0 and r["seconds"] > 0 and r["views"] == [0]
+    assert [r["lr"] for r in records] == pytest.approx([0.05, 0.05, 0.05, 0.005])
+    assert max(r["test_acc"] for r in records) >= 2 * CHANCE, records
+
+    # The final checkpoint loads without unpickling code, and says how it was made.
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["model_name"] == "small_cnn"
+    ckpt = read_checkpoint(path)
+    assert ckpt.extra["test_acc"] == records[-1]["test_acc"]
+    assert json.loads(ckpt.extra["config"])["distill"]["method"] == method
+    model = load_model_from_checkpoint(path)
+    _, test = splits(config)
+    assert evaluate(model, test, torch.device("cpu")) == ckpt.extra["test_acc"]
+    assert not (path.parent / "state.pt").exists()
+    assert (path.parent / "config.yaml").is_file()
+
+
+def test_a_finished_run_is_not_trained_again(tiny_run):
+    config = tiny_run.config("distill.method=kd", "distill.name=twice", "distill.epochs=1")
+    path = train_student(config, progress=False)
+    stamp = path.stat().st_mtime_ns
+    assert train_student(config, progress=False) == path
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_views_rotate_by_epoch(tiny_run):
+    config = tiny_run.config("distill.method=kd", "distill.name=rotate", "distill.epochs=3")
+    path = train_student(config, progress=False)
+    records = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["views"] for r in records] == [[0], [1], [0]]  # view = epoch mod V, V = 2

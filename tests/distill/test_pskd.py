@@ -1,0 +1,115 @@
+"""PS-KD's self-teacher store: written during epoch e, read in epoch e + 1, never N × C in RAM."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.distill import output_dir, train_student
+from pipeline.distill_data import EpochBatches
+from pipeline.distill_pskd import FINGERPRINT_KIND, BlockWriter
+from pipeline.errors import UserError
+from pipeline.models import read_checkpoint
+from storage import create_store, open_store
+from storage.sampler import BlockSampler
+
+
+def test_block_writer_writes_whole_blocks_and_buffers_little(tmp_path):
+    n, classes, block = 200, 5, 16
+    logits = np.random.default_rng(0).standard_normal((n, classes)).astype(np.float32)
+    store = create_store(
+        tmp_path / "s.zarr", n, classes, 1, "float32", chunk_rows=block, chunks_per_shard=1
+    )
+    writer = BlockWriter(store, block)
+    sampler = BlockSampler(num_samples=n, block_rows=block, window=3, seed=1)
+    most = 0
+    for group, perm in sampler.windows(0):  # the order training visits rows in
+        rows = np.concatenate([np.arange(a, b) for a, b, _ in group])[perm]
+        for part in np.array_split(rows, 5):
+            writer.add(part, logits[part])
+            most = max(most, len(writer._pending))
+    writer.close()
+    assert most <= 3  # at most one window of blocks pending, never the whole epoch
+    with open_store(tmp_path / "s.zarr") as done:
+        assert done.complete
+        np.testing.assert_array_equal(done.read(np.arange(n)), logits)
+
+
+def test_block_writer_refuses_an_unfinished_epoch(tmp_path):
+    store = create_store(
+        tmp_path / "s.zarr", 64, 3, 1, "float32", chunk_rows=16, chunks_per_shard=1
+    )
+    writer = BlockWriter(store, 16)
+    writer.add(np.arange(20), np.zeros((20, 3), np.float32))
+    with pytest.raises(UserError, match=r"block\(s\) \[1\] incomplete"):
+        writer.close()
+
+
+def test_pskd_reads_last_epochs_own_logits(tiny_run, monkeypatch):
+    config = tiny_run.config("distill.method=pskd", "distill.epochs=3", "distill.name=pskd-spy")
+    out = output_dir(config)
+    checked = {}
+    real_call = EpochBatches.__call__
+
+    def spy(self, epoch, previous=None):
+        # Epoch e reads the store written in e - 1: batch.previous holds exactly its rows.
+        assert (previous is None) == (epoch == 0)
+        if previous is not None:
+            assert previous.store.path == str(out / "pskd" / f"epoch{epoch - 1:04d}.zarr")
+            assert previous.store.fingerprint["kind"] == FINGERPRINT_KIND
+            assert previous.store.fingerprint["epoch"] == epoch - 1
+        for batch in real_call(self, epoch, previous):
+            if previous is not None:
+                stored = previous.store.read(batch.indices)
+                assert np.isfinite(stored).all()
+                assert torch.equal(batch.previous, torch.from_numpy(stored))
+                checked[epoch] = checked.get(epoch, 0) + len(batch.indices)
+            yield batch
+
+    monkeypatch.setattr(EpochBatches, "__call__", spy)
+    path = train_student(config, progress=False)
+    assert checked == {1: 256, 2: 256}
+    # Only the last epoch's store is left; nothing N × C went into the checkpoint.
+    assert sorted(p.name for p in (out / "pskd").iterdir()) == ["epoch0002.zarr"]
+    with open_store(out / "pskd" / "epoch0002.zarr") as last:
+        assert last.complete and last.num_views == 1 and last.encoding == "float32"
+    ckpt = read_checkpoint(path)
+    assert ckpt.extra["method_state"] == {}
+    assert not any(t.shape == (256, 10) for t in _tensors([ckpt.state_dict, ckpt.extra]))
+
+
+class Stop(Exception):
+    pass
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
+    config = tiny_run.config("distill.method=pskd", "distill.epochs=2", "distill.name=pskd-gone")
+    out = output_dir(config)
+
+    def stop(epoch, step, terms):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_student(config, progress=False, on_step=stop)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == 0
+    assert not any(t.shape == (256, 10) for t in _tensors(state))  # no P_prev in the state
+    shutil.rmtree(out / "pskd" / "epoch0000.zarr")
+    with pytest.raises(UserError, match="epoch0000.zarr of epoch 1 is missing"):
+        train_student(config, progress=False)
