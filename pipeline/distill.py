@@ -69,9 +69,17 @@ def output_dir(config: Config) -> Path:
     return config.run_path / "distill" / name
 
 
+NOT_IN_KEY = ("device", "prefetch", "eval_batch_size")
+"""Distill keys that do not change the trained weights (on one device), so not in the key."""
+
+
 def config_key(config: Config) -> str:
     """What the weights depend on; a state or checkpoint made with another key is refused."""
     d = to_dict(config)
+    # Where and how fast it runs is not what it computes: a run may resume on another device or
+    # with other prefetch / evaluation batch sizes.
+    for key in NOT_IN_KEY:
+        d["distill"].pop(key, None)
     return spec_hash({k: d[k] for k in ("distill", "data", "augment")})
 
 

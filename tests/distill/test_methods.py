@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,18 @@ def test_views_rotate_by_epoch(tiny_run):
     path = train_student(config, progress=False)
     records = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["views"] for r in records] == [[0], [1], [0]]  # view = epoch mod V, V = 2
+
+
+def test_config_key_ignores_device_and_loader_settings() -> None:
+    """A run may resume on another device or with another prefetch depth; a change of what is
+    trained (here the learning rate) must change the key."""
+    from pipeline.config import load_config
+    from pipeline.distill import config_key
+
+    tiny = Path(__file__).resolve().parents[2] / "stages" / "configs" / "tiny.yaml"
+    base = config_key(load_config(tiny))
+    moved = load_config(
+        tiny, ["distill.device=cpu", "distill.prefetch=0", "distill.eval_batch_size=7"]
+    )
+    assert config_key(moved) == base
+    assert config_key(load_config(tiny, ["distill.lr=0.5"])) != base
