@@ -23,6 +23,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "verify": ("stages.verify", "check a store's checksums and completeness"),
     "audit": ("stages.audit", "bytes per row and KD-loss error of every encoding on a store"),
     "plan": ("stages.plan", "disk bytes, files and memory of a store before a run"),
+    "sweep": ("stages.sweep", "train many students (runs × seeds) from one store, one by one"),
+    "report": ("stages.report", "results table (Markdown, JSON) and plots of the distill runs"),
 }
 
 _OS_ERRORS = {

@@ -181,6 +181,55 @@ class DistillConfig:
             raise ConfigError(f"distill.name must be a plain folder name, got {self.name!r}")
 
 
+def _default_sweep_runs() -> list[dict]:
+    return [{"method": m} for m in ("ce", "kd", "dkd", "ctkd", "ls+kd", "ls+dkd", "ats", "pskd")]
+
+
+#: Distill keys a sweep run may not set: the seed comes from ``sweep.seeds``.
+_SWEEP_FIXED = ("seed",)
+
+
+@dataclass
+class SweepConfig:
+    """Many students from one store (the ``sweep`` stage): every run × every seed, one after
+    another, each a copy of ``distill`` with the run's keys replaced."""
+
+    runs: list[dict] = field(default_factory=_default_sweep_runs)
+    """Each run a mapping of distill keys: ``method`` (required), and optionally ``student``,
+    ``method_options`` (not inherited from ``distill``: options belong to their method), ``name``
+    (the folder, ``-sSEED`` appended; default STUDENT-METHOD-sSEED) or any other distill key
+    except ``seed``. Unset keys keep ``distill``'s values."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Each run is trained once per seed (``distill.seed``)."""
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ConfigError("sweep.runs is empty: list at least one run, e.g. [{method: kd}]")
+        if not self.seeds:
+            raise ConfigError("sweep.seeds is empty: give at least one seed, e.g. [0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"sweep.seeds has a seed twice: {self.seeds}")
+        hints = typing.get_type_hints(DistillConfig)
+        known = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in _SWEEP_FIXED]
+        runs = []
+        for i, run in enumerate(self.runs):
+            where = f"sweep.runs[{i}]"
+            if not isinstance(run, dict):
+                raise ConfigError(f"{where} must be a mapping of distill keys, got {run!r}")
+            for key in run:
+                if key in _SWEEP_FIXED:
+                    raise ConfigError(f"{where}.{key}: a run's seeds come from sweep.seeds")
+                if key not in hints:
+                    raise ConfigError(
+                        f"unknown key {where}.{key}: a run sets distill keys, known are "
+                        f"{', '.join(known)}"
+                    )
+            if not isinstance(run.get("method"), str):
+                raise ConfigError(f"{where} needs a method (e.g. {{method: kd}}), got {run!r}")
+            runs.append({k: _coerce(v, hints[k], f"{where}.{k}") for k, v in run.items()})
+        self.runs = runs
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
@@ -191,6 +240,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         _positive(self.augment.views, "augment.views")

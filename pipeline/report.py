@@ -1,0 +1,301 @@
+"""The report stage: every student of a run folder compared in one table, with plots.
+
+Reads ``RUN_DIR/distill/*/metrics.jsonl`` (one JSON line per epoch) and each run's resolved
+``config.yaml``; a run is finished when its ``student.pt`` is there. Runs whose configs differ
+only in the seed (or the folder name, device, prefetch, eval batch size) form one group, and the
+group's numbers are the mean ± sample standard deviation (n − 1) over its finished seeds::
+
+    best  = max_e test_acc_e      final = test_acc_E      (per run, then over seeds)
+
+Writes ``RUN_DIR/report/``: ``results.md`` (a table per method, a table per run, the plots),
+``results.json`` (the same numbers, for the README and scripts), ``curves.png`` (test top-1 per
+epoch, one line per run) and ``methods.png`` (mean final top-1 per method, seed spread as error
+bars, the CE baseline as a line), rendered by ``pipeline.report_render``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write
+
+# Settings that change how a run is computed, not what it learns: runs differing only in these
+# (and the seed) are seeds of one experiment.
+_NOT_RESULT_KEYS = ("seed", "name", "device", "prefetch", "eval_batch_size")
+
+
+class ReportError(UserError):
+    """Nothing to report, or a metrics file that cannot be read."""
+
+
+@dataclass
+class RunResult:
+    """One student folder: what it is and how it did."""
+
+    name: str
+    """Its folder under RUN_DIR/distill."""
+    label: str
+    """The folder name without ``-sSEED``: what the seeds of one experiment share."""
+    student: str
+    method: str
+    method_options: dict
+    seed: int
+    teacher: str | None
+    teacher_test_acc: float | None
+    finished: bool
+    epochs: int
+    """Epochs done (lines of metrics.jsonl)."""
+    target_epochs: int | None
+    curve: list[float]
+    """Test top-1 (%) after each epoch."""
+    best_acc: float
+    final_acc: float
+    wall_s: float
+    """Seconds of training and evaluation, summed over epochs (start-up not counted)."""
+    rows_per_s: float
+    """Training throughput, mean over epochs."""
+    group: str = field(repr=False, default="")
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None
+    """Sample standard deviation (n − 1); None for a single seed."""
+    values: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return cls(statistics.fmean(values), std, list(values))
+
+    def text(self) -> str:
+        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass
+class GroupResult:
+    """The finished seeds of one experiment (teacher, student, method and recipe)."""
+
+    label: str
+    teacher: str | None
+    teacher_test_acc: float | None
+    student: str
+    method: str
+    method_options: dict
+    seeds: list[int]
+    runs: list[str]
+    epochs: list[int]
+    best_acc: Stat
+    final_acc: Stat
+    wall_s: float
+    rows_per_s: float
+    delta_ce: float | None = None
+    """Mean final top-1 minus that of the CE group of the same teacher and student."""
+
+    @property
+    def method_text(self) -> str:
+        if not self.method_options:
+            return self.method
+        options = ", ".join(f"{k}={v}" for k, v in self.method_options.items())
+        return f"{self.method} ({options})"
+
+
+@dataclass
+class Report:
+    run_dir: str
+    groups: list[GroupResult]
+    runs: list[RunResult]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            float(record["test_acc"])
+        except (ValueError, KeyError, TypeError):
+            raise ReportError(
+                f"{path} line {number} is not a metrics record: delete the run folder or "
+                f"rerun its student"
+            ) from None
+        records.append(record)
+    return records
+
+
+def _read_config(path: Path) -> dict:
+    """A run's resolved config as plain YAML (not load_config: an old run stays readable)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise ReportError(f"{path} is not valid YAML: restore it or delete the run") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _teacher(config: dict, run_dir: Path, cache: dict) -> tuple[str | None, float | None]:
+    """(model name, test top-1) of the teacher: teacher.checkpoint, else RUN_DIR/teacher.pt."""
+    from pipeline.models import read_checkpoint  # torch: only when there are runs to report
+
+    section = config.get("teacher") or {}
+    path = Path(section.get("checkpoint") or run_dir / "teacher.pt")
+    if path not in cache:
+        try:
+            ckpt = read_checkpoint(path)
+            acc = ckpt.extra.get("test_acc")
+            cache[path] = (ckpt.model_name, None if acc is None else float(acc))
+        except UserError:  # a student of a teacher that is gone: still worth reporting
+            cache[path] = (section.get("model"), None)
+    return cache[path]
+
+
+def collect_runs(run_dir: Path) -> list[RunResult]:
+    """Every RUN_DIR/distill/* folder with at least one epoch of metrics."""
+    teachers: dict = {}
+    runs = []
+    for metrics in sorted((run_dir / "distill").glob("*/metrics.jsonl")):
+        folder = metrics.parent
+        history = _read_metrics(metrics)
+        if not history:
+            continue
+        config = _read_config(folder / "config.yaml")
+        distill = config.get("distill") or {}
+        seed = int(distill.get("seed", 0))
+        teacher, teacher_acc = _teacher(config, run_dir, teachers)
+        curve = [float(r["test_acc"]) for r in history]
+        rates = [float(r["rows_per_s"]) for r in history if "rows_per_s" in r]
+        key = {
+            "distill": {k: v for k, v in distill.items() if k not in _NOT_RESULT_KEYS},
+            **{k: config.get(k) for k in ("data", "augment", "teacher")},
+            "encoding": (config.get("precompute") or {}).get("encoding"),
+        }
+        runs.append(
+            RunResult(
+                name=folder.name,
+                label=re.sub(rf"-s{seed}(?=-online$|$)", "", folder.name),
+                student=str(distill.get("student", "?")),
+                method=str(distill.get("method", "?")).strip().lower().replace(" ", ""),
+                method_options=dict(distill.get("method_options") or {}),
+                seed=seed,
+                teacher=teacher,
+                teacher_test_acc=teacher_acc,
+                finished=(folder / "student.pt").is_file(),
+                epochs=len(history),
+                target_epochs=distill.get("epochs"),
+                curve=curve,
+                best_acc=max(curve),
+                final_acc=curve[-1],
+                wall_s=sum(float(r.get("seconds", 0.0)) for r in history),
+                rows_per_s=statistics.fmean(rates) if rates else 0.0,
+                group=json.dumps(key, sort_keys=True, default=str),
+            )
+        )
+    return runs
+
+
+def _order(method: str) -> int:
+    from pipeline.distill_inputs import method_names  # ce first, then the registry's order
+
+    names = method_names()
+    return names.index(method) if method in names else len(names)
+
+
+def aggregate(runs: list[RunResult]) -> list[GroupResult]:
+    """One group per experiment, from its finished runs only (an unfinished run's last epoch is
+    not a result)."""
+    by_key: dict[str, list[RunResult]] = {}
+    for run in runs:
+        if run.finished:
+            by_key.setdefault(run.group, []).append(run)
+    groups = []
+    for members in by_key.values():
+        members.sort(key=lambda r: r.seed)
+        first = members[0]
+        groups.append(
+            GroupResult(
+                label=first.label,
+                teacher=first.teacher,
+                teacher_test_acc=first.teacher_test_acc,
+                student=first.student,
+                method=first.method,
+                method_options=first.method_options,
+                seeds=[r.seed for r in members],
+                runs=[r.name for r in members],
+                epochs=sorted({r.epochs for r in members}),
+                best_acc=Stat.of([r.best_acc for r in members]),
+                final_acc=Stat.of([r.final_acc for r in members]),
+                wall_s=statistics.fmean(r.wall_s for r in members),
+                rows_per_s=statistics.fmean(r.rows_per_s for r in members),
+            )
+        )
+    groups.sort(key=lambda g: (g.student, _order(g.method), g.label))
+    for group in groups:
+        ce = next(
+            (
+                g
+                for g in groups
+                if g.method == "ce" and (g.teacher, g.student) == (group.teacher, group.student)
+            ),
+            None,
+        )
+        if ce is not None and ce is not group:
+            group.delta_ce = group.final_acc.mean - ce.final_acc.mean
+    return groups
+
+
+def _json(report: Report) -> dict:
+    runs = [{k: v for k, v in asdict(r).items() if k != "group"} for r in report.runs]
+    return {
+        "run_dir": report.run_dir,
+        "methods": [asdict(g) for g in report.groups],
+        "runs": runs,
+        "files": report.files,
+    }
+
+
+def write_report(config: Config) -> Report:
+    """Collect the runs of ``config.run_dir`` and write RUN_DIR/report/.
+
+    Raises:
+        ReportError: no run with metrics in RUN_DIR/distill, or an unreadable metrics file.
+    """
+    run_dir = config.run_path
+    runs = collect_runs(run_dir)
+    if not runs:
+        raise ReportError(
+            f"no runs to report in {run_dir / 'distill'}: train students first "
+            f"(python -m pipeline sweep, or distill) with this config's run_dir"
+        )
+    from pipeline.report_render import markdown, plot_curves, plot_methods  # matplotlib: now
+
+    groups = aggregate(runs)
+    runs.sort(key=lambda r: (r.student, _order(r.method), r.label, r.seed))
+    out = run_dir / "report"
+    report = Report(str(run_dir), groups, runs)
+    report.files["markdown"] = str(out / "results.md")
+    report.files["json"] = str(out / "results.json")
+    plot_curves(runs, out / "curves.png")
+    report.files["curves"] = str(out / "curves.png")
+    if groups:
+        plot_methods(groups, out / "methods.png")
+        report.files["methods"] = str(out / "methods.png")
+    else:
+        (out / "methods.png").unlink(missing_ok=True)  # an older report's chart is not this one
+    with atomic_write(out / "results.json", "w") as f:
+        json.dump(_json(report), f, indent=2)
+        f.write("\n")
+    with atomic_write(out / "results.md", "w") as f:
+        f.write(markdown(report))
+    return report

@@ -1,0 +1,38 @@
+"""`sweep`: train every (run, seed) of the config's sweep section from the same store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stages.common import add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args, "sweep")  # before torch is imported: typos fail fast
+
+    from pipeline.sweep import done_path, run_sweep
+
+    def show(outcome, position: int, total: int) -> None:
+        print(outcome.line(total, position), flush=True)
+
+    outcomes = run_sweep(config, progress=not args.quiet, on_run=show)
+    failed = [o.run.folder.name for o in outcomes if o.status == "failed"]
+    if failed:
+        # Not exit 2: the sweep's input was fine, some students failed while training.
+        print(
+            f"error: {len(failed)} of {len(outcomes)} sweep runs failed ({', '.join(failed)}); "
+            f"the others are kept, rerun to retry only the failed ones",
+            file=sys.stderr,
+        )
+        return 1
+    trained = sum(o.status == "trained" for o in outcomes)
+    print(
+        f"sweep: {len(outcomes)} runs done ({trained} trained, {len(outcomes) - trained} "
+        f"already finished): {done_path(config)}"
+    )
+    return 0
