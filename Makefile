@@ -20,7 +20,8 @@ STAGE_ARGS = --config $(CONFIG) --set run_dir=$(RUN_DIR) $(foreach s,$(SET),--se
 # Where Debian's dataset-fashion-mnist package puts the files (the default config reads them).
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data teacher export precompute run test bench lint clean verify audit plan
+.PHONY: help setup data teacher export precompute distill sweep report run test bench lint clean \
+  verify audit plan
 
 help: ## list the targets (the default goal)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -58,8 +59,19 @@ precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view in
 $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx
 	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS))
 
-run: precompute ## the default pipeline: data, teacher, export, precompute
-	@echo "store: $(STORE)"
+distill: precompute ## one student from the store (METHOD=kd STUDENT=small_cnn SEED=0)
+	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(METHOD),--set distill.method=$(METHOD)) \
+	  $(if $(STUDENT),--set distill.student=$(STUDENT)) $(if $(SEED),--set distill.seed=$(SEED))
+
+sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store
+$(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done
+	$(PY) -m pipeline sweep $(STAGE_ARGS)
+
+report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's students
+	$(PY) -m pipeline report $(STAGE_ARGS)
+
+run: sweep ## the default pipeline: data, teacher, export, precompute, sweep, report
+	$(PY) -m pipeline report $(STAGE_ARGS)
 
 test: $(STAMP) ## run the whole test suite (not the benchmarks)
 	$(PY) -m pytest -q tests
