@@ -12,7 +12,8 @@ STAMP := $(VENV)/.installed
 # torch range is already met and pip never downloads a CUDA build of several GB.
 TORCH_CPU := torch==2.13.0
 CONFIG ?= stages/configs/default.yaml
-RUN_DIR ?= runs/default
+# The run directory: the config's own run_dir unless given (RUN_DIR=...).
+RUN_DIR ?= $(or $(shell sed -n 's/^run_dir:[[:space:]]*\([^[:space:]#]*\).*/\1/p' $(CONFIG) 2>/dev/null),runs/default)
 STORE ?= $(RUN_DIR)/store.zarr
 # Extra config overrides, space-separated: make teacher SET="teacher.epochs=1 data.train_subset=5000"
 SET ?=

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import load_config, save_resolved
@@ -61,3 +63,13 @@ def test_yaml_tags_never_run_code(tmp_path):
     path.write_text("run_dir: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "stages" / "configs").glob("*.yaml")), ids=str
+)
+def test_every_shipped_config_loads_and_plans_its_sweep(path: Path) -> None:
+    from pipeline.sweep import plan_sweep
+
+    config = load_config(path)
+    assert plan_sweep(config)  # every run's method, options and student are known
