@@ -77,7 +77,8 @@ run: sweep ## the default pipeline: data, teacher, export, precompute, sweep, re
 test: $(STAMP) ## run the whole test suite (not the benchmarks)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP) ## run the benchmarks in tests/benchmarks, each printing its table (BENCH="store losses")
+bench: $(STAMP) ## the slow tests, then every benchmark's table (BENCH="store losses": only those)
+	$(if $(BENCH),,$(PY) -m pytest -q -m slow tests)
 	$(PY) -m tests.benchmarks $(BENCH)
 
 lint: $(STAMP) ## ruff: style and common bugs

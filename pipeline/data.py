@@ -83,6 +83,16 @@ class Split:
         images, _ = self.dataset.get_batch(np.arange(1))
         return tuple(int(s) for s in images.shape[1:])
 
+    @property
+    def model_kwargs(self) -> dict:
+        """The zoo's arguments for a model of this split's images and classes."""
+        channels, height, width = self.image_shape
+        return {
+            "num_classes": self.num_classes,
+            "in_channels": channels,
+            "image_size": (height, width),
+        }
+
     def batch(
         self, indices: np.ndarray, view: int | None = None, seed: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:

@@ -11,8 +11,6 @@ run with another config.
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,25 +24,14 @@ from pipeline.errors import ModelError
 from pipeline.fileio import atomic_write
 from pipeline.methods import Method
 from pipeline.models import build_model, read_checkpoint
+from pipeline.models.checkpoint import load_weights_only
 
 
 def load_state(path: Path, key: str) -> dict | None:
     """The state of the last finished epoch of this run, or None when there is none yet."""
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-    ):
-        raise DistillError(
-            f"state file {path} is truncated or corrupt: delete it to train this student afresh"
-        ) from None
+    state = load_weights_only(path, "delete it to train this student afresh")
     if not isinstance(state, dict) or "epoch" not in state:
         raise DistillError(f"{path} is not a distill state file: delete it to start afresh")
     if state.get("config_hash") != key:
@@ -133,12 +120,7 @@ class Student:
 def build_student(config: Config, train: Split, device: torch.device) -> tuple[Student, dict]:
     """The student, its loss and optimizer, initialised from the seed; and the model kwargs."""
     cfg = config.distill
-    channels, height, width = train.image_shape
-    kwargs = {
-        "num_classes": train.num_classes,
-        "in_channels": channels,
-        "image_size": (height, width),
-    }
+    kwargs = train.model_kwargs
     # Both draw their initial weights (instance-wise CTKD has an MLP) from the seeded generator.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.student, **kwargs).to(device)

@@ -24,6 +24,7 @@ from pipeline.errors import ModelError
 from pipeline.fileio import atomic_write
 from pipeline.fingerprint import spec_hash
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
+from pipeline.models.checkpoint import load_weights_only
 
 # Teacher training views come from their own generator stream, apart from the stored views.
 TRAIN_VIEW_SEED_OFFSET = 1_000_003
@@ -61,12 +62,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     if out.is_file() and read_checkpoint(out).extra.get("config_hash") == key:
         return out  # finished with this very config
     train, test = splits(config)
-    channels, height, width = train.image_shape
-    kwargs = {
-        "num_classes": train.num_classes,
-        "in_channels": channels,
-        "image_size": (height, width),
-    }
+    kwargs = train.model_kwargs
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, **kwargs)
     opt = torch.optim.SGD(
@@ -76,7 +72,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     history: list[dict] = []
     first = 0
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_weights_only(state_path, "delete it to train the teacher afresh")
         if state.get("config_hash") != key:
             raise ModelError(
                 f"{state_path} belongs to a run with another config: delete it to "

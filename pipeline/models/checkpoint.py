@@ -131,6 +131,27 @@ def save_checkpoint(
     return path
 
 
+UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+"""What ``torch.load(weights_only=True)`` raises on a truncated, corrupt or code-bearing file."""
+
+
+def load_weights_only(path: str | os.PathLike[str], fix: str) -> Any:
+    """``torch.load`` that unpickles tensors and plain containers only; a damaged file is a
+    ModelError naming the file, the first line of the cause, and ``fix``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is truncated or corrupt ({first[:160]}); {fix}") from e
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint with ``weights_only=True`` and check its structure.
 
@@ -140,20 +161,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} not found; run the teacher stage or fix the path")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-    ) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"checkpoint {path} is truncated or corrupt ({first[:160]}); re-create it"
-        ) from e
+    payload = load_weights_only(path, "re-create it")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path} is not a logitbank checkpoint; save it with save_checkpoint")
     if payload.get("version") != VERSION:

@@ -5,15 +5,13 @@ The real run is ``bash tests/gpu/run_on_device.sh`` on a CUDA machine (compiled 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.gpu import check_kernels
+from tests.kernels import require_triton
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +32,8 @@ def test_worker_args_drop_parent_only_options() -> None:
     assert check_kernels._worker_args(argv) == ["--seed", "3", "--only", "kd"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_interpreter_run_passes(tmp_path: Path) -> None:
+    require_triton()
     cmd = [sys.executable, "-m", "tests.gpu.check_kernels", "--interpret", "--jobs", "1"]
     cmd += ["--only", "C=10 ", "dispatch", "--out", str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)

@@ -12,24 +12,13 @@ import torch
 
 import pipeline.kernels as kernels
 from pipeline.errors import MethodError
-from tests.kernels import oracle
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_REFERENCE = importlib.util.find_spec("pipeline.kernels.reference") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_reference = pytest.mark.skipif(
-    not HAS_REFERENCE, reason="pipeline/kernels/reference.py is not there yet"
-)
+from tests.kernels import oracle, require_interpreter, require_triton
 
 
 class _FakeCuda:
     """Stands for a CUDA tensor where only ``is_cuda`` is read (no GPU in the tests)."""
 
     is_cuda = True
-
-
-def _interpreted() -> bool:
-    return importlib.import_module("pipeline.kernels.triton_common").interpreted()
 
 
 def test_import_does_not_import_triton() -> None:
@@ -42,7 +31,6 @@ def test_auto_picks_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.resolve_impl("auto", (torch.zeros(2),), None) == "reference"
 
 
-@needs_triton
 def test_auto_picks_triton_on_cuda_unless_told_or_unsupported(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -65,11 +53,11 @@ def test_bad_impl_and_env_raise(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.resolve_impl("auto", (torch.zeros(2),), None)
 
 
-@needs_triton
 def test_forced_triton_says_why_not() -> None:
+    require_triton()
     with pytest.raises(MethodError, match="float64"):
         kernels.kd_rows(torch.zeros(2, 3).double(), torch.zeros(2, 3), 2.0, impl="triton")
-    if not _interpreted():
+    if not importlib.import_module("pipeline.kernels.triton_common").interpreted():
         with pytest.raises(MethodError, match="TRITON_INTERPRET"):
             kernels.kd_rows(torch.zeros(2, 3), torch.zeros(2, 3), 2.0, impl="triton")
 
@@ -124,12 +112,10 @@ def _inputs(teacher_dtype: torch.dtype):
     return student, teacher.to(teacher_dtype), target, scale, offset
 
 
-@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 def test_forced_triton_on_cpu_matches_oracle(dtype: torch.dtype) -> None:
     """impl='triton' on CPU tensors runs the fused kernels in triton's interpreter."""
-    if not _interpreted():
-        pytest.skip("kernels built for a GPU (TRITON_INTERPRET was not set at import)")
+    require_interpreter()
     student, teacher, target, scale, offset = _inputs(dtype)
     kw = {"scale": scale, "offset": offset, "impl": "triton"}
     exact = oracle.decode(teacher, scale, offset)
@@ -148,7 +134,6 @@ def test_forced_triton_on_cpu_matches_oracle(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@needs_reference
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=str)
 def test_reference_matches_oracle(dtype: torch.dtype) -> None:
     """The reference, reached through the dispatcher, agrees with the same float64 oracle."""
@@ -176,13 +161,10 @@ def test_reference_matches_oracle(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-5)
 
 
-@needs_reference
-@needs_triton
 @pytest.mark.parametrize("zs", [False, True])
 def test_triton_matches_reference_with_grads(zs: bool) -> None:
     """Same call through both implementations: losses and student/temperature gradients."""
-    if not _interpreted():
-        pytest.skip("kernels built for a GPU (TRITON_INTERPRET was not set at import)")
+    require_interpreter()
     results = {}
     for impl in ("reference", "triton"):
         student, teacher, target, _, _ = _inputs(torch.float32)

@@ -18,17 +18,10 @@ import importlib
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed: the fused kernels are untested")
-
 from pipeline.errors import MethodError
-from tests.kernels import oracle
+from tests.kernels import oracle, require_interpreter
 
-common = importlib.import_module("pipeline.kernels.triton_common")
-if not common.interpreted():
-    pytest.skip(
-        "the fused kernels were imported before TRITON_INTERPRET=1 was set, so they need a GPU",
-        allow_module_level=True,
-    )
+require_interpreter()
 fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
 fused_dkd = importlib.import_module("pipeline.kernels.triton_dkd").dkd_rows
 fused_ats = importlib.import_module("pipeline.kernels.triton_ats").ats_rows

@@ -5,20 +5,13 @@ from __future__ import annotations
 import importlib
 import math
 
-import pytest
 import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
-pytest.importorskip("triton", reason="triton is not installed: the fused kernels are untested")
-hypothesis = pytest.importorskip("hypothesis")
+from tests.kernels import oracle, require_interpreter
 
-from hypothesis import Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from tests.kernels import oracle  # noqa: E402
-
-common = importlib.import_module("pipeline.kernels.triton_common")
-if not common.interpreted():
-    pytest.skip("kernels built for a GPU (TRITON_INTERPRET unset)", allow_module_level=True)
+require_interpreter()
 fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
 fused_dkd = importlib.import_module("pipeline.kernels.triton_dkd").dkd_rows
 

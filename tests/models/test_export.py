@@ -157,11 +157,9 @@ def test_bad_sample_batch(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_exports_with_parity(name: str, tmp_path, request) -> None:
+def test_every_model_exports_with_parity(name: str, tmp_path) -> None:
     """The whole zoo, dynamo exporter, CIFAR shape (~75 s). The atol scales with the logits, as
     an untrained deep ResNet's logits reach 1e3 even with calibrated BN (float32: ~7 digits)."""
-    if "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("slow: run with -m slow")
     model = _calibrated(name, 3, 32)
     batches = _batches((3, 1), 3, 32)
     with torch.no_grad():

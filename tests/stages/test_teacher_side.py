@@ -296,6 +296,11 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
     bad = _copy_teacher(run, tmp_path / "ckpt")
     (bad / "teacher.pt").write_bytes((bad / "teacher.pt").read_bytes()[:100])
     _fails(capsys, _args("export", bad), "teacher.pt")
+    # A teacher's training state cut short (a disk that filled up) names the file and the fix.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "teacher.state.pt").write_bytes(b"PK\x03\x04 not a whole file")
+    _fails(capsys, _args("teacher", cut), "teacher.state.pt is truncated or corrupt", "afresh")
     # The store from a different teacher (another ONNX file) is refused, not overwritten.
     swapped = _copy_teacher(run, tmp_path / "swapped")
     shutil.copytree(run / "store.zarr", swapped / "store.zarr")
