@@ -12,49 +12,48 @@ This package imports neither ``pipeline`` nor ``stages``.
 
 from __future__ import annotations
 
-from storage.api import (
-    BACKENDS,
-    check_fingerprint,
-    create_store,
-    get_backend,
-    make_layout,
-    open_store,
-)
-from storage.base import LogitStore, StoreWarning, VerifyReport
-from storage.encodings import ENCODINGS
-from storage.errors import (
-    BadWriteError,
-    FingerprintMismatchError,
-    NotAStoreError,
-    SchemaVersionError,
-    StoreCorruptError,
-    StoreError,
-    StoreExistsError,
-    StoreIncompleteError,
-    WriterLockedError,
-)
-from storage.layout import SCHEMA_VERSION, Layout
+import importlib
 
-__all__ = [
-    "BACKENDS",
-    "ENCODINGS",
-    "SCHEMA_VERSION",
-    "BadWriteError",
-    "FingerprintMismatchError",
-    "Layout",
-    "LogitStore",
-    "NotAStoreError",
-    "SchemaVersionError",
-    "StoreCorruptError",
-    "StoreError",
-    "StoreExistsError",
-    "StoreIncompleteError",
-    "StoreWarning",
-    "VerifyReport",
-    "WriterLockedError",
-    "check_fingerprint",
-    "create_store",
-    "get_backend",
-    "make_layout",
-    "open_store",
-]
+#: public name -> the submodule that defines it. Imported on first use (PEP 562), so that
+#: ``import storage.errors`` (which ``pipeline.errors`` does) costs nothing and needs neither zarr
+#: nor h5py, while ``from storage import open_store`` works as always.
+_EXPORTS = {
+    "storage.api": (
+        "BACKENDS",
+        "check_fingerprint",
+        "create_store",
+        "get_backend",
+        "make_layout",
+        "open_store",
+    ),
+    "storage.base": ("LogitStore", "StoreWarning", "VerifyReport"),
+    "storage.encodings": ("ENCODINGS",),
+    "storage.errors": (
+        "BadWriteError",
+        "FingerprintMismatchError",
+        "NotAStoreError",
+        "SchemaVersionError",
+        "StoreCorruptError",
+        "StoreError",
+        "StoreExistsError",
+        "StoreIncompleteError",
+        "WriterLockedError",
+    ),
+    "storage.layout": ("SCHEMA_VERSION", "Layout"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
