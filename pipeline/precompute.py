@@ -7,12 +7,20 @@ tasks that each own whole shards, each worker process with its own session
 (:func:`storage.parallel.write_parallel`). Either way the store resumes where it stopped — only
 shards not marked done are computed — and records labels, view parameters and a fingerprint (ONNX
 sha256, dataset hash, preprocessing and augmentation spec, seed).
+
+On a cluster every worker must reach the ONNX file, the dataset and the store at the same
+locations as the coordinator (shared storage, or a store URL): paths are sent absolute, and each
+worker checks its ONNX file's sha256 against the store's fingerprint before computing anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +35,28 @@ from pipeline.onnx_export import parity_path, sha256_file
 from pipeline.ort import Runner, active_provider, available_cores, check_io, make_session
 from pipeline.overlap import run_overlapped
 from pipeline.views import NUM_VIEW_PARAMS
-from storage import create_store, open_store
+from storage import NotAStoreError, create_store, open_store
 from storage.layout import format_plan, plan
 from storage.parallel import write_parallel
+from storage.urls import is_url
+
+# What a worker thread built for the running precompute (dataset, ONNX Runtime session), reused by
+# its next tasks: dask hands every task its own unpickled copy of the producer, and a session (a
+# CUDA one above all) or an image-folder index costs seconds to build. Per thread (thread id →
+# (key, split, runner)), since a session's I/O-bound output buffers are not shared between
+# concurrent tasks; emptied by ``TeacherLogits.release`` when the run ends.
+_LOADED: dict[int, tuple[str, Split, Runner]] = {}
 
 
 @dataclass
 class TeacherLogits:
     """``produce(view, start, stop) -> (logits, view_params)``: picklable for dask workers, which
-    each build their own dataset and ONNX Runtime session on first use."""
+    each build their own dataset and ONNX Runtime session on first use (and keep them for the
+    run's next tasks).
+
+    ``onnx_sha256``, when given, is checked against the ONNX file where the session is built:
+    on a cluster, a worker whose copy of the file differs refuses to compute.
+    """
 
     onnx_path: str
     split: Split
@@ -43,25 +64,91 @@ class TeacherLogits:
     provider: str = "auto"
     threads: int | None = None
     fp16: bool = False
+    onnx_sha256: str | None = None
     _runner: Any = field(default=None, repr=False)
+    _unpickled: bool = field(default=False, repr=False)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_runner": None}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _unpickled=True)
+
+    def _key(self) -> str:
+        """What the loaded session and dataset depend on (dataclass reprs are deterministic)."""
+        split = self.split
+        return repr(
+            (
+                self.onnx_path,
+                self.onnx_sha256,
+                split.data,
+                split.split,
+                split.augment,
+                self.provider,
+                self.threads,
+                self.fp16,
+            )
+        )
+
+    def _reuse_loaded(self) -> None:
+        if self._runner is None and self._unpickled:
+            loaded = _LOADED.get(threading.get_ident())
+            if loaded is not None and loaded[0] == self._key():
+                _, self.split, self._runner = loaded
+
     @property
     def runner(self) -> Runner:
+        self._reuse_loaded()
         if self._runner is None:
+            self._check_onnx_file()
             session = make_session(self.onnx_path, self.provider, self.threads, self.fp16)
             check_io(session, self.split.num_classes, self.split.image_shape)
             self._runner = Runner(session, self.split.num_classes)
+            if self._unpickled:
+                _LOADED[threading.get_ident()] = (self._key(), self.split, self._runner)
         return self._runner
+
+    @staticmethod
+    def release() -> None:
+        """Drop the sessions and datasets this process keeps between tasks (run on every worker
+        when a parallel precompute ends, so that an idle worker holds no GPU memory)."""
+        _LOADED.clear()
+
+    def _check_onnx_file(self) -> None:
+        """On a worker: the file must be readable there and be the one the store was made from."""
+        if self.onnx_sha256 is None:
+            return
+        host = socket.gethostname()
+        try:
+            digest = sha256_file(Path(self.onnx_path))
+        except OSError as exc:
+            raise UserError(
+                f"ONNX file {self.onnx_path} is not readable on {host} ({exc.strerror or exc}): "
+                f"every dask worker needs it at this path (shared storage, or a copy)"
+            ) from None
+        if digest != self.onnx_sha256:
+            raise UserError(
+                f"ONNX file {self.onnx_path} on {host} is not the one the store is made from "
+                f"(sha256 {digest[:12]} vs {self.onnx_sha256[:12]}): copy the same teacher.onnx "
+                f"to every dask worker"
+            )
+
+    def describe(self) -> str:
+        """The device this producer's session runs on ("cpu", or "cuda" with the GPU it sees)."""
+        device = active_provider(self.runner.session)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (
+            f"{device} (CUDA_VISIBLE_DEVICES={visible})" if device == "cuda" and visible else device
+        )
 
     def inputs(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Model input (B, C, H, W) float32 and view parameters (B, P) of rows [start, stop)."""
+        self._reuse_loaded()
         x, _, params = self.split.batch(np.arange(start, stop), view=view)
         return x.numpy(), params
 
     def __call__(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        self._reuse_loaded()
         out, params = [], []
         for a in range(start, stop, self.batch_size):
             b = min(a + self.batch_size, stop)
@@ -77,6 +164,8 @@ def checked_onnx_sha256(onnx_path: Path) -> str:
     record_path = parity_path(onnx_path)
     try:
         record = json.loads(record_path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError):
         raise UserError(
             f"{onnx_path} has no readable parity record ({record_path.name}): run the export "
@@ -96,8 +185,8 @@ def store_fingerprint(config: Config, train: Split) -> dict:
     return {"onnx_sha256": checked_onnx_sha256(config.onnx_path), **train.fingerprint()}
 
 
-def precompute(config: Config, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Fill (or finish) the run's logit store; return its path."""
+def precompute(config: Config, *, overwrite: bool = False, progress: bool = True) -> Path | str:
+    """Fill (or finish) the run's logit store; return its path (or URL)."""
     pc = config.precompute
     path = config.store_path
     if not config.onnx_path.is_file():
@@ -113,11 +202,26 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     if not todo:
         store.close()
         return path
-    threads = pc.threads or max(1, available_cores() // max(1, pc.workers or 1))
-    produce = TeacherLogits(
-        str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16
-    )
-    if progress and not (pc.workers or pc.scheduler):
+    dask = bool(pc.workers or pc.scheduler)
+    if dask:
+        # Worker processes (on other machines, in other directories) get absolute paths, their
+        # own core count (threads None), and check their ONNX file against the fingerprint.
+        threads = pc.threads if pc.scheduler else pc.threads or _threads_per_worker(pc.workers)
+        produce = TeacherLogits(
+            os.path.abspath(config.onnx_path),
+            _split_for_workers(train),
+            pc.batch_size,
+            pc.provider,
+            threads,
+            pc.fp16,
+            onnx_sha256=fingerprint["onnx_sha256"],
+        )
+    else:
+        threads = pc.threads or available_cores()
+        produce = TeacherLogits(
+            str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16
+        )
+    if progress and not dask:
         provider = active_provider(produce.runner.session)
         print(f"ONNX Runtime on {provider}, {threads} thread(s)", flush=True)
     bar = tqdm(
@@ -128,8 +232,9 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
         desc=f"precompute {views} view(s)",
         smoothing=0.1,
     )
+    by_worker: Counter[tuple[str, str]] = Counter()
     try:
-        if pc.workers or pc.scheduler:
+        if dask:
             store.close()  # write_parallel takes the writer lock itself
             write_parallel(
                 str(path),
@@ -137,6 +242,7 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
                 workers=pc.workers or None,
                 scheduler=pc.scheduler,
                 progress=bar.update,
+                on_task=lambda task: by_worker.update([(task["worker"], task["device"])]),
             )
         else:
             jobs = [
@@ -158,6 +264,12 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     finally:
         bar.close()
         store.close()
+        if progress and by_worker:
+            print(
+                f"dask: {sum(by_worker.values())} shard(s) on {len(by_worker)} worker(s): "
+                + "; ".join(f"{w} on {d}: {n}" for (w, d), n in sorted(by_worker.items())),
+                flush=True,
+            )
     with open_store(path) as done:
         if not done.complete:
             raise UserError(
@@ -167,28 +279,33 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     return path
 
 
+def _threads_per_worker(workers: int) -> int:
+    """ONNX Runtime threads for each process of a local cluster: the cores shared out."""
+    return max(1, available_cores() // max(1, workers))
+
+
+def _split_for_workers(train: Split) -> Split:
+    """The split with a relative dataset path made absolute: workers run in other directories."""
+    data_path = train.data.path
+    if not data_path or is_url(str(data_path)) or os.path.isabs(data_path):
+        return train
+    data = dataclasses.replace(train.data, path=os.path.abspath(data_path))
+    return dataclasses.replace(train, data=data)
+
+
 def _open_or_create(config: Config, train: Split, fingerprint: dict, overwrite: bool):
     pc = config.precompute
     path = config.store_path
-    if os.path.lexists(path) and not overwrite:
-        store = open_store(path, mode="a")
-        mismatch = {
-            k: (store.fingerprint.get(k), v)
-            for k, v in fingerprint.items()
-            if store.fingerprint.get(k) != v
-        }
-        lay = store.layout
-        shape = (lay.num_views, lay.num_samples, lay.num_classes, lay.encoding)
-        want = (config.augment.views, len(train), train.num_classes, pc.encoding)
-        if mismatch or shape != want:
-            store.close()
-            what = "; ".join(f"{k}: store {a!r} vs now {b!r}" for k, (a, b) in mismatch.items())
-            what = what or f"(V, N, C, encoding) store {shape} vs now {want}"
-            raise UserError(
-                f"the existing store {path} was made from other inputs ({what}): "
-                f"pass --overwrite to replace it, or use another run_dir"
-            )
-        return store
+    if not overwrite:
+        try:
+            store = open_store(path, mode="a")
+        except NotAStoreError:
+            store = None  # nothing there yet (or something else: create_store refuses it)
+        if store is not None:
+            _check_same_inputs(store, config, train, fingerprint)
+            return store
+    if not is_url(str(path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     config.run_path.mkdir(parents=True, exist_ok=True)
     return create_store(
         path,
@@ -204,3 +321,23 @@ def _open_or_create(config: Config, train: Split, fingerprint: dict, overwrite: 
         view_param_width=NUM_VIEW_PARAMS,
         overwrite=overwrite,
     )
+
+
+def _check_same_inputs(store, config: Config, train: Split, fingerprint: dict) -> None:
+    """Refuse (and close) an existing store made from other inputs than this run's."""
+    mismatch = {
+        k: (store.fingerprint.get(k), v)
+        for k, v in fingerprint.items()
+        if store.fingerprint.get(k) != v
+    }
+    lay = store.layout
+    shape = (lay.num_views, lay.num_samples, lay.num_classes, lay.encoding)
+    want = (config.augment.views, len(train), train.num_classes, config.precompute.encoding)
+    if mismatch or shape != want:
+        store.close()
+        what = "; ".join(f"{k}: store {a!r} vs now {b!r}" for k, (a, b) in mismatch.items())
+        what = what or f"(V, N, C, encoding) store {shape} vs now {want}"
+        raise UserError(
+            f"the existing store {store.path} was made from other inputs ({what}): "
+            f"pass --overwrite to replace it, or use another run_dir"
+        )

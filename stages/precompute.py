@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scheduler",
         default=None,
-        help="address of a running dask.distributed scheduler (tcp://host:8786)",
+        help="address of a running dask.distributed scheduler (tcp://host:8786); one worker per "
+        "GPU: README, 'Running on a cluster'",
     )
 
 

@@ -2,16 +2,21 @@
 
 Backends register only when their library imports (as xarray does), so a machine without h5py
 simply has no "hdf5" backend instead of failing on ``import storage``.
+
+A store's location is a local path or, for the zarr backend, an fsspec URL (``s3://bucket/x.zarr``,
+``file:///shared/x.zarr``; :mod:`storage.urls`). HDF5 needs a local path: h5py reads files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from typing import Any
 
 import numpy as np
 
+from storage import urls
 from storage.base import LogitStore
 from storage.errors import (
     FingerprintMismatchError,
@@ -29,6 +34,8 @@ from storage.layout import (
 )
 
 FORMAT_NAME = "logitbank-store"
+#: Backends that take fsspec URLs as well as local paths.
+URL_BACKENDS = ("zarr",)
 
 BACKENDS: dict[str, type[LogitStore]] = {}
 try:
@@ -116,7 +123,8 @@ def create_store(
     """Create an empty store and return it open for writing (it holds the writer lock).
 
     Args:
-        path: a directory for zarr, a file for hdf5.
+        path: a directory for zarr, a file for hdf5; for zarr also an fsspec URL
+            (``s3://bucket/store.zarr``, ``file:///shared/store.zarr``).
         encoding: float32, float16, bfloat16, int8 or topk (``topk`` = k, default 32).
         chunk_rows: rows per chunk; by default about 1 MiB of logits per chunk.
         fingerprint: provenance (hashes of model, dataset, preprocessing; seed). Readers that
@@ -126,6 +134,8 @@ def create_store(
         overwrite: replace an existing store at ``path`` (never anything else).
     """
     cls = get_backend(backend)
+    path = os.fspath(path)
+    _refuse_url(path, backend)
     layout = make_layout(
         num_samples,
         num_classes,
@@ -136,8 +146,7 @@ def create_store(
         topk,
         view_param_width,
     )
-    path = os.fspath(path)
-    if os.path.lexists(path):
+    if _exists(path):
         existing = _read_attrs_any(path)
         if existing is None:
             raise StoreExistsError(
@@ -168,9 +177,16 @@ def create_store(
         "bfloat16_storage": "uint16 bit patterns: float32 = bits << 16",
         **(attrs or {}),
     }
-    return cls.create(
-        path, layout, store_attrs, compressor, None if labels is None else labels.astype(np.int64)
-    )
+    int_labels = None if labels is None else labels.astype(np.int64)
+    try:
+        return cls.create(path, layout, store_attrs, compressor, int_labels)
+    except BaseException as exc:
+        # A store cut short while being made (a full disk) would block every rerun as "not a
+        # store"; it holds nothing yet, so it goes.
+        if not isinstance(exc, (FileExistsError, StoreError)) and _exists(path):
+            with contextlib.suppress(OSError):
+                cls.remove(path)
+        raise
 
 
 def open_store(
@@ -184,9 +200,15 @@ def open_store(
     if mode not in ("r", "a", "task"):
         raise StoreError(f"mode must be 'r' (read) or 'a' (resume writing), got {mode!r}")
     path = os.fspath(path)
+    if urls.is_url(path) and path.rstrip("/").endswith((".h5", ".hdf5")):
+        _refuse_url(path, "hdf5")  # an HDF5 file by its name: refused before any network call
     found = _read_attrs_any(path)
     if found is None:
-        what = "does not exist" if not os.path.lexists(path) else "is not a logit store"
+        what = "does not exist" if not _exists(path) else "is not a logit store"
+        if "zarr" not in BACKENDS and os.path.isfile(os.path.join(path, "zarr.json")):
+            raise NotAStoreError(
+                f"{path} is a zarr store, but zarr is not installed: run `make setup`"
+            )
         raise NotAStoreError(
             f"{path} {what}: give the path of a store made by precompute "
             f"(a .zarr directory or an .h5 file)"
@@ -198,7 +220,13 @@ def open_store(
             f"store {path} has schema version {version}, newer than this "
             f"logitbank reads ({SCHEMA_VERSION}): upgrade logitbank"
         )
-    layout = Layout(**{k: attrs[k] for k in Layout.__dataclass_fields__})
+    lacking = [k for k in ("num_samples", "num_classes", "num_views", "encoding") if k not in attrs]
+    if lacking:  # Layout checks the types of those that are there
+        raise NotAStoreError(
+            f"store {path} lacks the attribute(s) {', '.join(lacking)}: its metadata is damaged; "
+            f"run precompute again into a new path"
+        )
+    layout = Layout(**{k: attrs[k] for k in Layout.__dataclass_fields__ if k in attrs})
     if fingerprint:
         check_fingerprint(path, attrs.get("fingerprint", {}), fingerprint)
     return BACKENDS[backend].open(path, mode, layout, attrs)
@@ -215,8 +243,25 @@ def check_fingerprint(path: str, stored: dict, expected: dict) -> None:
         )
 
 
+def _refuse_url(path: str, backend: str) -> None:
+    if urls.is_url(path) and backend not in URL_BACKENDS:
+        raise StoreError(
+            f"the {backend} backend needs a local path, not the URL {path}: h5py reads local "
+            f"files only; use backend zarr for shared or object storage, or a mounted path"
+        )
+
+
+def _exists(path: str) -> bool:
+    if urls.is_url(path):
+        fs, root = urls.filesystem(path)
+        return bool(fs.exists(root))
+    return os.path.lexists(path)
+
+
 def _read_attrs_any(path: str) -> tuple[str, dict] | None:
     for name, cls in BACKENDS.items():
+        if urls.is_url(path) and name not in URL_BACKENDS:
+            continue
         attrs = cls.read_attrs(path)
         if attrs is not None and attrs.get("format") == FORMAT_NAME:
             return name, attrs

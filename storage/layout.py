@@ -51,6 +51,13 @@ class Layout:
     """P, augmentation parameters stored per (view, sample)."""
 
     def __post_init__(self) -> None:
+        # A store's attributes come from a file: whatever they hold, only integers size arrays
+        # and name shard files (never a string such as "../../etc/passwd").
+        for name in ("num_samples", "num_classes", "num_views", "chunk_rows", "chunks_per_shard",
+                     "topk", "view_param_width"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise StoreError(f"{name} must be an integer, got {value!r}")
         if self.num_samples <= 0:
             raise StoreError(
                 f"num_samples must be > 0, got {self.num_samples}: give the dataset's row count"

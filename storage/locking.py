@@ -2,12 +2,17 @@
 
 ``flock`` is released by the kernel when the holder dies, SIGKILL included, so a crashed writer
 never leaves a stale lock behind; the file's content (pid, host, time) only serves the message.
+It needs a file system (local, or NFS, where Linux emulates it with byte-range locks): a store on
+object storage has no writer lock, its single writer being the coordinator by contract (see
+``storage.zarr_backend``) — a lock object there would outlive a killed writer.
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -44,3 +49,32 @@ class WriterLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def remove_abandoned(final: str, lock_name: str | None) -> list[str]:
+    """Remove what creations of ``final`` killed half-way left: ``FINAL.creating-*`` siblings.
+
+    ``lock_name``: the writer lock inside each (a zarr directory) — one still held belongs to a
+    creation in progress and stays; None when the caller holds the lock that covers them all
+    (HDF5's lock file beside the store). Returns the paths removed.
+    """
+    parent, name = os.path.split(os.path.abspath(final))
+    removed = []
+    for leftover in sorted(Path(parent).glob(f"{glob.escape(name)}.creating-*")):
+        lock = None
+        if lock_name is not None and leftover.is_dir():
+            lock = WriterLock(leftover / lock_name, str(leftover))
+            try:
+                lock.acquire()
+            except (WriterLockedError, OSError):
+                continue  # another process is creating it right now
+        try:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(str(leftover))
+        finally:
+            if lock is not None:
+                lock.release()
+    return removed

@@ -6,30 +6,68 @@ for — on logits it gains < 10 % and costs 2-3x on reads. Shards are written wh
 ever a read-modify-write; each file is written to a temporary name and renamed, so a reader sees a
 shard entirely or not at all. Uncompressed shards on a local disk are written and read directly
 (``storage.shard_reader``), byte for byte as zarr lays them out; the rest goes through zarr.
+
+A store may also live at an fsspec URL (``s3://…``, ``file://…``; :mod:`storage.urls`): it goes
+through zarr's ``FsspecStore`` alone. The writer lock is an ``flock`` where the store's file system
+is this machine's (a path, a ``file://`` URL); object storage has no such lock, so there the one
+writer of a store is the coordinator by contract (see :class:`ZarrLogitStore`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import zarr
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
-from storage.base import LogitStore
-from storage.errors import StoreError
+from storage import urls
+from storage.base import LogitStore, name_final
+from storage.errors import StoreError, StoreExistsError
 from storage.layout import Layout
-from storage.locking import WriterLock
+from storage.locking import WriterLock, remove_abandoned
 from storage.shard_reader import ShardReader, supports_fast_path, write_shard
 
 COMPRESSORS = {"zstd": lambda: ZstdCodec(level=3), "gzip": lambda: GzipCodec(level=5)}
 LOCK_NAME = ".writer.lock"
 
 
+def _zarr_store(path: str, read_only: bool) -> str | FsspecStore:
+    """What zarr opens: the local directory, or an ``FsspecStore`` for a URL."""
+    if not urls.is_url(path):
+        return path
+    fs, root = urls.filesystem(path)  # first: a missing package (s3fs …) is one line
+    if urls.is_local_url(path):  # whole-file writes made atomic, as on object storage
+        return FsspecStore(
+            AsyncFileSystemWrapper(fs, asynchronous=True), path=root, read_only=read_only
+        )
+    return FsspecStore.from_url(path, read_only=read_only)
+
+
+def _writer_lock(path: str) -> WriterLock | None:
+    """The writer lock of a store, taken; None on object storage (no lock there, by contract)."""
+    if urls.is_url(path):
+        if not urls.is_local_url(path):
+            return None
+        _, path = urls.filesystem(path)
+    lock = WriterLock(Path(path) / LOCK_NAME, path)
+    lock.acquire()
+    return lock
+
+
 class ZarrLogitStore(LogitStore):
+    """The zarr backend. On object storage (a non-``file://`` URL) there is no writer lock:
+    ``flock`` needs a local file, and an object store offers no lock that a killed writer would
+    release. The coordinator that runs ``precompute`` is then the single writer by contract —
+    it alone creates the store and writes ``done``; dask tasks write only their own shards — and
+    starting two precomputes on one store URL at once is the user's mistake to avoid."""
+
     backend = "zarr"
     supports_parallel_write = True
 
@@ -47,6 +85,7 @@ class ZarrLogitStore(LogitStore):
         self._lock = lock
         self._arrays: dict[str, zarr.Array] = {}
         self._fast: dict[str, ShardReader | None] = {}
+        self._seen_keys: set[str] = set()  # shard keys known to exist (URL stores: verify)
 
     # ---- creation / opening ----------------------------------------------------------------
     @classmethod
@@ -63,11 +102,46 @@ class ZarrLogitStore(LogitStore):
                 f"unknown compressor {compressor!r} for zarr: choose one of "
                 f"{', '.join(COMPRESSORS)} or none"
             )
-        os.makedirs(path, exist_ok=False)
-        lock = WriterLock(Path(path) / LOCK_NAME, path)
-        lock.acquire()
+        if urls.is_url(path):
+            fs, root = urls.filesystem(path)
+            if fs.exists(root) and fs.ls(root):
+                raise StoreExistsError(
+                    f"{path} exists and is not empty: choose another URL; nothing was changed"
+                )
+            if urls.is_local_url(path):
+                fs.makedirs(root, exist_ok=True)
+        final = path
+        if not urls.is_url(path):
+            # Built under a temporary name and renamed into place when whole: a creation killed
+            # half-way leaves no half-made store at `final` for a rerun to trip over.
+            remove_abandoned(final, LOCK_NAME)
+            path = f"{final}.creating-{uuid.uuid4().hex[:12]}"
+            os.makedirs(path, exist_ok=False)
+        lock = None
+        try:
+            lock = _writer_lock(path)
+            group = cls._build(path, layout, attrs, compressor, labels)
+            if path != final:  # the lock's flock follows the renamed file
+                os.rename(path, final)
+                group = zarr.open_group(final, mode="r+", zarr_format=3)
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()
+            if path != final:
+                shutil.rmtree(path, ignore_errors=True)
+                name_final(exc, path, final)
+            raise
+        return cls(final, "w", layout, attrs, group, lock)
+
+    @staticmethod
+    def _build(
+        path: str, layout: Layout, attrs: dict, compressor: str | None, labels: np.ndarray | None
+    ) -> zarr.Group:
+        """The group and its empty arrays at ``path``."""
         codecs = ([COMPRESSORS[compressor]()] if compressor else []) + [Crc32cCodec()]
-        group = zarr.create_group(store=path, zarr_format=3, attributes=attrs)
+        group = zarr.create_group(
+            store=_zarr_store(path, read_only=False), zarr_format=3, attributes=attrs
+        )
         shard, chunk = layout.shard_rows, layout.chunk_rows
         arrays = dict(layout.arrays())
         for name, (dtype, width) in arrays.items():
@@ -105,30 +179,48 @@ class ZarrLogitStore(LogitStore):
             fill_value=0,
             dimension_names=("view", "chunk"),
         )
-        return cls(path, "w", layout, attrs, group, lock)
+        return group
 
     @classmethod
     def open(cls, path: str, mode: str, layout: Layout, attrs: dict) -> ZarrLogitStore:
-        lock = None
-        if mode in ("a", "w"):
-            lock = WriterLock(Path(path) / LOCK_NAME, path)
-            lock.acquire()
-        group = zarr.open_group(path, mode="r" if mode == "r" else "r+", zarr_format=3)
+        lock = _writer_lock(path) if mode in ("a", "w") else None
+        if lock is not None and not urls.is_url(path):
+            _remove_partials(path)
+        try:
+            group = zarr.open_group(
+                _zarr_store(path, read_only=mode == "r"),
+                mode="r" if mode == "r" else "r+",
+                zarr_format=3,
+            )
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         return cls(path, mode, layout, attrs, group, lock)
 
     @staticmethod
     def read_attrs(path: str) -> dict | None:
         """The group attributes, or None if ``path`` is no zarr v3 group."""
-        if not (Path(path) / "zarr.json").is_file():
+        if urls.is_url(path):
+            fs, root = urls.filesystem(path)
+            if not fs.isfile(urls.join(root, "zarr.json")):
+                return None
+        elif not (Path(path) / "zarr.json").is_file():
             return None
         try:
-            return dict(zarr.open_group(path, mode="r", zarr_format=3).attrs)
+            return dict(
+                zarr.open_group(_zarr_store(path, read_only=True), mode="r", zarr_format=3).attrs
+            )
         except (ValueError, OSError, KeyError, TypeError):
             return None
 
     @staticmethod
     def remove(path: str) -> None:
-        shutil.rmtree(path)
+        if urls.is_url(path):
+            fs, root = urls.filesystem(path)
+            fs.rm(root, recursive=True)
+        else:
+            shutil.rmtree(path)
 
     # ---- primitives ------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
@@ -211,16 +303,31 @@ class ZarrLogitStore(LogitStore):
     def _write_labels(self, labels: np.ndarray) -> None:
         self._array("labels")[:] = labels
 
-    def shard_file(self, name: str, view: int, shard: int) -> Path:
-        """The file of one shard (zarr v3 default chunk key encoding, '/' separated)."""
+    def shard_key(self, name: str, view: int, shard: int) -> str:
+        """The key of one shard inside the store (zarr v3 default chunk key encoding)."""
         extra = ["0"] if self._array(name).ndim == 3 else []
-        return Path(self.path, name, "c", str(view), str(shard), *extra)
+        return "/".join([name, "c", str(view), str(shard), *extra])
+
+    def shard_file(self, name: str, view: int, shard: int) -> Path:
+        """The file of one shard of a store on a local path."""
+        return Path(self.path, self.shard_key(name, view, shard))
 
     def _missing_files(self, view: int, chunk: int) -> list[str]:
         shard = chunk // self.layout.chunks_per_shard
-        names = list(self.layout.arrays())
-        files = [self.shard_file(n, view, shard) for n in names]
-        return [str(f.relative_to(self.path)) for f in files if not f.is_file()]
+        keys = [self.shard_key(n, view, shard) for n in self.layout.arrays()]
+        if not urls.is_url(self.path):
+            return [k for k in keys if not Path(self.path, k).is_file()]
+        fs, root = urls.filesystem(self.path)
+        # A shard's key, once there, stays (shards are written whole, never deleted): remember it
+        # rather than ask the object store again for each of the shard's chunks.
+        missing = []
+        for key in keys:
+            if key not in self._seen_keys:
+                if fs.isfile(urls.join(root, key)):
+                    self._seen_keys.add(key)
+                else:
+                    missing.append(key)
+        return missing
 
     def _close(self) -> None:
         for reader in self._fast.values():
@@ -230,3 +337,13 @@ class ZarrLogitStore(LogitStore):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _remove_partials(path: str) -> None:
+    """Remove the ``*.partial`` shard files writers killed mid-write left (SIGKILL runs no
+    ``finally``). Only with the writer lock held, before any task of this writer starts."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
