@@ -1,4 +1,10 @@
-"""`verify`: checksums and completeness of a store; names each damaged or missing chunk."""
+"""`verify`: checksums and completeness of a store; names each damaged or missing chunk.
+
+With ``--repair`` the shards that hold damaged chunks are marked not done again (all of them when
+the completion marks themselves are unreadable), so that a rerun of precompute recomputes exactly
+those and nothing else. A truncated HDF5 file or unreadable labels cannot be repaired that way: the
+store has to be deleted and precomputed again.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,11 @@ from storage import open_store
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="path of the store (.zarr directory or .h5 file)")
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="mark the shards holding damaged chunks not done, for precompute to recompute",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,15 +39,24 @@ def run(args: argparse.Namespace) -> int:
         f"{status}: {report.chunks_checked}/{total} chunks checked, {len(report.missing)} "
         f"missing, {len(report.damaged) + len(report.other)} damaged ({args.store})"
     )
+    if report.damaged or report.other:
+        if not args.repair or not report.repairable:
+            print(f"fix: {report.fix()}")
+            return 1
+        with open_store(args.store, mode="a") as store:
+            units = store.repair(report)
+        for view, shards in _ranges(units):
+            print(f"repaired: view {view} shard(s) {shards} marked not done")
+        print(f"fix: rerun precompute to recompute the {len(units)} shard(s) marked not done")
     return 0 if report.ok else 1
 
 
 def _ranges(pairs: list[tuple[int, int]]) -> list[tuple[int, str]]:
-    """Collapse (view, chunk) pairs into (view, "a..b") runs for a short listing."""
-    out: list[tuple[int, str]] = []
-    for view, chunk in pairs:
-        if out and out[-1][0] == view and out[-1][2] == chunk - 1:
-            out[-1] = (view, out[-1][1], chunk)
+    """Collapse (view, index) pairs into (view, "a..b") runs for a short listing."""
+    out: list[tuple[int, int, int]] = []
+    for view, index in pairs:
+        if out and out[-1][0] == view and out[-1][2] == index - 1:
+            out[-1] = (view, out[-1][1], index)
         else:
-            out.append((view, chunk, chunk))
+            out.append((view, index, index))
     return [(v, f"{a}" if a == b else f"{a}..{b}") for v, a, b in out]

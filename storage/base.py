@@ -45,10 +45,29 @@ class VerifyReport:
     damaged: list[tuple[int, int, str]] = field(default_factory=list)
     """(view, chunk, what is wrong) among chunks marked done."""
     other: list[str] = field(default_factory=list)
+    """Problems of the store as a whole (its marks, labels or file), none of them a chunk's."""
+    repairable: bool = True
+    """Whether re-marking damaged chunks and rerunning precompute can fix everything found (a
+    truncated HDF5 file or unreadable labels cannot be fixed that way)."""
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.damaged or self.other)
+
+    def fix(self) -> str:
+        """What to do about the damage found."""
+        if not self.repairable:
+            return f"delete {self.path} and run precompute again"
+        return (
+            f"run `python -m pipeline verify --repair {self.path}` (it marks the damaged chunks "
+            f"for recomputing) and rerun precompute, or delete the store"
+        )
+
+    def summary(self) -> str:
+        """One line: the first damaged chunks or store problems, and the fix."""
+        items = [f"view {v} chunk {c}: {what}" for v, c, what in self.damaged] + self.other
+        shown = "; ".join(items[:3]) + (f" (and {len(items) - 3} more)" if len(items) > 3 else "")
+        return f"store {self.path} is damaged: {shown}: {self.fix()}"
 
 
 @dataclass
@@ -164,12 +183,20 @@ class LogitStore(abc.ABC):
     def done(self) -> np.ndarray:
         """Completion marks (V, n_chunks), as last read."""
         if self._done is None:
-            self._done = self._load_done().astype(np.uint8)
+            self.refresh()
         return self._done
 
     def refresh(self) -> None:
         """Re-read the completion marks (a writer may have finished more chunks)."""
-        self._done = self._load_done().astype(np.uint8)
+        try:
+            done = self._load_done()
+        except READ_ERRORS as exc:
+            raise StoreCorruptError(
+                f"store {self.path}: its completion marks (done) are unreadable ({_first(exc)}): "
+                f"run `python -m pipeline verify --repair {self.path}` (it clears them, and "
+                f"precompute then recomputes every chunk), or delete the store"
+            ) from None
+        self._done = np.asarray(done).astype(np.uint8)
 
     def missing_chunks(self) -> list[tuple[int, int]]:
         """(view, chunk) pairs not marked done."""
@@ -349,7 +376,14 @@ class LogitStore(abc.ABC):
     @property
     def labels(self) -> np.ndarray:
         if self._labels is None:
-            self._labels = np.asarray(self._read_labels(), dtype=np.int64)
+            try:
+                labels = self._read_labels()
+            except READ_ERRORS as exc:
+                raise StoreCorruptError(
+                    f"store {self.path}: its labels are unreadable ({_first(exc)}): delete the "
+                    f"store and run precompute again"
+                ) from None
+            self._labels = np.asarray(labels, dtype=np.int64)
         return self._labels
 
     def _decode_parts(self, parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -446,10 +480,12 @@ class LogitStore(abc.ABC):
 
     def _corrupt(self, view: int, first: int, last: int, exc: BaseException) -> StoreCorruptError:
         cr = self.layout.chunk_rows
+        a, b = first // cr, last // cr
         return StoreCorruptError(
-            f"store {self.path}: reading view {view} chunk(s) {first // cr}..{last // cr} failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}): run "
-            f"`python -m pipeline verify {self.path}` to name the damaged chunks"
+            f"store {self.path}: reading view {view} chunk(s) {a if a == b else f'{a}..{b}'} "
+            f"failed ({_first(exc, 160)}): run `python -m pipeline verify --repair {self.path}` "
+            f"(it names the damaged chunks and marks them for recomputing) and rerun precompute, "
+            f"or delete the store"
         )
 
     def _check_indices(self, indices: Any, view: int) -> np.ndarray:
@@ -487,46 +523,132 @@ class LogitStore(abc.ABC):
         return out
 
     # ---- verification ----------------------------------------------------------------------
-    def verify(self) -> VerifyReport:
-        """Check every chunk: marked done, its files present, its checksums right."""
+    def _file_problems(self) -> list[str]:
+        """Damage to the store as a whole that no chunk read would name (a truncated file)."""
+        return []
+
+    def _chunk_problems(self, view: int, chunk: int, names: list[str]) -> list[str]:
+        """Cheap checks of one chunk without reading its data (its bytes lie inside the file)."""
+        return []
+
+    def verify(self, views: Any = None, *, data: bool = True) -> VerifyReport:
+        """Check every chunk of ``views`` (default all): marked done, its files present, and with
+        ``data`` its checksums right and its logits finite. Without ``data`` only what costs no
+        read of the chunks themselves (files there, bytes inside the file)."""
         report = VerifyReport(self.path)
-        self.refresh()
         lay = self.layout
+        views = range(lay.num_views) if views is None else views
+        report.other += self._file_problems()
+        report.repairable = not report.other  # a damaged file is beyond re-marking chunks
         try:
-            labels = self.labels
+            self._done = done = np.asarray(self._load_done()).astype(np.uint8)
+        except (*READ_ERRORS, StoreCorruptError) as exc:
+            # Marks unknown: check every chunk, so that at least the damaged ones are named.
+            report.other.append(f"done (completion marks) unreadable: {_first(exc, 200)}")
+            done = np.ones((lay.num_views, lay.num_chunks), np.uint8)
+        try:
+            labels = np.asarray(self._read_labels())
             if labels.shape != (lay.num_samples,):
                 report.other.append(
                     f"labels has shape {labels.shape}, expected ({lay.num_samples},)"
                 )
-        except READ_ERRORS as exc:
-            report.other.append(f"labels unreadable ({type(exc).__name__}: {exc})")
+                report.repairable = False
+        except (*READ_ERRORS, StoreCorruptError) as exc:
+            report.other.append(f"labels unreadable: {_first(exc, 200)}")
+            report.repairable = False
         names = list(lay.arrays())
-        for v in range(lay.num_views):
+        for v in views:
             for c in range(lay.num_chunks):
-                if not self.done[v, c]:
+                if not done[v, c]:
                     report.missing.append((v, c))
                     continue
                 report.chunks_checked += 1
-                problem = self.check_chunk(v, c, names)
+                problem = self.check_chunk(v, c, names, data=data)
                 if problem:
                     report.damaged.append((v, c, problem))
         return report
 
-    def check_chunk(self, view: int, chunk: int, names: list[str] | None = None) -> str | None:
-        """None if one chunk reads back with good checksums and finite logits, else what's wrong."""
+    def require_intact(self, views: Any = None, data_bytes: int = 0) -> None:
+        """Refuse (one line, naming the damage and the fix) a store whose chunks of ``views`` a
+        run is about to read are damaged. Every read checks checksums anyway; this finds the
+        damage before the run starts: fully when the views hold at most ``data_bytes`` (reading
+        them costs little), else without reading the data (files there, bytes inside the file).
+        """
+        lay = self.layout
+        views = range(lay.num_views) if views is None else views
+        stored = len(views) * lay.num_samples * self.row_bytes()
+        report = self.verify(views, data=stored <= data_bytes)
+        report.missing.clear()  # not damage: the caller refuses unfinished stores in its own words
+        if not report.ok:
+            raise StoreCorruptError(report.summary())
+
+    def row_bytes(self) -> int:
+        """Bytes one row of one view takes on disk, over every row array."""
+        total = 0
+        for dtype, width in self.layout.arrays().values():
+            total += np.dtype(dtype).itemsize * (width or 1)
+        return total
+
+    def check_chunk(
+        self, view: int, chunk: int, names: list[str] | None = None, *, data: bool = True
+    ) -> str | None:
+        """None if one chunk reads back with good checksums and finite logits, else what's wrong
+        (with ``data=False``: only whether its files are there and its bytes inside them)."""
         names = names or list(self.row_arrays)
         missing = self._missing_files(view, chunk)
         if missing:
             return f"file missing: {', '.join(missing)}"
+        problems = self._chunk_problems(view, chunk, names)
+        if problems:
+            return "; ".join(problems)
+        if not data:
+            return None
         start, stop = self.layout.chunk_range(chunk)
         parts = {}
         for name in names:
             try:
                 parts[name] = self._read_block(name, view, start, stop)
             except READ_ERRORS as exc:
-                first = str(exc).splitlines()[0][:160] if str(exc) else ""
-                return f"{name}: {type(exc).__name__}: {first}"
+                return f"{name}: {_first(exc, 200)}"
         logits = self._decode_parts({k: parts[k] for k in self._decoding_arrays()})
         if not np.isfinite(logits).all():
             return "logits hold NaN/inf (never written, or filled)"
         return None
+
+    def repair(self, report: VerifyReport) -> list[tuple[int, int]]:
+        """Un-mark every shard that holds a chunk ``report`` found damaged (and, when the marks
+        were unreadable, every shard), so that precompute recomputes exactly those; return the
+        (view, shard) units un-marked. Needs the store open for writing (``mode="a"``)."""
+        if self.mode == "r":
+            raise StoreError(f"store {self.path} is open read-only: open it with mode='a'")
+        if not report.repairable:
+            raise StoreError(f"store {self.path} cannot be repaired: {report.fix()}")
+        lay = self.layout
+        try:
+            self.refresh()
+        except StoreCorruptError:
+            # Marks unreadable: rewrite them all as "not done", which recomputes everything.
+            self._done = np.zeros((lay.num_views, lay.num_chunks), np.uint8)
+            for v in range(lay.num_views):
+                self._store_done(v, self._done[v])
+            return [(v, s) for v in range(lay.num_views) for s in range(lay.num_shards)]
+        units = sorted({(v, c // lay.chunks_per_shard) for v, c, _ in report.damaged})
+        for v, s in units:
+            self.done[v, list(lay.shard_chunks(s))] = 0
+        for v in sorted({v for v, _ in units}):
+            self._store_done(v, self.done[v])
+        return units
+
+
+def _first(exc: BaseException, limit: int = 120) -> str:
+    """An exception as ``Type: first line``, cut to ``limit`` characters."""
+    text = str(exc).splitlines()[0][:limit] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+def name_final(exc: BaseException, building: str, final: str) -> None:
+    """Make an OS error raised while a store was built under the temporary name ``building``
+    name the path the user asked for, ``final``: the temporary name means nothing to them."""
+    name = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and isinstance(name, str) and name.startswith(building):
+        exc.filename = final + exc.filename[len(building) :]

@@ -4,22 +4,31 @@ Datasets are chunked ``(1, chunk_rows, C)`` with the fletcher32 checksum filter.
 SWMR mode (single writer, multiple readers), so readers can open the file while a precompute is
 still filling it and see each chunk once it is flushed and marked done. HDF5's single file allows
 one writing process: parallel precompute sends rows to the coordinator, which writes them.
+
+A truncated file needs care: HDF5 reads the missing bytes of a chunk past the end of the file as
+zeros, and fletcher32 of zeros is zero, so such a chunk would read back as valid zero logits (and
+its ``done`` marks as "not done"). Readers therefore compare the end-of-file address in the
+superblock with the file's size, and in a truncated file refuse every chunk whose bytes lie past
+the end; ``verify`` names those chunks and the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
+import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from storage.base import LogitStore
-from storage.errors import StoreError
-from storage.h5_recover import clear_status_flags
+from storage.base import LogitStore, name_final
+from storage.errors import StoreCorruptError, StoreError
+from storage.h5_recover import clear_status_flags, lookup3
 from storage.layout import Layout
-from storage.locking import WriterLock
+from storage.locking import WriterLock, remove_abandoned
 
 COMPRESSORS = {
     "gzip": {"compression": "gzip", "compression_opts": 4},
@@ -47,9 +56,18 @@ class H5LogitStore(LogitStore):
         file: h5py.File,
         lock: WriterLock | None,
     ) -> None:
+        try:
+            _refuse_data_elsewhere(file, path)
+        except StoreError:
+            file.close()
+            if lock is not None:
+                lock.release()
+            raise
         super().__init__(path, mode, layout, attrs)
         self._file = file
         self._lock = lock
+        #: Set when the file is shorter than its superblock says: reads then check each chunk.
+        self._truncated = _truncation(path)
 
     @classmethod
     def create(
@@ -67,41 +85,66 @@ class H5LogitStore(LogitStore):
             )
         lock = WriterLock(_lock_path(path), path)
         lock.acquire()
+        # Built under a temporary name and renamed into place when whole: a creation killed
+        # half-way leaves no half-made file at `path` for a rerun to trip over.
+        remove_abandoned(path, None)  # earlier creations killed half-way (we hold the lock)
+        building = f"{path}.creating-{uuid.uuid4().hex[:12]}"
         try:
-            f = h5py.File(path, "w-", libver="latest")
-        except BaseException:
+            f = cls._build(building, layout, attrs, compressor, labels)
+            os.rename(building, path)  # the open file follows it
+            f.swmr_mode = True  # from here on, readers may open the file while it is written
+        except BaseException as exc:
             lock.release()
+            with contextlib.suppress(OSError):
+                os.unlink(building)
+            name_final(exc, building, path)
             raise
-        filters = {"fletcher32": True, **(COMPRESSORS[compressor] if compressor else {})}
-        for name, (dtype, width) in layout.arrays().items():
-            tail = () if width is None else (width,)
-            f.create_dataset(
-                name,
-                shape=(layout.num_views, layout.num_samples, *tail),
-                dtype=dtype,
-                chunks=(1, layout.chunk_rows, *tail),
-                fillvalue=np.nan if np.dtype(dtype).kind == "f" else 0,
-                **filters,
-            )
-        f.create_dataset(
-            "labels",
-            data=labels if labels is not None else np.full(layout.num_samples, -1, np.int64),
-            dtype="int64",
-            chunks=(min(layout.num_samples, 1 << 20),),
-            fletcher32=True,
-        )
-        f.create_dataset(
-            "done",
-            shape=(layout.num_views, layout.num_chunks),
-            dtype="uint8",
-            chunks=(1, layout.num_chunks),
-            fletcher32=True,
-            fillvalue=0,
-        )
-        for key, value in attrs.items():
-            f.attrs[key] = _to_h5_attr(value)
-        f.swmr_mode = True  # from here on, readers may open the file while it is written
         return cls(path, "w", layout, attrs, f, lock)
+
+    @staticmethod
+    def _build(
+        building: str,
+        layout: Layout,
+        attrs: dict,
+        compressor: str | None,
+        labels: np.ndarray | None,
+    ) -> h5py.File:
+        """The file at ``building`` with its empty datasets, flushed, open for writing."""
+        f = h5py.File(building, "w-", libver="latest")
+        try:
+            filters = {"fletcher32": True, **(COMPRESSORS[compressor] if compressor else {})}
+            for name, (dtype, width) in layout.arrays().items():
+                tail = () if width is None else (width,)
+                f.create_dataset(
+                    name,
+                    shape=(layout.num_views, layout.num_samples, *tail),
+                    dtype=dtype,
+                    chunks=(1, layout.chunk_rows, *tail),
+                    fillvalue=np.nan if np.dtype(dtype).kind == "f" else 0,
+                    **filters,
+                )
+            f.create_dataset(
+                "labels",
+                data=labels if labels is not None else np.full(layout.num_samples, -1, np.int64),
+                dtype="int64",
+                chunks=(min(layout.num_samples, 1 << 20),),
+                fletcher32=True,
+            )
+            f.create_dataset(
+                "done",
+                shape=(layout.num_views, layout.num_chunks),
+                dtype="uint8",
+                chunks=(1, layout.num_chunks),
+                fletcher32=True,
+                fillvalue=0,
+            )
+            for key, value in attrs.items():
+                f.attrs[key] = _to_h5_attr(value)
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     @classmethod
     def open(cls, path: str, mode: str, layout: Layout, attrs: dict) -> H5LogitStore:
@@ -119,6 +162,14 @@ class H5LogitStore(LogitStore):
                 clear_status_flags(path)
                 f = h5py.File(path, "r+", libver="latest")
             f.swmr_mode = True
+        except OSError as exc:
+            lock.release()
+            if "truncated" not in str(exc):
+                raise
+            raise StoreCorruptError(
+                f"store {path} is truncated ({_truncation(path) or exc}): HDF5 cannot write to it; "
+                f"delete it and run precompute again"
+            ) from None
         except BaseException:
             lock.release()
             raise
@@ -153,6 +204,8 @@ class H5LogitStore(LogitStore):
         dset = self._file[name]
         if self.mode == "r":
             dset.refresh()
+        if self._truncated:
+            self._refuse_past_end(dset, view, start, stop)
         if out is None:
             return dset[view, start:stop]
         dset.read_direct(out, np.s_[view, start:stop])  # straight into the caller's buffer
@@ -162,6 +215,10 @@ class H5LogitStore(LogitStore):
         dset = self._file[name]
         if self.mode == "r":
             dset.refresh()
+        if self._truncated:
+            for chunk in np.unique(rows // self.layout.chunk_rows).tolist():
+                a = chunk * self.layout.chunk_rows
+                self._refuse_past_end(dset, view, a, a + 1)
         # h5py point selection wants increasing indices (they are: sorted and unique).
         return dset[view, rows]
 
@@ -169,6 +226,9 @@ class H5LogitStore(LogitStore):
         dset = self._file["done"]
         if self.mode == "r":
             dset.refresh()
+        if self._truncated:
+            for view in range(self.layout.num_views):
+                self._refuse_past_end(dset, view, 0, 1)
         return dset[:]
 
     def _store_done(self, view: int, marks: np.ndarray) -> None:
@@ -180,6 +240,8 @@ class H5LogitStore(LogitStore):
         dset = self._file["labels"]
         if self.mode == "r":
             dset.refresh()
+        if self._truncated:
+            self._refuse_past_end(dset, None, 0, len(dset))
         return dset[:]
 
     def _write_labels(self, labels: np.ndarray) -> None:
@@ -189,6 +251,45 @@ class H5LogitStore(LogitStore):
     def _missing_files(self, view: int, chunk: int) -> list[str]:
         return []  # one file: if it opened, it is there
 
+    # ---- truncation --------------------------------------------------------------------------
+    def _past_end(self, dset: h5py.Dataset, view: int | None, start: int, stop: int) -> str | None:
+        """What lies past the end of the file among the chunks holding rows [start, stop) of one
+        view (``view=None``: a 1-D dataset), or None."""
+        size = os.path.getsize(self.path)
+        step = dset.chunks[0] if view is None else dset.chunks[1]
+        for row in range(start - start % step, stop, step):
+            coord = (row,) if view is None else (view, row, *[0] * (dset.ndim - 2))
+            info = dset.id.get_chunk_info_by_coord(coord)
+            if info.byte_offset is not None and info.byte_offset + info.size > size:
+                end = info.byte_offset + info.size
+                return (
+                    f"{dset.name.lstrip('/')}: bytes {info.byte_offset}..{end} lie past the end "
+                    f"of the file ({size} bytes)"
+                )
+        return None
+
+    def _refuse_past_end(self, dset: h5py.Dataset, view: int | None, start: int, stop: int) -> None:
+        problem = self._past_end(dset, view, start, stop)
+        if problem:
+            if view is None:
+                where = ""
+            elif dset.name == "/done":
+                where = f"view {view}, "
+            else:
+                where = f"view {view} rows {start}..{stop - 1}, "
+            raise StoreCorruptError(
+                f"store {self.path} is truncated ({where}{problem}): delete it and run "
+                f"precompute again"
+            )
+
+    def _file_problems(self) -> list[str]:
+        return [f"{self.path}: {self._truncated}"] if self._truncated else []
+
+    def _chunk_problems(self, view: int, chunk: int, names: list[str]) -> list[str]:
+        start, stop = self.layout.chunk_range(chunk)
+        problems = (self._past_end(self._file[n], view, start, stop) for n in names)
+        return [p for p in problems if p]
+
     def _close(self) -> None:
         try:
             self._file.close()
@@ -196,6 +297,41 @@ class H5LogitStore(LogitStore):
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+
+def _refuse_data_elsewhere(f: h5py.File, path: str) -> None:
+    """A store's data lives in its one file: an external link, external raw storage or a virtual
+    dataset (metadata naming other files, "../../etc/passwd" or any absolute path) is refused
+    before it is read or written through."""
+    for name in f:
+        link = f.get(name, getlink=True)
+        obj = f[name] if isinstance(link, h5py.HardLink) else None
+        if obj is None or (isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual)):
+            raise StoreCorruptError(
+                f"store {path}: {name!r} points to data outside the file (an external link, "
+                f"external storage or a virtual dataset); refused unread: precompute it again"
+            )
+
+
+def _truncation(path: str) -> str | None:
+    """Why the file is shorter than its (version 2/3) superblock says, or None. A file whose
+    writer is alive or was killed (write flags set) records a stale end, so is not judged."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return None
+    if len(head) < 12 or head[:8] != HDF5_SIGNATURE or head[8] not in (2, 3) or head[11]:
+        return None
+    width = head[9]
+    end = 12 + 4 * width
+    if len(head) < end + 4 or lookup3(head[:end]) != struct.unpack("<I", head[end : end + 4])[0]:
+        return None
+    eoa = int.from_bytes(head[12 + 2 * width : 12 + 3 * width], "little")
+    if size >= eoa:
+        return None
+    return f"file truncated: {size} bytes of the {eoa} its superblock records"
 
 
 def _open_read(path: str) -> h5py.File:

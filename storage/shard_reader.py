@@ -71,6 +71,7 @@ class ShardReader:
     ) -> None:
         self.root = Path(root, name, "c")
         self.ndim = len(shape)
+        self.num_rows = int(shape[1])
         self.row_shape = tuple(shape[2:])
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
@@ -162,12 +163,24 @@ class ShardReader:
         self._index[key] = (ident, index)
         return fd, index
 
+    def expected_size(self, shard: int) -> int:
+        """Bytes of a shard file as :func:`write_shard` lays it out (every chunk present)."""
+        chunks = min(self.per_shard, -(-self.num_rows // self.chunk_rows) - shard * self.per_shard)
+        return chunks * (self.chunk_bytes + 4) + 16 * self.per_shard + 4
+
     def _read_index(self, view: int, shard: int, fd: int, size: int) -> np.ndarray:
         nbytes = 16 * self.per_shard + 4
+        expected = self.expected_size(shard)
+        truncated = f"shard file {self._file(view, shard)} is truncated ({size}/{expected} bytes)"
         if size < nbytes:
-            raise ValueError(f"shard file {self._file(view, shard)} is truncated ({size} bytes)")
+            raise ValueError(truncated)
         raw = os.pread(fd, nbytes, size - nbytes)
-        _check(raw, f"index of shard file {self._file(view, shard)}")
+        try:
+            _check(raw, f"index of shard file {self._file(view, shard)}")
+        except ValueError:
+            if size < expected:  # the index is the file's last bytes: a cut file lost them
+                raise ValueError(truncated) from None
+            raise
         return np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard, 2)
 
     def _scratch(self) -> np.ndarray:
