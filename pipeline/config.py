@@ -10,6 +10,7 @@ Each stage writes the resolved config next to its outputs, so a result always sa
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from storage.urls import is_url
 
 
 @dataclass
@@ -94,6 +96,9 @@ class PrecomputeConfig:
     """0: one process; n > 0: a local dask cluster of n workers."""
     scheduler: str | None = None
     """Address of a running dask.distributed scheduler (overrides workers)."""
+    store: str | None = None
+    """Where the store goes: a path, or an fsspec URL for the zarr backend (s3://bucket/x.zarr,
+    file:///shared/x.zarr); None: RUN_DIR/store.zarr (.h5). distill reads it by default."""
     chunk_rows: int | None = None
     """Rows per chunk; None: about 1 MiB per chunk."""
     chunks_per_shard: int | None = None
@@ -153,9 +158,20 @@ class DistillConfig:
     """Batches prepared ahead by a background thread (0: none, everything in the loop)."""
     name: str | None = None
     """Output folder under RUN_DIR/distill; None: STUDENT-METHOD-sSEED (+ -online)."""
+    ddp_timeout_s: float = 600
+    """Under torchrun: seconds a rank waits for the others (start-up, each step's gradient
+    average, epoch end) before it stops with an error instead of hanging."""
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "lr", "window", "eval_batch_size", "memory_budget_mb"):
+        for key in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "window",
+            "eval_batch_size",
+            "memory_budget_mb",
+            "ddp_timeout_s",
+        ):
             _positive(getattr(self, key), f"distill.{key}")
         for key in ("momentum", "weight_decay", "prefetch"):
             _positive(getattr(self, key), f"distill.{key}", allow_zero=True)
@@ -253,6 +269,12 @@ class Config:
             raise ConfigError(f"augment.pad must be >= 0, got {self.augment.pad}")
         if self.precompute.workers < 0:
             raise ConfigError(f"precompute.workers must be >= 0, got {self.precompute.workers}")
+        address = self.precompute.scheduler
+        if address is not None and not _SCHEDULER_ADDRESS.fullmatch(address):
+            raise ConfigError(
+                f"precompute.scheduler must be a dask scheduler address like "
+                f"tcp://host:8786, got {address!r}"
+            )
 
     # Where each stage's outputs live: fixed names inside run_dir.
     @property
@@ -272,9 +294,17 @@ class Config:
         return self.run_path / "teacher.onnx"
 
     @property
-    def store_path(self) -> Path:
+    def store_path(self) -> Path | str:
+        """``precompute.store`` (a URL stays a string) or RUN_DIR/store.zarr (.h5)."""
+        if self.precompute.store:
+            store = self.precompute.store
+            return store if is_url(store) else Path(store)
         suffix = ".zarr" if self.precompute.backend == "zarr" else ".h5"
         return self.run_path / f"store{suffix}"
+
+
+#: A dask.distributed address: [protocol://]host:port, the host a name, an IPv4 or [IPv6].
+_SCHEDULER_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9A-Fa-f:.]+\]|[\w.-]+):\d{1,5}")
 
 
 def _positive(value: float, name: str, allow_zero: bool = False) -> None:

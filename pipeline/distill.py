@@ -15,6 +15,10 @@ RNG state, history and epoch go to ``state.pt`` (atomically). The batch order de
 (seed, epoch), so a run killed at any point and started again ends with the same weights, bit for
 bit on the CPU, as one never interrupted. A finished run is not trained again.
 
+Under ``torchrun`` (``make distill NPROC=n``) each rank trains on its own blocks of every epoch
+with the model in DistributedDataParallel, and rank 0 writes the outputs; how the work is split,
+and why, is in :mod:`pipeline.distill_ddp`.
+
 Outputs, in ``RUN_DIR/distill/STUDENT-METHOD-sSEED/``: ``student.pt`` (weights_only-loadable,
 with test accuracy and config), ``metrics.jsonl`` (one line per epoch), ``config.yaml``,
 ``state.pt`` while running, ``pskd/`` for PS-KD.
@@ -26,6 +30,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +42,19 @@ from tqdm import tqdm
 from pipeline.config import Config, save_resolved, to_dict
 from pipeline.data import Split, splits
 from pipeline.distill_data import StoreRows, ToDevice, prefetch
-from pipeline.distill_inputs import DistillError, Sources, build_sources
+from pipeline.distill_ddp import RankStopped, World, pick_device
+from pipeline.distill_inputs import Sources, build_sources
 from pipeline.distill_state import (
     Student,
     build_student,
     finished,
     load_state,
+    rng_state,
     save_state,
     write_metrics,
 )
+from pipeline.errors import EXPECTED_ERRORS
+from pipeline.fileio import remove_stale_temps
 from pipeline.fingerprint import spec_hash
 from pipeline.methods import MethodContext
 from pipeline.models import save_checkpoint
@@ -69,8 +78,9 @@ def output_dir(config: Config) -> Path:
     return config.run_path / "distill" / name
 
 
-NOT_IN_KEY = ("device", "prefetch", "eval_batch_size")
-"""Distill keys that do not change the trained weights (on one device), so not in the key."""
+NOT_IN_KEY = ("device", "prefetch", "eval_batch_size", "ddp_timeout_s")
+"""Distill keys that do not change the trained weights (on one device), so not in the key. Nor
+is the world size under torchrun (see :mod:`pipeline.distill_ddp`)."""
 
 
 def config_key(config: Config) -> str:
@@ -83,24 +93,25 @@ def config_key(config: Config) -> str:
     return spec_hash({k: d[k] for k in ("distill", "data", "augment")})
 
 
-def pick_device(name: str) -> torch.device:
-    """``distill.device`` as a torch device; ``auto`` takes CUDA when there is one."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DistillError("distill.device=cuda but no CUDA device is visible: use auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy (%) on clean images."""
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    device: torch.device,
+    batch_size: int = 512,
+    world: World | None = None,
+) -> float:
+    """Top-1 accuracy (%) on clean images. Under DDP batch i runs on rank i mod W and the counts
+    are summed: the one-process batches, so the same result."""
     model.eval()
+    world = world or World()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(split), batch_size):
+    for i, start in enumerate(range(0, len(split), batch_size)):
+        if i % world.size != world.rank:
+            continue
         x, y, _ = split.batch(np.arange(start, min(start + batch_size, len(split))))
         correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
-    return 100.0 * int(correct) / max(1, len(split))
+    return 100.0 * int(world.sum_(correct)) / max(1, len(split))
 
 
 def _train_epoch(
@@ -108,17 +119,21 @@ def _train_epoch(
     step: int,
     config: Config,
     student: Student,
+    net: nn.Module,
     src: Sources,
     feeder: ToDevice,
     bar: tqdm,
     on_step: StepHook | None,
     open_stores: list[LogitStore],
+    world: World,
 ) -> tuple[dict, int]:
-    """One pass over the training set: (its metrics record, the global step after it)."""
+    """One pass over the training set: (its metrics record, the global step after it).
+
+    ``net`` is the model, or under DDP the model inside DistributedDataParallel."""
     cfg = config.distill
-    model, method = student.model, student.method
+    method = student.method
     needs = method.teacher_input
-    model.train()
+    net.train()
     method.train()
     previous = writer = None
     if src.self_teacher is not None:
@@ -128,13 +143,17 @@ def _train_epoch(
             previous = StoreRows(prev_store, view=0)
         writer = src.self_teacher.writer(epoch)
         open_stores.append(writer.store)
+    plan = src.batches.step_rows(epoch)  # (ranks, steps): rows of each rank at each step
+    step_total = plan.sum(axis=0)  # (steps,) rows of each step over all ranks
+    learned = [p for p in method.parameters() if p.requires_grad]
     device = feeder.device
     sums: dict[str, torch.Tensor] = {}  # loss terms × rows, summed on the device
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     t0 = time.perf_counter()
-    for batch in feeder(prefetch(src.batches(epoch, previous), cfg.prefetch)):
-        logits = model(batch.x)  # (B, K)
+    batches = feeder(prefetch(src.batches(epoch, previous), cfg.prefetch))
+    for i, batch in enumerate(batches):
+        logits = net(batch.x)  # (B, K)
         if needs == "logits" and src.teacher is not None:
             with torch.no_grad():
                 teacher = src.teacher(batch.x)  # (B, K), online
@@ -145,8 +164,12 @@ def _train_epoch(
         else:
             teacher = None  # ce, or PS-KD's first epoch (one-hot targets)
         terms = method(logits, teacher, batch.y, MethodContext(epoch, cfg.epochs, step))
+        loss = terms["total"]
+        if world.distributed:  # DDP averages over ranks: weighted, the mean over the step's rows
+            loss = loss * (world.size * len(batch.indices) / int(step_total[i]))
         student.opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        loss.backward()
+        world.average_grads_(learned)  # CTKD's temperature: not in the model DDP reduces
         student.opt.step()
         step += 1
         if writer is not None:  # PS-KD: this forward pass is the next epoch's teacher
@@ -158,61 +181,118 @@ def _train_epoch(
         seen += n
         if on_step is not None:
             on_step(epoch, step, {k: v.detach() for k, v in terms.items()})
-        bar.update(n)
-        if not bar.disable and (step % 10 == 0 or seen == bar.total):  # a host sync: not always
-            bar.set_postfix(
+        bar.update(int(step_total[i]))
+        if not bar.disable and (step % 10 == 0 or bar.n == bar.total):  # a host sync: not always
+            bar.set_postfix(  # under DDP: loss and accuracy of rank 0's rows
                 loss=f"{float(sums['total']) / seen:.3f}",
                 acc=f"{100 * int(correct) / seen:.1f}",
-                rows_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                rows_s=f"{bar.n / (time.perf_counter() - t0):.0f}",
             )
     seconds = time.perf_counter() - t0
-    if writer is not None:
-        writer.close()
     if previous is not None:
         previous.store.close()
-    return {
+    if writer is not None:
+        writer.close()
+    if world.distributed:  # every rank's sums, in one all_reduce
+        keys = list(sums)
+        counts = torch.tensor([seen], dtype=torch.float64, device=device)
+        total = world.sum_(torch.cat([*(sums[k].double().view(1) for k in keys), counts]))
+        sums = dict(zip(keys, total[:-1], strict=True))
+        seen = int(total[-1])
+        correct = world.sum_(correct)
+    whole = replace(src.batches.sampler, shard=0, num_shards=1)  # every rank's blocks
+    record = {
         "epoch": epoch + 1,
         "lr": student.opt.param_groups[0]["lr"],
         "loss": {k: float(v) / max(1, seen) for k, v in sums.items()},
         "train_acc": 100.0 * int(correct) / max(1, seen),
         "rows_per_s": seen / max(seconds, 1e-9),
-        "views": sorted({int(v) for v in src.batches.sampler.blocks(epoch)[:, 2]}),
-    }, step
+        "views": sorted({int(v) for v in whole.blocks(epoch)[:, 2]}),
+    }
+    if world.distributed:
+        record["world_size"] = world.size
+    return record, step
 
 
 def train_student(
     config: Config, *, progress: bool = True, on_step: StepHook | None = None
 ) -> Path:
-    """Train (or resume, or skip when finished) one student; return its checkpoint path."""
+    """Train (or resume, or skip when finished) one student; return its checkpoint path.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; see :mod:`pipeline.distill_ddp`."""
+    cfg = config.distill
+    world = World.from_env()
+    device = None  # one process: picked where it always was, after the finished-run check
+    if world.distributed:  # the backend depends on the device
+        try:
+            device = pick_device(cfg.device, world)
+            world.start(device, cfg.ddp_timeout_s)
+        except EXPECTED_ERRORS as exc:
+            if world.local_rank != 0:  # every rank of a node sees the same: local rank 0 says it
+                raise RankStopped(str(exc)) from None
+            raise
+    try:
+        return _train(config, world, device, progress, on_step)
+    finally:
+        world.stop()
+
+
+def _train(
+    config: Config,
+    world: World,
+    device: torch.device | None,
+    progress: bool,
+    on_step: StepHook | None,
+) -> Path:
     cfg = config.distill
     out = output_dir(config)
     ckpt_path, state_path = out / "student.pt", out / "state.pt"
     key = config_key(config)
-    if finished(ckpt_path, key):
-        return ckpt_path
-    state = load_state(state_path, key)
-    save_resolved(config, out / "config.yaml")
-    device = pick_device(cfg.device)
-    train, test = splits(config)
-    student, kwargs = build_student(config, train, device)
-    src = build_sources(config, train, student.method.teacher_input, device, out, key)
-    history: list[dict] = []
-    first = step = 0
-    if state is not None:
-        student.load(state, device)
-        history = json.loads(state["history"])
-        first, step = int(state["epoch"]) + 1, int(state["step"])
-    if src.self_teacher is not None:
-        src.self_teacher.keep_only(first - 1)  # a killed epoch's half-written store goes
+    try:  # under DDP the ranks agree on the set-up before the first collective of training
+        if finished(ckpt_path, key):
+            world.agree(None)
+            return ckpt_path
+        state = load_state(state_path, key)
+        if world.main:
+            save_resolved(config, out / "config.yaml")
+        device = device or pick_device(cfg.device)
+        train, test = splits(config)
+        student, kwargs = build_student(config, train, device)
+        src = build_sources(config, train, student.method.teacher_input, device, out, key, world)
+        history: list[dict] = []
+        first = step = 0
+        if state is not None:
+            saved_by = student.load(state, device, world.rank, world.size)
+            history = json.loads(state["history"])
+            first, step = int(state["epoch"]) + 1, int(state["step"])
+            if saved_by != world.size and world.main and progress:
+                print(
+                    f"{out.name}: resuming a state saved by {saved_by} process(es) with "
+                    f"{world.size}: the same run, but its steps now train on other rows",
+                    flush=True,
+                )
+        if world.main:  # temporary files of writes a kill cut short
+            remove_stale_temps(out, ("state.pt", "metrics.jsonl", "student.pt", "config.yaml"))
+        if state is not None and world.main:
+            # A kill between state.pt and metrics.jsonl leaves the metrics an epoch behind.
+            write_metrics(out / "metrics.jsonl", history)
+        if src.self_teacher is not None and world.main:
+            src.self_teacher.keep_only(first - 1)  # a killed epoch's half-written store goes
+    except (*EXPECTED_ERRORS, OSError) as exc:
+        if not world.distributed:
+            raise
+        world.agree(exc)
+    world.agree(None)
 
     feeder = ToDevice(device)
     open_stores: list[LogitStore] = [src.store] if src.store is not None else []
     try:
+        net = world.wrap(student.model, device)
         for epoch in range(first, cfg.epochs):
             t0 = time.perf_counter()
             bar = tqdm(
                 total=len(train),
-                disable=not progress,
+                disable=not (progress and world.main),
                 leave=False,
                 unit="rows",
                 unit_scale=True,
@@ -220,46 +300,65 @@ def train_student(
             )
             with bar:
                 record, step = _train_epoch(
-                    epoch, step, config, student, src, feeder, bar, on_step, open_stores
+                    epoch, step, config, student, net, src, feeder, bar, on_step, open_stores, world
                 )
             student.sched.step()
-            record["test_acc"] = evaluate(student.model, test, device, cfg.eval_batch_size)
+            world.broadcast_(list(student.model.buffers()))  # batch-norm statistics: rank 0's
+            record["test_acc"] = evaluate(student.model, test, device, cfg.eval_batch_size, world)
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
-            save_state(
-                state_path, student, device, epoch=epoch, step=step, history=history, key=key
-            )
-            write_metrics(out / "metrics.jsonl", history)
-            if src.self_teacher is not None:
-                src.self_teacher.keep_only(epoch)  # the next epoch reads this one
-            if progress:
+            rng = world.gather(rng_state(device)) if world.distributed else None
+            if world.main:
+                save_state(
+                    state_path,
+                    student,
+                    device,
+                    epoch=epoch,
+                    step=step,
+                    history=history,
+                    key=key,
+                    ranks_rng=rng,
+                )
+                write_metrics(out / "metrics.jsonl", history)
+                if src.self_teacher is not None:
+                    src.self_teacher.keep_only(epoch)  # the next epoch reads this one
+            if progress and world.main:
                 terms = ", ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
                 print(
                     f"{out.name} epoch {epoch + 1}/{cfg.epochs}: {terms}; train top-1 "
                     f"{record['train_acc']:.2f}%, test top-1 {record['test_acc']:.2f}%",
                     flush=True,
                 )
+    except BaseException as exc:
+        explained = world.explain(exc)  # under DDP: names the rank, or the peer that failed
+        if explained is exc:
+            raise
+        raise explained from None
     finally:
         for store in open_stores:
             with warnings.catch_warnings():  # a failed epoch's unfinished blocks are expected
                 warnings.simplefilter("ignore", StoreWarning)
                 store.close()
 
-    save_checkpoint(
-        ckpt_path,
-        student.model,
-        model_name=cfg.student,
-        model_kwargs=kwargs,
-        extra={
-            "test_acc": history[-1]["test_acc"],
-            "method": cfg.method,
-            "method_state": {k: v.cpu() for k, v in student.method.state_dict().items()},
-            "history": json.dumps(history),
-            "config_hash": key,
-            "config": json.dumps(to_dict(config)),
-            "teacher_store": src.store.path if src.store is not None else None,
-            "store_fingerprint": None if src.store is None else json.dumps(src.store.fingerprint),
-        },
-    )
-    state_path.unlink(missing_ok=True)
+    if world.main:
+        save_checkpoint(
+            ckpt_path,
+            student.model,
+            model_name=cfg.student,
+            model_kwargs=kwargs,
+            extra={
+                "test_acc": history[-1]["test_acc"],
+                "method": cfg.method,
+                "method_state": {k: v.cpu() for k, v in student.method.state_dict().items()},
+                "history": json.dumps(history),
+                "config_hash": key,
+                "config": json.dumps(to_dict(config)),
+                "teacher_store": src.store.path if src.store is not None else None,
+                "store_fingerprint": (
+                    None if src.store is None else json.dumps(src.store.fingerprint)
+                ),
+            },
+        )
+        state_path.unlink(missing_ok=True)
+    world.barrier()  # the checkpoint exists on every rank's return
     return ckpt_path

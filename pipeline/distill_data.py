@@ -159,8 +159,18 @@ class EpochBatches:
         self.teacher = teacher
         self.pin = pin
 
+    def step_rows(self, epoch: int) -> np.ndarray:
+        """Rows every shard (DDP rank) trains on at each step of ``epoch``: (shards, steps)."""
+        return self.sampler.step_rows(epoch, self.batch_size)
+
     def __call__(self, epoch: int, previous: StoreRows | None = None) -> Iterator[Batch]:
-        """Yield the batches of ``epoch``; ``previous`` reads PS-KD's last-epoch logits."""
+        """Yield the batches of ``epoch``; ``previous`` reads PS-KD's last-epoch logits.
+
+        Batch sizes follow :meth:`step_rows`: ``batch_size`` rows and a short last batch in one
+        process, this rank's even share of each step under DDP.
+        """
+        sizes = iter(self.step_rows(epoch)[self.sampler.shard].tolist())
+        want = next(sizes)
         pieces: list[tuple[np.ndarray | None, ...]] = []
         have = 0
         for group, perm in self.sampler.windows(epoch):  # group: (k, 3) start, stop, view
@@ -172,18 +182,18 @@ class EpochBatches:
             ]
             pos = 0
             while pos < len(perm):
-                take = min(self.batch_size - have, len(perm) - pos)
+                if want == 0:  # the plan's sizes add up to this shard's rows: never reached
+                    raise RuntimeError(f"epoch {epoch}: more rows than the batch plan holds")
+                take = min(want - have, len(perm) - pos)
                 sel = perm[pos : pos + take]
                 pieces.append(
                     (idx[sel], views[sel], *(None if t is None else t(sel) for t in takes))
                 )
                 have += take
                 pos += take
-                if have == self.batch_size:
+                if have == want:
                     yield self._batch(pieces)
-                    pieces, have = [], 0
-        if pieces:
-            yield self._batch(pieces)
+                    pieces, have, want = [], 0, next(sizes, 0)
 
     def _batch(self, pieces: list[tuple[np.ndarray, ...]]) -> Batch:
         idx, views, teacher, previous = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ from pipeline.models import load_model_from_checkpoint
 from pipeline.views import NUM_VIEW_PARAMS, view_params
 from storage import LogitStore, check_fingerprint, make_layout, open_store
 from storage.sampler import BlockSampler
+from storage.urls import is_url
+
+if TYPE_CHECKING:  # distill_ddp imports this module
+    from pipeline.distill_ddp import World
 
 
 class DistillError(UserError):
@@ -71,8 +75,12 @@ def build_student_method(name: str, options: dict[str, Any], num_classes: int) -
     return build_method({"name": key, **options}, num_classes=num_classes)
 
 
-def store_path(config: Config) -> Path:
-    return Path(config.distill.store) if config.distill.store else config.store_path
+def store_path(config: Config) -> Path | str:
+    """``distill.store`` (a path, or an fsspec URL kept a string) or the run's own store."""
+    store = config.distill.store
+    if not store:
+        return config.store_path
+    return store if is_url(store) else Path(store)
 
 
 def open_teacher_store(config: Config, train: Split) -> tuple[LogitStore, int, np.ndarray]:
@@ -120,6 +128,8 @@ def _check_store(store: LogitStore, config: Config, train: Split) -> int:
             f"store {path} is unfinished ({len(missing)} chunk(s) of the first {wanted} view(s) "
             f"missing): rerun precompute to finish it"
         )
+    # Damaged chunks are refused now, not epochs into the run (every read checks them anyway).
+    store.require_intact(range(wanted), config.distill.memory_budget_mb << 20)
     if store.layout.view_param_width != NUM_VIEW_PARAMS:
         raise DistillError(
             f"store {path} keeps {store.layout.view_param_width} augmentation parameter(s) per "
@@ -173,11 +183,28 @@ class Sources:
 
 
 def build_sources(
-    config: Config, train: Split, needs: str, device: torch.device, out: Path, key: str
+    config: Config,
+    train: Split,
+    needs: str,
+    device: torch.device,
+    out: Path,
+    key: str,
+    world: World | None = None,
 ) -> Sources:
     """The batch plan and the logit sources for a method that ``needs`` logits,
-    probabilities (PS-KD) or nothing (ce)."""
+    probabilities (PS-KD) or nothing (ce). Under DDP (``world``) this rank's share of the
+    blocks."""
     cfg = config.distill
+    rank, ranks = (world.rank, world.size) if world is not None else (0, 1)
+    if needs == "probabilities" and ranks > 1 and config.precompute.backend != "zarr":
+        # Ranks write their own blocks of the self-teacher store at once: zarr takes parallel
+        # writes of whole shards; an HDF5 file has one writer, and sending every rank's logits
+        # to rank 0 would cost N × C of traffic and memory each epoch.
+        raise DistillError(
+            f"PS-KD under torchrun writes its self-teacher store from every rank, which "
+            f"precompute.backend={config.precompute.backend} cannot: set precompute.backend=zarr "
+            f"(PS-KD reads no teacher store) or run on one process"
+        )
     store = teacher = self_teacher = None
     params = ViewParams(train)
     views = cfg.views or config.augment.views
@@ -208,7 +235,10 @@ def build_sources(
         window=-(-len(train) // block_rows) if in_ram else cfg.window,
         seed=cfg.seed,
         view_policy=cfg.view_policy,
+        shard=rank,
+        num_shards=ranks,
     )
+    sampler.steps(cfg.batch_size)  # refuses a split that leaves a rank without rows for a step
     rows = StoreRows(store, in_ram=in_ram) if store is not None else None
     batches = EpochBatches(sampler, cfg.batch_size, train, params, rows, pin=device.type == "cuda")
     if needs == "probabilities":
@@ -221,5 +251,6 @@ def build_sources(
             encoding=cfg.pskd_encoding,
             backend=config.precompute.backend,
             fingerprint={"config_hash": key, **train.fingerprint()},
+            world=world,
         )
     return Sources(batches, store, teacher, self_teacher)

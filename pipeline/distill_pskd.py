@@ -12,17 +12,28 @@ on disk, so nothing N × C is ever held in RAM or put into a state file.
 Raw logits rather than probabilities, because that is what a store holds: the softmax at read
 time gives P_prev exactly (in float32 encoding), and the store stays a normal logit store that
 ``verify`` and ``audit`` understand.
+
+Under torchrun every rank writes the blocks it trains on (one block = one chunk = one shard, so
+ranks never write the same file): rank 0 creates the store, the others open it in ``"task"``
+mode once it exists, and at the end of the epoch rank 0 marks every rank's shards done and
+closes it before any rank reads it. This needs the zarr backend (parallel writes of whole
+shards); an HDF5 file has one writer, so PS-KD under torchrun refuses it rather than send every
+rank's rows to rank 0.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import UserError
 from storage import LogitStore, create_store, open_store
+
+if TYPE_CHECKING:
+    from pipeline.distill_ddp import World
 
 FINGERPRINT_KIND = "pskd-self-teacher"
 
@@ -34,9 +45,11 @@ class BlockWriter:
     at most about two windows of rows are buffered, never the whole epoch.
     """
 
-    def __init__(self, store: LogitStore, block_rows: int) -> None:
+    def __init__(self, store: LogitStore, block_rows: int, world: World | None = None) -> None:
         self.store = store
         self.block_rows = block_rows
+        self.world = world
+        """Under DDP: the ranks that write the other blocks of this store."""
         self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # block -> (rows, filled)
 
     def add(self, indices: np.ndarray, logits: np.ndarray) -> None:
@@ -60,10 +73,20 @@ class BlockWriter:
                 self._pending[int(block)] = (rows, filled)
 
     def close(self) -> None:
-        """Close the store; every row must have been written (each epoch sees every row)."""
+        """Close the store; every row must have been written (each epoch sees every row).
+
+        Under DDP every rank calls this: rank 0 marks the others' shards done, then closes."""
         left = sorted(self._pending)
         self._pending.clear()
-        self.store.close()
+        if self.world is not None and self.world.distributed:
+            shares = self.world.gather((self.store.written_shards, left))
+            if self.world.main:
+                self.store.mark_done([s for shards, _ in shares[1:] for s in shards])
+            self.store.close()
+            self.world.barrier()  # the next epoch reads it: complete on every rank
+            left = sorted(b for _, blocks in shares for b in blocks)
+        else:
+            self.store.close()
         if left:
             raise UserError(
                 f"PS-KD self-teacher store {self.store.path}: block(s) {left[:5]} incomplete at "
@@ -85,6 +108,7 @@ class SelfTeacher:
         encoding: str,
         backend: str,
         fingerprint: dict,
+        world: World | None = None,
     ) -> None:
         self.folder = folder
         self.num_samples = num_samples
@@ -95,6 +119,8 @@ class SelfTeacher:
         self.backend = backend
         self.fingerprint = dict(fingerprint)
         """Provenance of the run (config hash, dataset); each store adds ``epoch``."""
+        self.world = world
+        """Under DDP: every rank writes its own blocks (rank 0 creates and finishes the store)."""
 
     def path(self, epoch: int) -> Path:
         suffix = ".zarr" if self.backend == "zarr" else ".h5"
@@ -103,6 +129,10 @@ class SelfTeacher:
     def writer(self, epoch: int) -> BlockWriter:
         """A fresh store for ``epoch`` (a half-written one from a killed run is replaced)."""
         path = self.path(epoch)
+        world = self.world
+        if world is not None and world.distributed and not world.main:
+            world.barrier()  # rank 0 creates it
+            return BlockWriter(open_store(path, mode="task"), self.block_rows, world)
         _remove(path)
         self.folder.mkdir(parents=True, exist_ok=True)
         store = create_store(
@@ -118,7 +148,9 @@ class SelfTeacher:
             fingerprint={**self.fingerprint, "kind": FINGERPRINT_KIND, "epoch": epoch},
             labels=self.labels,
         )
-        return BlockWriter(store, self.block_rows)
+        if world is not None and world.distributed:
+            world.barrier()  # the others open it now
+        return BlockWriter(store, self.block_rows, world)
 
     def reader(self, epoch: int) -> LogitStore | None:
         """The store written in ``epoch - 1``, open for reading; None in epoch 0 (one-hot)."""

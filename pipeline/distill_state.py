@@ -1,7 +1,8 @@
 """A distill run's resumable state: the student, its optimizer and schedule, files on disk.
 
 After every epoch ``state.pt`` receives (atomically) the model, the method's own state (CTKD's
-temperature), the optimizer, the scheduler, the RNG states, the history and the epoch. Together
+temperature), the optimizer, the scheduler, the RNG states (every rank's under DDP), the history
+and the epoch. Together
 with a batch order that depends on (seed, epoch) only, that is all a killed run needs to go on
 exactly where the last finished epoch left it. The final ``student.pt`` records the config hash,
 so a finished run is recognised and not trained again, and a run folder is never reused by a
@@ -67,9 +68,11 @@ def save_state(
     step: int,
     history: list[dict],
     key: str,
+    ranks_rng: list[dict] | None = None,
 ) -> None:
     """Everything to go on after ``epoch`` (0-based), written atomically: a kill at any moment
-    leaves the previous state or this one, never half a file."""
+    leaves the previous state or this one, never half a file. Under DDP ``ranks_rng`` holds
+    every rank's :func:`rng_state`, in rank order."""
     state = {
         **student.state(device),
         "epoch": epoch,
@@ -77,8 +80,18 @@ def save_state(
         "history": json.dumps(history),
         "config_hash": key,
     }
+    if ranks_rng is not None:
+        state["ranks_rng"] = ranks_rng
     with atomic_write(path) as f:
         torch.save(state, f)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random number generators (CPU, and CUDA on a GPU)."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
@@ -103,18 +116,23 @@ class Student:
             "method": self.method.state_dict(),  # CTKD's temperature
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            **rng_state(device),
         }
 
-    def load(self, state: dict, device: torch.device) -> None:
+    def load(self, state: dict, device: torch.device, rank: int = 0, world_size: int = 1) -> int:
+        """Restore ``state``; returns the number of processes that saved it. Each rank takes its
+        own RNG state when the world size is the same, rank 0's otherwise."""
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        ranks = state.get("ranks_rng") or []
+        saved_by = max(1, len(ranks))
+        rng = ranks[rank] if saved_by == world_size and ranks else state
+        torch.set_rng_state(rng["torch_rng"])
+        if device.type == "cuda" and rng.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rng["cuda_rng"], device)
+        return saved_by
 
 
 def build_student(config: Config, train: Split, device: torch.device) -> tuple[Student, dict]:

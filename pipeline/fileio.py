@@ -8,9 +8,10 @@ run directory can read a teacher or a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -50,3 +51,15 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
         os.fsync(f.fileno())
         f.close()
         publish(tmp, path)
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files ``temp_beside`` left for ``names`` in ``folder`` when a process
+    was killed mid-write (SIGKILL runs no ``finally``). Call it only where no other process may
+    be writing those files (a run folder its one writer is resuming). Returns what was removed."""
+    removed = []
+    for name in names:
+        for stale in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed

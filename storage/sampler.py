@@ -10,6 +10,12 @@ and shuffles over all rows instead, gathering each batch straight from the views
 
 Both are plain picklable objects that open the store lazily, so they work in DataLoader worker
 processes: each worker (and each DDP rank) takes a disjoint share of the blocks.
+
+Several readers that step together (DDP ranks) also need the same number of batches per epoch.
+:meth:`BlockSampler.step_rows` keeps one reader's step count, S = ceil(N / batch), and spreads each
+shard's rows evenly over those S steps: shard k trains on ⌊n_k / S⌋ or ⌈n_k / S⌉ rows per step,
+so every rank makes S steps, every row is used once per epoch, and the shards' batches of a step
+add up to about ``batch`` rows (exactly the one-reader batches when there is one shard).
 """
 
 from __future__ import annotations
@@ -73,6 +79,58 @@ class BlockSampler:
         starts = mine * self.block_rows
         stops = np.minimum(starts + self.block_rows, self.num_samples)
         return np.stack([starts, stops, views[mine]], axis=1).astype(np.int64)
+
+    def _sizes(self, order: np.ndarray) -> np.ndarray:
+        """Rows of each block of ``order``."""
+        starts = order * self.block_rows
+        return np.minimum(starts + self.block_rows, self.num_samples) - starts
+
+    def shard_rows(self, epoch: int) -> np.ndarray:
+        """Rows every shard reads in ``epoch``: int64 (num_shards,), summing to N."""
+        sizes = self._sizes(self._rng(epoch, 0).permutation(self.num_blocks))
+        return np.array([sizes[k :: self.num_shards].sum() for k in range(self.num_shards)])
+
+    def steps(self, batch_size: int) -> int:
+        """Optimizer steps per epoch with a global batch of ``batch_size`` rows, the same for
+        every shard; refused when a shard could have fewer rows than steps in some epoch."""
+        if batch_size < 1:
+            raise StoreError(f"batch size must be >= 1, got {batch_size}")
+        steps = -(-self.num_samples // batch_size)
+        fewest = self._fewest_rows(self.num_shards)
+        if fewest < steps:
+            most = max(w for w in range(1, self.num_shards + 1) if self._fewest_rows(w) >= steps)
+            bigger = (
+                f"a batch size of at least {-(-self.num_samples // fewest)}, " if fewest > 0 else ""
+            )
+            raise StoreError(
+                f"{self.num_shards} readers of {self.num_samples} rows in blocks of "
+                f"{self.block_rows} cannot all train on each of the {steps} steps of batch "
+                f"{batch_size} (one may get only {max(fewest, 0)} rows): use {bigger}at most "
+                f"{most} processes, or a store with smaller chunks"
+            )
+        return steps
+
+    def _fewest_rows(self, shards: int) -> int:
+        """Fewest rows one of ``shards`` readers can get in an epoch: the fewest blocks, one of
+        them the short last block."""
+        if shards == 1:
+            return self.num_samples
+        last = self.num_samples - (self.num_blocks - 1) * self.block_rows
+        return (self.num_blocks // shards) * self.block_rows - (self.block_rows - last)
+
+    def step_rows(self, epoch: int, batch_size: int) -> np.ndarray:
+        """Rows each shard trains on at each step of ``epoch``: int64 (num_shards, steps).
+
+        One shard: full batches, the last one short. Several: each shard's rows spread evenly
+        over the same steps (the larger batches first), each at least one row.
+        """
+        steps = self.steps(batch_size)
+        if self.num_shards == 1:
+            out = np.full((1, steps), batch_size, np.int64)
+            out[0, -1] = self.num_samples - batch_size * (steps - 1)
+            return out
+        rows = self.shard_rows(epoch)[:, None]  # (num_shards, 1)
+        return (rows // steps + (np.arange(steps) < rows % steps)).astype(np.int64)
 
     def windows(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(blocks of the window (k, 3), permutation of the window's rows)."""
