@@ -11,8 +11,9 @@ import argparse
 import errno
 import importlib
 import sys
+from typing import NoReturn
 
-from pipeline.errors import EXPECTED_ERRORS
+from pipeline.errors import EXPECTED_ERRORS, UserError
 
 #: stage name → (module, one-line help). Modules are imported only when their stage runs.
 STAGES: dict[str, tuple[str, str]] = {
@@ -27,17 +28,32 @@ STAGES: dict[str, tuple[str, str]] = {
     "report": ("stages.report", "results table (Markdown, JSON) and plots of the distill runs"),
 }
 
+_FULL = "free space on that disk or choose another run_dir"
+_LOCKED = "make the folder writable or choose another run_dir"
+#: errno → (what happened, what to do). Anything else from the OS is a bug worth a traceback.
 _OS_ERRORS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
+    errno.ENOSPC: ("no space left on the device", _FULL),
+    errno.EDQUOT: ("disk quota exceeded", _FULL),
+    errno.EACCES: ("permission denied", _LOCKED),
+    errno.EPERM: ("operation not permitted", _LOCKED),
+    errno.EROFS: ("read-only file system", _LOCKED),
 }
 
 
+class UsageError(UserError):
+    """A command line argparse refuses (unknown stage, missing or malformed argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``error: ...``) and exit status 2 from ``main``
+    rather than a usage block and ``SystemExit`` from inside the parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (module, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -46,10 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc))
     module = importlib.import_module(STAGES[args.stage][0])
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
     except EXPECTED_ERRORS as exc:
         return _fail(str(exc))
     except ImportError as exc:
@@ -58,18 +77,28 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError as exc:
         if exc.errno in _OS_ERRORS:
+            what, fix = _OS_ERRORS[exc.errno]
             where = f" ({exc.filename})" if exc.filename else ""
-            return _fail(
-                f"{_OS_ERRORS[exc.errno]}{where}: free space or choose a writable path; "
-                f"finished work is kept and a rerun resumes"
-            )
+            return _fail(f"{what}{where}: {fix}; finished work is kept and a rerun resumes")
         raise
     except KeyboardInterrupt:
+        write_resolved_config(args)  # the work done so far was made with it
         print(
             "interrupted: finished chunks are kept; rerun the same command to resume",
             file=sys.stderr,
         )
         return 130
+    # Only a stage that ran writes RUN_DIR/STAGE.config.yaml: a refused one (exit 2) leaves the
+    # record of how the outputs already there were made as it was.
+    write_resolved_config(args)
+    return status
+
+
+def write_resolved_config(args: argparse.Namespace) -> None:
+    """Write the config a stage resolved (``stages.common.config_from_args``), if it did."""
+    from stages.common import save_pending
+
+    save_pending(args)
 
 
 def _fail(message: str) -> int:

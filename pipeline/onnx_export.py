@@ -93,7 +93,8 @@ def _quiet_exporter() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
+            # Not even ERROR: a failed export is reported as one line (UserError) by the caller.
+            lg.setLevel(logging.CRITICAL)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield

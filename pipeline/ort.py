@@ -16,7 +16,7 @@ checked with ``session.get_providers()`` after it is made: "cuda" that did not s
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,60 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
     return float16.convert_float_to_float16(model, keep_io_types=True).SerializeToString()
 
 
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph (or function): initializers, sparse ones, constants, nested
+    subgraphs."""
+    yield from getattr(graph, "initializer", ())
+    for sparse in getattr(graph, "sparse_initializer", ()):
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_external_data(onnx_path: str | os.PathLike[str]) -> None:
+    """Refuse an ONNX file whose external data lies outside its own folder.
+
+    ONNX keeps large weights in files named inside the model (``location``); a model from someone
+    else could name ``../../etc/shadow`` or an absolute path, and ONNX Runtime or ``onnx.load``
+    would read it. The model is parsed without its external data and every location checked
+    before anything opens one; metadata (``metadata_props``) is never used as a path at all.
+
+    Raises:
+        UserError: an unparsable file, or a location that is absolute or leaves the folder.
+    """
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    path = Path(onnx_path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError and friends: not a model at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{path} is not a readable ONNX model ({first[:160]}); re-run the export stage"
+        ) from None
+    folder = path.resolve().parent
+    graphs = [model.graph, *(f for f in model.functions)]
+    for tensor in (t for g in graphs for t in _tensors(g)):
+        if not uses_external_data(tensor):
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise UserError(
+                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
+                f"model's folder; refused unread — use a model whose external data sits next "
+                f"to it (or re-export it as one file)"
+            )
+
+
 def make_session(
     onnx_path: str | os.PathLike[str],
     provider: str = "auto",
@@ -117,6 +171,7 @@ def make_session(
     path = Path(onnx_path)
     if not path.is_file():
         raise UserError(f"ONNX file {path} not found; run the export stage first")
+    check_external_data(path)  # before ONNX Runtime (or the fp16 converter) opens any of it
 
     want_cuda = provider == "cuda" or (
         provider == "auto"

@@ -27,7 +27,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, stage: str) -> Config:
-    """The resolved config, also written to RUN_DIR/STAGE.config.yaml."""
+    """The resolved config; the command line writes it to RUN_DIR/STAGE.config.yaml once the
+    stage has run (``save_pending``), so that a refused rerun does not replace the record of
+    how the outputs already there were made."""
     config = load_config(args.config, args.set)
-    save_resolved(config, config.run_path / f"{stage}.config.yaml")
+    args.resolved_config = (config, config.run_path / f"{stage}.config.yaml")
     return config
+
+
+def save_pending(args: argparse.Namespace) -> None:
+    """Write the config ``config_from_args`` resolved for this command, if any."""
+    pending = getattr(args, "resolved_config", None)
+    if pending is not None:
+        save_resolved(*pending)

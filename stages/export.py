@@ -17,12 +17,22 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pipeline.data import splits
-    from pipeline.models import load_model_from_checkpoint
+    from pipeline.errors import ModelError
+    from pipeline.models import load_model_from_checkpoint, read_checkpoint
     from pipeline.onnx_export import export_onnx
 
     config = config_from_args(args, "export")
     model = load_model_from_checkpoint(config.teacher_checkpoint)
     train, _ = splits(config)
+    built = read_checkpoint(config.teacher_checkpoint).model_kwargs
+    have = (built.get("num_classes"), built.get("in_channels"))
+    want = (train.num_classes, train.image_shape[0])
+    if have != want:
+        raise ModelError(
+            f"teacher {config.teacher_checkpoint} was built for {have[0]} classes and {have[1]} "
+            f"input channel(s), the dataset has {want[0]} and {want[1]}: train or give a teacher "
+            f"for this dataset"
+        )
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(config.export.parity_batches):

@@ -108,6 +108,10 @@ def array_dataset(
     labels = np.asarray(labels[...])
     if not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{file}: labels must be integers, got {labels.dtype}")
+    if len(labels) == 0:
+        raise DatasetError(
+            f"{file}: the {split} split holds no images; give a dataset with at least one image"
+        )
     if split == "train":
         if num_classes is None:
             num_classes = int(labels.max(initial=-1)) + 1

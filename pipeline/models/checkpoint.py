@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,25 +132,53 @@ def save_checkpoint(
     return path
 
 
-UNREADABLE = (
-    RuntimeError,
-    EOFError,
-    OSError,
-    ValueError,
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-)
-"""What ``torch.load(weights_only=True)`` raises on a truncated, corrupt or code-bearing file."""
+ZIP_MAGIC = b"PK\x03\x04"
+"""``torch.save`` writes a zip archive; anything else (a bare pickle, a text file) is refused
+before a single byte of it is unpickled."""
 
 
 def load_weights_only(path: str | os.PathLike[str], fix: str) -> Any:
     """``torch.load`` that unpickles tensors and plain containers only; a damaged file is a
-    ModelError naming the file, the first line of the cause, and ``fix``."""
+    ModelError naming the file, the first line of the cause, and ``fix``.
+
+    A file that is not a ``torch.save`` zip archive is not unpickled at all, and one whose pickle
+    names any other Python object (a ``__reduce__`` that would run code) is refused by PyTorch's
+    weights-only unpickler before anything is built.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path} is truncated or corrupt ({first[:160]}); {fix}") from e
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise ModelError(f"{path} cannot be read ({e.strerror or e}); {fix}") from e
+    if head != ZIP_MAGIC:
+        raise ModelError(
+            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
+            f"{'an empty file' if not head else 'something else, e.g. a bare pickle'}); {fix}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice to retry unsafely is not for us
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ModelError(f"{path} is truncated or corrupt ({_first_line(e)}); {fix}") from e
+        raise ModelError(
+            f"{path} holds pickled Python objects other than tensors and plain values "
+            f"({_refused_global(e)}); refused unread, since loading them could run code; {fix}"
+        ) from e
+    except Exception as e:  # a damaged archive raises RuntimeError, KeyError, EOFError, ...
+        raise ModelError(f"{path} is truncated or corrupt ({_first_line(e)}); {fix}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def _refused_global(e: BaseException) -> str:
+    """What PyTorch's weights-only unpickler refused, e.g. 'it names posix.system'."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it names {found.group(1)}" if found else "objects the weights-only unpickler refuses"
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -72,7 +72,7 @@ def test_bad_arguments(teacher, tmp_path) -> None:
     with pytest.raises(UserError, match="not found; run the export stage"):
         make_session(tmp_path / "none.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00junk")
-    with pytest.raises(UserError, match="cannot load"):
+    with pytest.raises(UserError, match="is not a readable ONNX model"):
         make_session(tmp_path / "junk.onnx", "cpu")
 
 
