@@ -56,12 +56,14 @@ export: $(RUN_DIR)/teacher.onnx ## export the teacher to ONNX, parity-checked ag
 $(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt
 	$(PY) -m pipeline export $(STAGE_ARGS)
 
-precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into STORE (WORKERS=n: dask)
+precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into STORE (WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
 $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx
-	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS))
+	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
-distill: precompute ## one student from the store (METHOD=kd STUDENT=small_cnn SEED=0)
-	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(METHOD),--set distill.method=$(METHOD)) \
+# NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
+distill: precompute ## one student from the store (METHOD=kd STUDENT=small_cnn SEED=0 NPROC=n)
+	$(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY)) \
+	  -m pipeline distill $(STAGE_ARGS) $(if $(METHOD),--set distill.method=$(METHOD)) \
 	  $(if $(STUDENT),--set distill.student=$(STUDENT)) $(if $(SEED),--set distill.seed=$(SEED))
 
 sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store
