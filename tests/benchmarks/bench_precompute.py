@@ -23,16 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline.__main__ import main as cli
 from pipeline.config import load_config
 from pipeline.data import splits
-from pipeline.models import build_model, save_checkpoint
 from pipeline.ort import Runner, available_cores, make_session
 from pipeline.precompute import TeacherLogits, precompute
-
-TINY = Path(__file__).resolve().parents[2] / "stages" / "configs" / "tiny.yaml"
+from tests.benchmarks.common import TINY, cli_args, random_teacher_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,24 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        ckpt = run / "given.pt"
-        kwargs = {"num_classes": args.classes, "in_channels": 3, "image_size": (32, 32)}
-        torch.manual_seed(0)
-        save_checkpoint(
-            ckpt, build_model(args.model, **kwargs), model_name=args.model, model_kwargs=kwargs
-        )
         sets = [
-            f"run_dir={run}",
-            f"data.options={{num_samples: {args.rows}, num_test: 64, image_size: 32, "
-            f"channels: 3, num_classes: {args.classes}, seed: 0}}",
-            f"augment.views={args.views}",
-            f"teacher.checkpoint={ckpt}",
+            *random_teacher_run(run, args.model, args.rows, args.classes, args.views),
             f"precompute.batch_size={args.batch}",
             f"precompute.encoding={args.encoding}",
             "precompute.chunk_rows=null",
         ]
-        cli_args = ["--config", str(TINY), *[a for s in sets for a in ("--set", s)], "--quiet"]
-        assert cli(["export", *cli_args]) == 0
+        assert cli(["export", *cli_args(sets)]) == 0
         config = load_config(TINY, sets)
         train, _ = splits(config)
         produce = TeacherLogits(str(config.onnx_path), train, args.batch)

@@ -33,14 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline.__main__ import main as cli
-from pipeline.models import build_model, save_checkpoint
 from pipeline.ort import available_cores
+from tests.benchmarks.common import cli_args, random_teacher_run
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "stages" / "configs" / "tiny.yaml"
 
 
 def cpu_busy() -> tuple[float, float]:
@@ -68,22 +65,14 @@ class Busy:
         self.cores = busy / total * (os.cpu_count() or 1) if total else float("nan")
 
 
-def run_sets(run: Path, args: argparse.Namespace, ckpt: Path) -> list[str]:
+def run_sets(run: Path, args: argparse.Namespace) -> list[str]:
     return [
-        f"run_dir={run}",
-        f"data.options={{num_samples: {args.rows}, num_test: 256, image_size: 32, "
-        f"channels: 3, num_classes: {args.classes}, seed: 0}}",
-        f"augment.views={args.views}",
-        f"teacher.checkpoint={ckpt}",
+        *random_teacher_run(run, args.model, args.rows, args.classes, args.views),
         f"precompute.batch_size={args.batch}",
         "precompute.encoding=float16",
         "precompute.chunk_rows=256",
         "precompute.chunks_per_shard=4",
     ]
-
-
-def cli_args(sets: list[str]) -> list[str]:
-    return ["--config", str(TINY), *[a for s in sets for a in ("--set", s)], "--quiet"]
 
 
 def precompute_rows_s(sets: list[str], workers: int, rows: int) -> tuple[float, float]:
@@ -155,29 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        ckpt = run / "given.pt"
-        kwargs = {"num_classes": args.classes, "in_channels": 3, "image_size": (32, 32)}
-        torch.manual_seed(0)
-        save_checkpoint(
-            ckpt, build_model(args.model, **kwargs), model_name=args.model, model_kwargs=kwargs
-        )
-        sets = run_sets(run, args, ckpt)
+        sets = run_sets(run, args)
         if cli(["export", *cli_args(sets)]):
             raise SystemExit("export failed")
         total = args.rows * args.views
-        base = None
-        for workers in (0, 1, 2):
-            speed, busy = precompute_rows_s(sets, workers, total)
-            base = base or speed
-            label = "1 process" if workers == 0 else f"dask, {workers} worker(s)"
-            rows.append(("precompute", label, speed, speed / base, busy))
+        cases = [("precompute", n) for n in (0, 1, 2)]
         if not args.skip_distill:
-            base = None
-            for ranks in (0, 1, 2):
-                speed, busy = distill_rows_s(sets, ranks, run)
-                base = base or speed
-                label = "1 process" if ranks == 0 else f"torchrun, {ranks} rank(s)"
-                rows.append(("distill", label, speed, speed / base, busy))
+            cases += [("distill", n) for n in (0, 1, 2)]
+        base: dict[str, float] = {}
+        for stage, n in cases:
+            if stage == "precompute":
+                speed, busy = precompute_rows_s(sets, n, total)
+                label = f"dask, {n} worker(s)"
+            else:
+                speed, busy = distill_rows_s(sets, n, run)
+                label = f"torchrun, {n} rank(s)"
+            base.setdefault(stage, speed)
+            rows.append((stage, label if n else "1 process", speed, speed / base[stage], busy))
 
     print(
         f"\nscaling on {platform.processor() or platform.machine()}, {cores} core(s), "
