@@ -128,7 +128,9 @@ class DistillConfig:
     views: int | None = None
     """Use the first n stored views; None: all of them."""
     view_policy: str = "epoch"
-    """Which view a block is read from: epoch (view = epoch mod V) or block (a random view)."""
+    """Which view the student sees: epoch (view = epoch mod V for every row), block (a random
+    view per block of rows) or sample (a random view per row, drawn from (seed, epoch, row);
+    free when the views fit memory_budget_mb, else each block is read once per view)."""
     window: int = 8
     """Blocks (store chunks) read together and shuffled as one pool of rows."""
     memory_budget_mb: int = 1024
@@ -180,7 +182,7 @@ class DistillConfig:
             _positive(self.views, "distill.views")
         choices = {
             "teacher_source": ("store", "online"),
-            "view_policy": ("epoch", "block"),
+            "view_policy": ("epoch", "block", "sample"),
             "schedule": ("multistep", "cosine"),
             "device": ("auto", "cpu", "cuda"),
         }

@@ -44,6 +44,7 @@ from pipeline.data import Split, splits
 from pipeline.distill_data import StoreRows, ToDevice, prefetch
 from pipeline.distill_ddp import RankStopped, World, pick_device
 from pipeline.distill_inputs import Sources, build_sources
+from pipeline.distill_pskd import HostCopies
 from pipeline.distill_state import (
     Student,
     build_student,
@@ -143,6 +144,7 @@ def _train_epoch(
             previous = StoreRows(prev_store, view=0)
         writer = src.self_teacher.writer(epoch)
         open_stores.append(writer.store)
+        copies = HostCopies(writer.add, feeder.device)
     plan = src.batches.step_rows(epoch)  # (ranks, steps): rows of each rank at each step
     step_total = plan.sum(axis=0)  # (steps,) rows of each step over all ranks
     learned = [p for p in method.parameters() if p.requires_grad]
@@ -173,7 +175,7 @@ def _train_epoch(
         student.opt.step()
         step += 1
         if writer is not None:  # PS-KD: this forward pass is the next epoch's teacher
-            writer.add(batch.indices, logits.detach().float().cpu().numpy())
+            copies.add(batch.indices, logits.detach())
         n = len(batch.indices)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * n
@@ -192,6 +194,7 @@ def _train_epoch(
     if previous is not None:
         previous.store.close()
     if writer is not None:
+        copies.flush()
         writer.close()
     if world.distributed:  # every rank's sums, in one all_reduce
         keys = list(sums)
@@ -207,7 +210,7 @@ def _train_epoch(
         "loss": {k: float(v) / max(1, seen) for k, v in sums.items()},
         "train_acc": 100.0 * int(correct) / max(1, seen),
         "rows_per_s": seen / max(seconds, 1e-9),
-        "views": sorted({int(v) for v in whole.blocks(epoch)[:, 2]}),
+        "views": np.unique(whole.row_views(epoch, whole.blocks(epoch))).tolist(),
     }
     if world.distributed:
         record["world_size"] = world.size

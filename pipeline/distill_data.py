@@ -28,7 +28,7 @@ import torch
 from pipeline.data import Split
 from pipeline.views import NUM_VIEW_PARAMS, apply_view, normalize, view_params
 from storage import LogitStore
-from storage.sampler import BlockSampler
+from storage.sampler import BlockSampler, read_window
 
 
 @dataclass
@@ -86,15 +86,12 @@ class StoreRows:
             group[:, 2] = self.view
             views = np.full_like(views, self.view)
         if self.in_ram:
-            for v in np.unique(group[:, 2]).tolist():
+            for v in np.unique(views).tolist():
                 if v not in self._ram:
                     self._ram[v] = self.store.load_view(v)
             return lambda sel: self._gather(rows[sel], views[sel])
         pool = np.empty((len(rows), self.store.num_classes), np.float32)  # (n, K)
-        at = 0
-        for start, stop, view in group.tolist():
-            self.store.read_block(view, start, stop, out=pool[at : at + stop - start])
-            at += stop - start
+        read_window(self.store, group, views, pool)
         return lambda sel: pool[sel]  # fancy indexing copies: the batch outlives the pool
 
     def _gather(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -175,7 +172,7 @@ class EpochBatches:
         have = 0
         for group, perm in self.sampler.windows(epoch):  # group: (k, 3) start, stop, view
             idx = np.concatenate([np.arange(a, b) for a, b, _ in group])  # (n,)
-            views = np.repeat(group[:, 2], group[:, 1] - group[:, 0])  # (n,)
+            views = self.sampler.row_views(epoch, group)  # (n,)
             takes = [
                 None if source is None else source.window(group, idx, views)
                 for source in (self.teacher, previous)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from storage.errors import StoreError
 
-VIEW_POLICIES = ("epoch", "block")
+VIEW_POLICIES = ("epoch", "block", "sample")
+PER_ROW = -1
+"""The view column of a block under the "sample" policy: each of its rows has its own view."""
 
 
 @dataclass
@@ -44,10 +46,13 @@ class BlockSampler:
     """Blocks read together and shuffled as one pool of rows."""
     seed: int = 0
     view_policy: str = "epoch"
-    """"epoch": every block of epoch e uses view e mod V; "block": a random view per block."""
+    """"epoch": every block of epoch e uses view e mod V; "block": a random view per block;
+    "sample": a random view per row (read from the views in RAM, or each block read once per
+    view its rows use)."""
     shard: int = 0
     num_shards: int = 1
     """This reader takes blocks shard, shard + num_shards, ... of the shuffled order."""
+    _views: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.view_policy not in VIEW_POLICIES:
@@ -73,8 +78,10 @@ class BlockSampler:
         order = self._rng(epoch, 0).permutation(self.num_blocks)
         if self.view_policy == "epoch":
             views = np.full(self.num_blocks, epoch % self.num_views)
-        else:
+        elif self.view_policy == "block":
             views = self._rng(epoch, 1).integers(0, self.num_views, self.num_blocks)
+        else:
+            views = np.full(self.num_blocks, PER_ROW)
         mine = order[self.shard :: self.num_shards]
         starts = mine * self.block_rows
         stops = np.minimum(starts + self.block_rows, self.num_samples)
@@ -132,6 +139,18 @@ class BlockSampler:
         rows = self.shard_rows(epoch)[:, None]  # (num_shards, 1)
         return (rows // steps + (np.arange(steps) < rows % steps)).astype(np.int64)
 
+    def row_views(self, epoch: int, group: np.ndarray) -> np.ndarray:
+        """The view of each row of the window ``group`` (k, 3), in the window's row order:
+        int64 (n,). Under "sample" drawn per row from (seed, epoch) alone, so a row's view does
+        not depend on the reader, the window or the world size."""
+        counts = group[:, 1] - group[:, 0]
+        if self.view_policy != "sample":
+            return np.repeat(group[:, 2], counts)
+        if self._views is None or self._views[0] != epoch:
+            every = self._rng(epoch, 1).integers(0, self.num_views, self.num_samples)
+            self._views = (epoch, every)  # (N,): one draw per epoch, not per window
+        return self._views[1][np.concatenate([np.arange(a, z) for a, z, _ in group])]
+
     def windows(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(blocks of the window (k, 3), permutation of the window's rows)."""
         blocks = self.blocks(epoch)
@@ -140,6 +159,30 @@ class BlockSampler:
             group = blocks[w : w + self.window]
             rows = int((group[:, 1] - group[:, 0]).sum())
             yield group, rng.permutation(rows)
+
+
+def read_window(store, group: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
+    """Decode the rows of the window ``group`` (k, 3) into ``out`` (n, C) float32, in order.
+
+    A block is read from its view; a block of the "sample" policy (view ``PER_ROW``) once per
+    view its rows use (``views``, (n,)), each row taken from its own.
+    """
+    at, scratch = 0, None
+    for start, stop, view in group.tolist():
+        n = stop - start
+        part = out[at : at + n]
+        mine = views[at : at + n]
+        used = [view] if view != PER_ROW else np.unique(mine).tolist()
+        if len(used) == 1:
+            store.read_block(used[0], start, stop, out=part)
+        else:
+            if scratch is None or len(scratch) < n:
+                scratch = np.empty((n, out.shape[1]), np.float32)
+            for v in used:
+                store.read_block(v, start, stop, out=scratch[:n])
+                rows = mine == v
+                part[rows] = scratch[:n][rows]
+        at += n
 
 
 class LogitBatches:
@@ -265,19 +308,17 @@ class LogitBatches:
         ]
         k, filled = 0, 0
         for group, perm in sampler.windows(self.epoch):
-            counts = group[:, 1] - group[:, 0]
             rows = np.concatenate([np.arange(a, z) for a, z, _ in group])  # the window's rows
-            one_view = bool((group[:, 2] == group[0, 2]).all())
-            views = int(group[0, 2]) if one_view else np.repeat(group[:, 2], counts)
+            views = sampler.row_views(self.epoch, group)  # (n,)
+            one_view = bool((views == views[0]).all())
             if in_ram:  # gather straight from the views in RAM: no copy of the window
-                src = self._ram_views(np.unique(group[:, 2]))
-                where = (views if one_view else views[perm]) * s.num_samples + rows[perm]
+                src = self._ram_views(np.unique(views))
+                where = views[perm] * s.num_samples + rows[perm]
             else:
-                at = 0
-                for (start, stop, view), n in zip(group.tolist(), counts.tolist()):
-                    s.read_block(view, start, stop, out=pool[at : at + n])
-                    at += n
+                read_window(s, group, views, pool[: len(rows)])
                 src, where = pool, perm
+            if one_view:
+                views = int(views[0])
             rows = rows[perm]
             if not one_view:
                 views = views[perm]

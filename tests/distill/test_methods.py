@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,19 @@ def test_views_rotate_by_epoch(tiny_run):
     path = train_student(config, progress=False)
     records = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["views"] for r in records] == [[0], [1], [0]]  # view = epoch mod V, V = 2
+
+
+def test_sample_policy_trains_every_epoch_on_both_views(tiny_run):
+    config = tiny_run.config(
+        "distill.method=kd",
+        "distill.name=per-row",
+        "distill.epochs=2",
+        "distill.view_policy=sample",
+    )
+    path = train_student(config, progress=False)
+    records = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["views"] for r in records] == [[0, 1], [0, 1]]
+    assert all(np.isfinite(r["loss"]["total"]) for r in records)
 
 
 def test_config_key_ignores_device_and_loader_settings() -> None:

@@ -40,7 +40,8 @@ def _batches(tiny_run, *, in_ram: bool, policy: str = "epoch"):
 
 
 @pytest.mark.parametrize(
-    ("in_ram", "policy"), [(False, "epoch"), (True, "epoch"), (False, "block")]
+    ("in_ram", "policy"),
+    [(False, "epoch"), (True, "epoch"), (False, "block"), (False, "sample"), (True, "sample")],
 )
 def test_batches_replay_the_teachers_inputs_and_logits(tiny_run, in_ram, policy):
     store, train, batches = _batches(tiny_run, in_ram=in_ram, policy=policy)
@@ -59,6 +60,8 @@ def test_batches_replay_the_teachers_inputs_and_logits(tiny_run, in_ram, policy)
                 assert torch.equal(batch.teacher[rows], torch.from_numpy(store.read(idx, int(v))))
             if policy == "epoch":
                 assert set(batch.views.tolist()) == {epoch % 2}
+            if policy == "sample":  # rows of one block (and so of one batch) mix the views
+                assert set(batch.views.tolist()) == {0, 1}
         order = np.concatenate(seen)
         assert np.array_equal(np.sort(order), np.arange(len(train)))  # every row once
         assert not np.array_equal(order, np.arange(len(train)))  # shuffled
@@ -138,3 +141,24 @@ def test_to_device_copies_pinned_batches_to_cuda():
         assert torch.equal(after.x.cpu(), before.x) and torch.equal(
             after.teacher.cpu(), before.teacher
         )
+
+
+def test_sample_policy_draws_a_view_per_row_whoever_reads_it():
+    """Under "sample" a row's view depends on (seed, epoch, row) only: not on the reader's shard,
+    the window, or which other rows are read with it; it changes with the epoch."""
+
+    def views(shard: int, shards: int, window: int, epoch: int) -> dict[int, int]:
+        s = BlockSampler(1000, 32, 3, window, seed=7, view_policy="sample", shard=shard,
+                         num_shards=shards)  # fmt: skip
+        out = {}
+        for group, _ in s.windows(epoch):
+            rows = np.concatenate([np.arange(a, b) for a, b, _ in group])
+            out.update(zip(rows.tolist(), s.row_views(epoch, group).tolist()))
+        return out
+
+    one = views(0, 1, 4, epoch=2)
+    two = {**views(0, 2, 1, epoch=2), **views(1, 2, 5, epoch=2)}
+    assert len(one) == 1000 and one == two
+    counts = np.bincount(list(one.values()), minlength=3)
+    assert counts.min() > 250  # about a third each
+    assert one != views(0, 1, 4, epoch=3)

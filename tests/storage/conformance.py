@@ -456,6 +456,20 @@ class LogitStoreTests:
         views = np.concatenate([v.copy() for _, v, _ in batches])
         assert len(views) == (N // 50) * 50 and len(np.unique(views)) == V
 
+    @pytest.mark.parametrize("budget", [0, 1 << 30])
+    def test_sample_view_policy_reads_each_rows_own_view(self, tmp_path, budget):
+        path, _ = self.filled(tmp_path)
+        batches = LogitBatches(path, 40, view_policy="sample", memory_budget=budget, window=2)
+        seen = []
+        with open_store(path) as store:
+            for idx, views, logits in batches:
+                assert len(np.unique(views)) == V  # rows of one batch use every view
+                for v in range(V):
+                    rows = views == v
+                    np.testing.assert_array_equal(logits[rows], store.read(idx[rows], view=v))
+                seen.append(idx.copy())
+        assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(N))
+
     def test_shards_split_blocks_disjointly(self, tmp_path):
         path, _ = self.filled(tmp_path)
         parts = []
