@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from pipeline.errors import UserError
 from storage import LogitStore, create_store, open_store
@@ -36,6 +37,49 @@ if TYPE_CHECKING:
     from pipeline.distill_ddp import World
 
 FINGERPRINT_KIND = "pskd-self-teacher"
+
+
+class HostCopies:
+    """Hands each step's ``(indices, logits)`` to ``sink`` on the host without stalling the step.
+
+    On CUDA, step k's logits are copied into one of two pinned buffers with ``non_blocking`` on
+    the compute stream, and handed to ``sink`` at step k + 1, once that copy's event has passed
+    (long done by then): the step never waits for the device as ``.cpu()`` would. On the CPU the
+    rows go to ``sink`` at once. ``flush`` hands over the last step's rows.
+    """
+
+    def __init__(self, sink, device: torch.device) -> None:
+        self.sink = sink
+        self.cuda = device.type == "cuda"
+        self._buffers: list[torch.Tensor] = []
+        self._turn = 0
+        self._pending: tuple[np.ndarray, torch.Tensor, torch.cuda.Event] | None = None
+
+    def add(self, indices: np.ndarray, logits: torch.Tensor) -> None:
+        """Rows ``indices`` (B,) of ``logits`` (B, C) on the device (detached)."""
+        if not self.cuda:
+            self.sink(indices, logits.float().numpy())
+            return
+        self.flush()  # the previous step's copy: done by now, so no wait in practice
+        shape = tuple(logits.shape)
+        if len(self._buffers) < 2 or self._buffers[self._turn].shape[0] < shape[0]:
+            rows = max([shape[0], *(b.shape[0] for b in self._buffers)])
+            self._buffers = [
+                torch.empty((rows, shape[1]), dtype=torch.float32, pin_memory=True) for _ in "ab"
+            ]
+        host = self._buffers[self._turn][: shape[0]]
+        self._turn ^= 1
+        host.copy_(logits, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (indices, host, event)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            indices, host, event = self._pending
+            self._pending = None
+            event.synchronize()
+            self.sink(indices, host.numpy())
 
 
 class BlockWriter:

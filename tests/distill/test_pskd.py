@@ -10,7 +10,7 @@ import torch
 
 from pipeline.distill import output_dir, train_student
 from pipeline.distill_data import EpochBatches
-from pipeline.distill_pskd import FINGERPRINT_KIND, BlockWriter
+from pipeline.distill_pskd import FINGERPRINT_KIND, BlockWriter, HostCopies
 from pipeline.errors import UserError
 from pipeline.models import read_checkpoint
 from storage import create_store, open_store
@@ -113,3 +113,28 @@ def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
     shutil.rmtree(out / "pskd" / "epoch0000.zarr")
     with pytest.raises(UserError, match="epoch0000.zarr of epoch 1 is missing"):
         train_student(config, progress=False)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA"))],
+)  # fmt: skip
+def test_host_copies_hand_every_steps_rows_over_in_order(device):
+    """On CUDA a step's rows arrive one step later (copied without a sync), the last at flush;
+    the rows are the step's own even though the device tensor is overwritten meanwhile."""
+    got = []
+    copies = HostCopies(lambda idx, rows: got.append((idx, rows.copy())), torch.device(device))
+    sent = []
+    buf = torch.empty((8, 5), device=device)
+    for step, size in enumerate([8, 8, 3, 8]):  # a short batch between full ones
+        idx = np.arange(size) + 10 * step
+        buf[:size] = torch.arange(size * 5, dtype=torch.float32, device=device).view(size, 5) + step
+        copies.add(idx, buf[:size])
+        sent.append((idx, buf[:size].cpu().numpy().copy()))
+        assert len(got) == (step + 1 if device == "cpu" else step)
+    copies.flush()
+    assert len(got) == len(sent)
+    for (i1, r1), (i2, r2) in zip(got, sent):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(r1, r2)
