@@ -148,13 +148,22 @@ class TeacherLogits:
         return x.numpy(), params
 
     def __call__(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        self._reuse_loaded()
-        out, params = [], []
-        for a in range(start, stop, self.batch_size):
-            b = min(a + self.batch_size, stop)
-            x, p = self.inputs(view, a, b)
-            out.append(self.runner.run(x, np.arange(a, b)))
-            params.append(p)
+        """Raw logits (n, C) and view parameters (n, P) of rows [start, stop) of ``view``; the
+        next batch's input is prepared while ONNX Runtime runs this one, as in one process."""
+        runner = self.runner  # loaded (or reused) in this thread, before the helper starts
+        jobs = [(a, min(a + self.batch_size, stop)) for a in range(start, stop, self.batch_size)]
+        out: list[np.ndarray] = []
+        params: list[np.ndarray] = []
+
+        def compute(inputs: tuple) -> np.ndarray:
+            (a, b), (x, _) = inputs
+            return runner.run(x, np.arange(a, b))
+
+        def keep(job: tuple, inputs: tuple, logits: np.ndarray) -> None:
+            out.append(logits)  # jobs reach ``keep`` in order
+            params.append(inputs[1][1])
+
+        run_overlapped(jobs, lambda job: (job, self.inputs(view, *job)), compute, keep)
         return np.concatenate(out), np.concatenate(params)
 
 
