@@ -8,7 +8,10 @@ for 8 epochs so that its logits carry something for the students to learn.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,18 @@ STUDENT = (
 )
 #: Environment of the subprocesses the tests start (see ``one_thread``).
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` in a real process, one thread, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **ONE_THREAD},
+        timeout=300,
+    )
 
 
 @dataclass(frozen=True)

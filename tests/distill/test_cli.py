@@ -7,10 +7,8 @@ the same refusals (``MORE_BAD``) go through the same ``main`` in this process.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,7 +18,7 @@ from pipeline.__main__ import main
 from pipeline.data import splits
 from pipeline.distill import output_dir
 from storage import create_store, open_store
-from tests.distill.conftest import ONE_THREAD, REPO
+from tests.distill.conftest import run_cli
 
 OK = ("distill.method=dkd", "distill.epochs=2", "distill.name=cli-dkd")
 
@@ -83,17 +81,6 @@ def _crafted_store(path, tiny_run, classes: int, labels: np.ndarray) -> None:
         store.write(0, 0, np.zeros((256, classes), np.float32), params)
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **ONE_THREAD},
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def results(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("cli")
@@ -110,7 +97,7 @@ def results(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess
     }
     jobs["ok"] = tiny_run.argv(*OK)
     with ThreadPoolExecutor(4) as pool:
-        return dict(zip(jobs, pool.map(_cli, jobs.values())))
+        return dict(zip(jobs, pool.map(run_cli, jobs.values())))
 
 
 @pytest.mark.parametrize("case", list(BAD))

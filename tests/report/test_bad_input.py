@@ -6,10 +6,8 @@ interpreter start-up); their variants go through the same ``main`` in this proce
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,7 +16,8 @@ from pipeline.__main__ import main
 from pipeline.config import SweepConfig, load_config, save_resolved
 from pipeline.distill_inputs import method_names
 from pipeline.sweep import plan_sweep
-from tests.report.conftest import ONE_THREAD, REPO, TINY, argv
+from tests.distill.conftest import run_cli
+from tests.report.conftest import TINY, argv
 
 # name → (stage, --set overrides, the message expected on the one line of stderr)
 CLI: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -61,17 +60,6 @@ IN_PROCESS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **ONE_THREAD},
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, object]]:
     jobs = {}
@@ -79,7 +67,7 @@ def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, ob
         run_dir = tmp_path_factory.mktemp("bad") / "run"
         jobs[name] = (argv(stage, run_dir, *sets), run_dir)
     with ThreadPoolExecutor(3) as pool:
-        done = pool.map(_cli, [args for args, _ in jobs.values()])
+        done = pool.map(run_cli, [args for args, _ in jobs.values()])
         return {name: (result, jobs[name][1]) for name, result in zip(jobs, done)}
 
 
