@@ -15,6 +15,8 @@ checked with ``session.get_providers()`` after it is made: "cuda" that did not s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -141,6 +143,25 @@ def check_external_data(onnx_path: str | os.PathLike[str]) -> None:
             )
 
 
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN before the CUDA provider needs them (``onnxruntime.preload_dlls``).
+
+    The provider's library is opened lazily and needs ``libcudart``/``libcublas``/``libcudnn``;
+    pip installs them under ``site-packages/nvidia/*/lib``, which is not on the loader's path, so
+    without this the provider fails to start and ONNX Runtime silently stays on the CPU. The
+    function (ORT ≥ 1.21) takes them from an imported CUDA PyTorch or from those packages. Anything
+    it cannot load is left to the session check that follows, which names the failure.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or not _cuda_device_present():
+        return
+    # It prints a line per library it cannot find; the one-line error below says what matters.
+    # A library it cannot load is left to the session check as well.
+    quiet = (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()))
+    with quiet[0], quiet[1], contextlib.suppress(Exception):
+        preload()
+
+
 def make_session(
     onnx_path: str | os.PathLike[str],
     provider: str = "auto",
@@ -195,6 +216,7 @@ def make_session(
             ) from e
 
     if want_cuda:
+        _preload_cuda_libraries(ort)
         session = create([PROVIDERS["cuda"], PROVIDERS["cpu"]])
         active = session.get_providers()
         if active and active[0] == PROVIDERS["cuda"]:

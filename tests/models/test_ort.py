@@ -63,6 +63,31 @@ def test_cuda_requested_but_not_active_is_an_error(teacher) -> None:
         make_session(path, provider="cuda")
 
 
+def test_cuda_libraries_preloaded_quietly_where_a_gpu_is(monkeypatch, capfd) -> None:
+    """preload_dlls prints a line per missing library; none reaches the user, nothing raises,
+    and without a GPU it is not called at all."""
+    import types
+
+    from pipeline import ort as lb_ort
+
+    calls = []
+
+    def preload_dlls() -> None:
+        calls.append(1)
+        print("Failed to load libcudnn.so.9: not found")
+        raise OSError("libcudart.so.13: cannot open shared object file")
+
+    fake = types.SimpleNamespace(preload_dlls=preload_dlls)
+    monkeypatch.setattr(lb_ort, "_cuda_device_present", lambda: True)
+    lb_ort._preload_cuda_libraries(fake)
+    assert calls == [1]
+    assert capfd.readouterr() == ("", "")
+    monkeypatch.setattr(lb_ort, "_cuda_device_present", lambda: False)
+    lb_ort._preload_cuda_libraries(fake)
+    assert calls == [1]
+    lb_ort._preload_cuda_libraries(types.SimpleNamespace())  # ORT < 1.21: no such function
+
+
 def test_bad_arguments(teacher, tmp_path) -> None:
     _, path = teacher
     with pytest.raises(UserError, match="unknown ONNX Runtime provider 'tpu'; .*auto, cuda, cpu"):
