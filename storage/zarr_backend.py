@@ -184,8 +184,8 @@ class ZarrLogitStore(LogitStore):
     @classmethod
     def open(cls, path: str, mode: str, layout: Layout, attrs: dict) -> ZarrLogitStore:
         lock = _writer_lock(path) if mode in ("a", "w") else None
-        if lock is not None and not urls.is_url(path):
-            _remove_partials(path)
+        if lock is not None:  # a local path or a file:// URL: its files are on this machine
+            _remove_partials(lock.store_path)
         try:
             group = zarr.open_group(
                 _zarr_store(path, read_only=mode == "r"),

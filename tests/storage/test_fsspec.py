@@ -90,6 +90,23 @@ class TestZarrFileURL(LogitStoreTests):
         for rel in files:
             assert Path(_local(url), rel).read_bytes() == Path(local, rel).read_bytes(), rel
 
+    def test_leftover_partial_files_are_cleared_when_a_writer_opens(self, tmp_path):
+        """A writer killed mid-write leaves ``NAME.HEX.partial`` (the atomic write's temporary
+        file); the next writer of a file:// store removes it, as on a local path."""
+        path = self.path(tmp_path)
+        self.make(path, "float32").close()
+        shard_dir = Path(_local(path), "logits", "c")
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        left = shard_dir / f"0.{uuid.uuid4().hex}.partial"
+        left.write_bytes(b"half a shard")
+        with open_store(path, mode="r") as store:  # a reader leaves it alone
+            assert store.layout.num_views == V
+        assert left.exists()
+        with open_store(path, mode="a") as store:
+            self.fill(store, teacher_logits())
+        assert not left.exists()
+        assert not list(Path(_local(path)).rglob("*.partial"))
+
     def test_parallel_write_to_url_equals_serial_local(self, tmp_path):
         url, local = self.path(tmp_path, "par"), str(tmp_path / "serial.zarr")
         self.make(url, "float16", view_param_width=3).close()
