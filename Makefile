@@ -62,13 +62,13 @@ $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
 distill: precompute ## one student from the store (METHOD=kd STUDENT=small_cnn SEED=0 NPROC=n)
-	$(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY)) \
-	  -m pipeline distill $(STAGE_ARGS) $(if $(METHOD),--set distill.method=$(METHOD)) \
-	  $(if $(STUDENT),--set distill.student=$(STUDENT)) $(if $(SEED),--set distill.seed=$(SEED))
+	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(NPROC),--nproc $(NPROC)) \
+	  $(if $(METHOD),--set distill.method=$(METHOD)) $(if $(STUDENT),--set distill.student=$(STUDENT)) \
+	  $(if $(SEED),--set distill.seed=$(SEED))
 
-sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store
+sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store (NPROC=n: each under torchrun)
 $(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done
-	$(PY) -m pipeline sweep $(STAGE_ARGS)
+	$(PY) -m pipeline sweep $(STAGE_ARGS) $(if $(NPROC),--nproc $(NPROC))
 
 report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's students
 	$(PY) -m pipeline report $(STAGE_ARGS)

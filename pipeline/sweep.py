@@ -9,24 +9,34 @@ value, two runs writing one folder — so a typo fails in a second, not after ho
 failing student is reported and the sweep goes on with the others; ``sweep.done`` is written only
 when every run finished. Finished runs are not trained again (``train_student`` recognises its
 own checkpoint), so rerunning a sweep after adding runs or seeds trains only the new ones.
+
+With ``nproc`` (``make sweep NPROC=n``) the sweep itself stays one process and starts each student
+on n ranks under torchrun's launcher (:mod:`pipeline.launch`, DDP as in
+:mod:`pipeline.distill_ddp`) with the run's resolved config: every student gets a fresh process
+group, and a student that fails stops only its own ranks, as a failed student does in a
+one-process sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, save_resolved
 from pipeline.distill import config_key, output_dir, train_student
+from pipeline.distill_ddp import World
 from pipeline.distill_inputs import build_student_method
 from pipeline.distill_state import finished
 from pipeline.errors import EXPECTED_ERRORS, ConfigError, ModelError, UserError
 from pipeline.fileio import atomic_write
+from pipeline.launch import torchrun
 from pipeline.models import MODELS, read_checkpoint
 
 # Only checks that the method and its options exist; the class count matters to no check, just
@@ -121,11 +131,44 @@ def _summary(path: Path) -> tuple[float, float]:
     return final, max((float(r["test_acc"]) for r in history), default=final)
 
 
+class StudentProcessFailed(UserError):
+    """A student trained under torchrun ended with a non-zero status (its rank 0 said why)."""
+
+
+def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -> Path:
+    """Train one student on ``nproc`` ranks: ``python -m pipeline distill`` under torchrun's
+    launcher (:mod:`pipeline.launch`), on ``config``.
+
+    The config travels as its resolved YAML (a temporary file), so the student's folder, config
+    key and checkpoint are those a one-process ``train_student(config)`` gives.
+
+    Raises:
+        StudentProcessFailed: the ranks ended with a non-zero status; rank 0's one-line error is
+            above it on stderr.
+    """
+    fd, name = tempfile.mkstemp(prefix="logitbank-sweep-", suffix=".yaml")
+    os.close(fd)
+    try:
+        save_resolved(config, name)
+        argv = ["distill", "--config", name]
+        status = torchrun(nproc, argv if progress else [*argv, "--quiet"])
+    finally:
+        os.unlink(name)
+    checkpoint = output_dir(config) / "student.pt"
+    if status != 0 or not checkpoint.is_file():
+        raise StudentProcessFailed(
+            f"its {nproc} processes under torchrun stopped with exit status {status} (the "
+            f"error is above); rerun the sweep to retry it"
+        )
+    return checkpoint
+
+
 def run_sweep(
     config: Config,
     *,
     progress: bool = True,
     on_run: Callable[[Outcome, int, int], None] | None = None,
+    nproc: int | None = None,
 ) -> list[Outcome]:
     """Train every (run, seed) of ``config.sweep`` that is not finished yet.
 
@@ -134,11 +177,22 @@ def run_sweep(
         progress: progress bars and per-epoch lines from each student.
         on_run: called as ``on_run(outcome, position, total)`` when a run ends (positions from
             1), e.g. to print its line at once rather than after the whole sweep.
+        nproc: train each student on this many processes under torchrun (None: in this one).
+
+    Raises:
+        UserError: ``nproc`` below 1, or the sweep itself started under torchrun.
 
     Returns:
         One outcome per (run, seed), in order. A failed run does not stop the others;
         ``sweep.done`` is written only when none failed (and removed otherwise).
     """
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if World.from_env().distributed:
+        raise UserError(
+            "the sweep runs as one process and starts torchrun for each student itself: run "
+            "`python -m pipeline sweep --nproc N` (make sweep NPROC=N), not under torchrun"
+        )
     planned = plan_sweep(config)  # before anything trains: a bad entry costs nothing
     marker = done_path(config)
     marker.unlink(missing_ok=True)  # a sweep with other runs is not done because an old one was
@@ -148,7 +202,9 @@ def run_sweep(
         try:
             ckpt = item.folder / "student.pt"
             status = "finished" if finished(ckpt, config_key(item.config)) else "trained"
-            if status == "trained":
+            if status == "trained" and nproc is not None:
+                ckpt = train_under_torchrun(item.config, nproc, progress=progress)
+            elif status == "trained":
                 ckpt = train_student(item.config, progress=progress)
             final, best = _summary(ckpt)
             outcome = Outcome(item, status, final, best, time.perf_counter() - t0)

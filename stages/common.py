@@ -26,6 +26,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_nproc_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"train {what} on N processes of this machine under torchrun (DDP: one per GPU, "
+        "gloo on the CPU)",
+    )
+
+
 def config_from_args(args: argparse.Namespace, stage: str) -> Config:
     """The resolved config; the command line writes it to RUN_DIR/STAGE.config.yaml once the
     stage has run (``save_pending``), so that a refused rerun does not replace the record of

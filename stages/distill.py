@@ -1,19 +1,34 @@
 """`distill`: train a student from the teacher's logit store with one method (or `ce`).
 
 Under torchrun every rank runs this; rank 0 prints the result, and an error is printed once (see
-``pipeline.distill_ddp``): the other ranks end with exit status 2 and nothing on stderr.
+``pipeline.distill_ddp``): the other ranks end with exit status 2 and nothing on stderr, after
+giving the reporting rank time to print and exit first (torchrun stops the others the moment one
+rank fails: had a silent rank gone first, it could stop rank 0 before or while it printed).
+``--nproc N`` starts those N ranks itself (:mod:`pipeline.launch`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
-from stages.common import add_config_arguments
+from stages.common import add_config_arguments, add_nproc_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    add_nproc_argument(parser, "the student")
+
+
+#: How long a rank that stops without printing waits for the rank that prints to exit first.
+#: torchrun ends it as soon as that one has failed, so the wait is normally milliseconds.
+STOPPED_RANK_GRACE_S = 10.0
+
+
+def _stopped_rank_exit() -> int:
+    time.sleep(STOPPED_RANK_GRACE_S)
+    return 2
 
 
 def _quiet_rank() -> bool:
@@ -23,6 +38,20 @@ def _quiet_rank() -> bool:
         return int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ["LOCAL_RANK"]) > 0
     except (KeyError, ValueError):
         return False
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command on N ranks under torchrun's launcher (the config is
+    already checked here, so a typo is one line before any process starts)."""
+    from pipeline.errors import UserError
+    from pipeline.launch import torchrun
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise UserError("--nproc starts torchrun itself: run it without torchrun, or drop --nproc")
+    argv = ["distill", "--config", args.config, *(a for s in args.set for a in ("--set", s))]
+    return torchrun(args.nproc, [*argv, "--quiet"] if args.quiet else argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)  # before torch is imported: typos fail fast
     except EXPECTED_ERRORS:
         if _quiet_rank():
-            return 2
+            return _stopped_rank_exit()
         raise
+
+    if args.nproc is not None:
+        return _launch(args)
 
     from pipeline.distill import train_student
     from pipeline.distill_ddp import RankStopped, World
@@ -45,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = train_student(config, progress=not args.quiet)
     except RankStopped:  # another rank failed and rank 0 reports it
-        return 2
+        return _stopped_rank_exit()
     if not World.from_env().main:
         return 0
     acc = read_checkpoint(path).extra.get("test_acc")

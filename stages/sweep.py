@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stages.common import add_config_arguments, config_from_args
+from stages.common import add_config_arguments, add_nproc_argument, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    add_nproc_argument(parser, "each student")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     def show(outcome, position: int, total: int) -> None:
         print(outcome.line(total, position), flush=True)
 
-    outcomes = run_sweep(config, progress=not args.quiet, on_run=show)
+    outcomes = run_sweep(config, progress=not args.quiet, on_run=show, nproc=args.nproc)
     failed = [o.run.folder.name for o in outcomes if o.status == "failed"]
     if failed:
         # Not exit 2: the sweep's input was fine, some students failed while training.

@@ -284,6 +284,8 @@ CASES: list[Case] = [
          stage("precompute", extra=("--scheduler", "nonsense")),
          "precompute.scheduler must be a dask scheduler address like tcp://host:8786, "
          "got 'nonsense'"),
+    Case("cli-zero-nproc", "CLI", "`distill --nproc 0`",
+         stage("distill", extra=("--nproc", "0")), "--nproc must be at least 1, got 0"),
     # ---- datasets ----
     Case("data-missing", "dataset", "Fashion-MNIST files not there",
          stage("teacher", "data.kind=fashion_mnist", "data.path={run}/nowhere", "data.options={}"),

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,14 +23,17 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import load_config
 from pipeline.data import splits
 from pipeline.distill import evaluate, output_dir, train_student
 from pipeline.distill_data import Batch, EpochBatches, ViewParams
+from pipeline.errors import UserError
 from pipeline.models import build_model, read_checkpoint
+from pipeline.sweep import run_sweep
 from storage import open_store
 from storage.errors import StoreError
 from storage.sampler import BlockSampler
-from tests.distill.conftest import ONE_THREAD, REPO, TINY
+from tests.distill.conftest import ONE_THREAD, REPO, TINY, run_cli
 
 RANKS = 2
 TORCHRUN = (
@@ -316,6 +320,21 @@ def test_a_refusal_is_one_line_from_rank_0(tiny_run):
     assert str(REPO / "pipeline") not in done.stderr and str(REPO / "stages") not in done.stderr
 
 
+def test_nproc_starts_the_ranks_and_a_refusal_is_its_one_line(tiny_run):
+    """``distill --nproc 2``: torchrun's launcher, quiet: rank 0's line is all of stderr."""
+    argv = tiny_run.argv(*PSKD[:-1], "precompute.backend=hdf5", "distill.name=ddp-h5n")
+    done = run_cli([*argv, "--nproc", str(RANKS)])
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert re.fullmatch(r"error: PS-KD under torchrun .* set precompute.backend=zarr.*", line)
+    for nproc in ("0", "-1"):
+        refused = run_cli([*argv, "--nproc", nproc])
+        assert (refused.returncode, refused.stderr) == (
+            2,
+            f"error: --nproc must be at least 1, got {nproc}\n",
+        )
+
+
 def test_killed_under_torchrun_resumes_to_the_same_weights(tiny_run, kd_two, scripted):
     killed = scripted[1]
     assert killed.returncode != 0
@@ -333,3 +352,45 @@ def test_killed_under_torchrun_resumes_to_the_same_weights(tiny_run, kd_two, scr
     assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
     assert a.extra["test_acc"] == b.extra["test_acc"]
     assert not (out / "state.pt").exists()
+
+
+# ---- a sweep with every student under torchrun ----------------------------------------------
+
+
+def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
+    """``sweep --nproc 2``: each student is its own 2-rank torchrun; a student that fails (more
+    views asked than stored) is reported and the others go on; a rerun finds the finished one."""
+    runs = "[{method: kd, name: swp-kd}, {method: kd, name: swp-bad, views: 9}]"
+    sets = [*tiny_run.sets("distill.epochs=2", "distill.milestones=[1]"), f"sweep.runs={runs}"]
+    argv = ["sweep", "--config", str(TINY), "--quiet", "--nproc", str(RANKS)]
+    argv += [arg for item in [*sets, "sweep.seeds=[0]"] for arg in ("--set", item)]
+    config = load_config(TINY, [*sets, "sweep.seeds=[0]"])
+    kd_dir = config.run_path / "distill" / "swp-kd-s0"
+
+    first = run_cli(argv)
+    assert first.returncode == 1, first.stderr[-3000:]
+    lines = [line for line in first.stdout.splitlines() if line.startswith("sweep ")]
+    assert re.fullmatch(r"sweep 1/2 swp-kd-s0: trained, test top-1 [\d.]+% .*", lines[0]), lines
+    assert lines[1] == (
+        f"sweep 2/2 swp-bad-s0: FAILED: its {RANKS} processes under torchrun stopped with exit "
+        "status 2 (the error is above); rerun the sweep to retry it"
+    )
+    errors = first.stderr.splitlines()
+    assert errors[0].startswith("error: distill.views=9 but store "), errors  # rank 0's line
+    assert errors[1].startswith("error: 1 of 2 sweep runs failed (swp-bad-s0)"), errors
+    assert len(errors) == 2, errors  # nothing from torchrun's launcher
+    history = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in history] == [RANKS, RANKS]
+    assert not list(Path(tempfile.gettempdir()).glob("logitbank-sweep-*.yaml"))
+
+    again = run_cli(argv)  # the resolved config round-trips: the same key, nothing retrained
+    assert again.stdout.startswith("sweep 1/2 swp-kd-s0: already finished"), again.stdout
+
+    refused = run_cli([*argv[:5], "0", *argv[6:]])
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "error: --nproc must be at least 1, got 0"
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match=r"not under torchrun"):
+        run_sweep(config, progress=False)
