@@ -10,8 +10,8 @@
 #   device: run(command="bash tests/gpu/ort_gpu_wheel.sh receive 1", carry=[".ortgpu/p1"])
 #           ... the same for 2, 3 (prepare prints the exact list; PART_MIB=60 if a carry is
 #           refused as too large: the tracked tree travels with each part) ...
-#   device: run(command="bash tests/gpu/ort_gpu_wheel.sh install && PYTHONPATH=/tmp/ortsite:$PWD \
-#               python3 -m tests.gpu.check_ort --out $OUT", carry=[".ortgpu/p4"])
+#   device: run(command="bash tests/gpu/ort_gpu_wheel.sh install && STEPS=ort \
+#               bash tests/gpu/run_on_device.sh", carry=[".ortgpu/p4"])
 #
 # `install` receives the part carried with it too, checks the whole wheel's sha256 and installs
 # it with --target /tmp/ortsite (put that first on PYTHONPATH so it shadows the CPU build).
@@ -62,7 +62,7 @@ prepare)
     for i in $(seq 1 $((n - 1))); do
         echo "  run(command=\"bash tests/gpu/ort_gpu_wheel.sh receive $i\", carry=[\"$DIR/p$i\"])"
     done
-    echo "  run(command=\"bash tests/gpu/ort_gpu_wheel.sh install && PYTHONPATH=/tmp/ortsite:\$PWD python3 -m tests.gpu.check_ort --out \$OUT\", carry=[\"$DIR/p$n\"])"
+    echo "  run(command=\"bash tests/gpu/ort_gpu_wheel.sh install && STEPS=ort bash tests/gpu/run_on_device.sh\", carry=[\"$DIR/p$n\"])"
     ;;
 receive)
     receive

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine (H200/H100), from the repository root:
+# Runs on a lent GPU machine (H200/H100), from the repository root:
 #
-#     bash tests/gpu/run_on_device.sh          # results under $OUT (./gpu_out if unset)
+#     STEPS="kernels losses" bash tests/gpu/run_on_device.sh     # results under $OUT (./gpu_out)
 #
-# 1. environment: nvidia-smi -L, python/torch/CUDA/triton versions           -> $OUT/env.txt
-# 2. python -m tests.gpu.check_kernels: compiled fused kernels vs the float64 oracle, 8 worker
-#    processes, new cases stop at 150 s, killed at 230 s    -> $OUT/check_kernels.{log,json,txt}
-# 3. python -m tests.benchmarks.bench_losses --quick: eager vs torch.compile vs fused, KD/DKD,
-#    C = 10..131072, no new compile after 75 s, killed at 140 s    -> $OUT/bench_losses.{log,json}
-# The benchmark runs whatever the check gave. Expected ~3-4 minutes; at most ~6 with the caps.
-# Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the benchmark failed.
+# Steps (STEPS, in this order; default "kernels losses"):
+#   kernels  python -m tests.gpu.check_kernels: compiled fused kernels vs the float64 oracle, 8
+#            worker processes, new cases stop at 150 s, killed at 230 s  -> check_kernels.{log,json,txt}
+#   losses   python -m tests.benchmarks.bench_losses --quick: eager vs torch.compile vs fused,
+#            KD/DKD, C = 10..131072, killed at 140 s                     -> bench_losses.{log,json}
+#   ort      python -m tests.gpu.check_ort (CUDA provider, I/O binding, fp16 vs torch): needs
+#            onnxruntime-gpu at /tmp/ortsite (tests/gpu/ort_gpu_wheel.sh), killed at 150 s
+#   distill  the distill stage on CUDA: tests/distill/test_cuda.py (follows the CPU, fused kernels
+#            used), then bench_distill --device cuda --repeats 1 (CE / offline / online KD rows/s
+#            and GPU memory), killed at 100 s and 300 s                  -> distill.log
+#   dask     precompute of the tiny config by a `dask scheduler` and one `dask worker --resources
+#            GPU=1` pinned to GPU 0, against one process; killed at 150 s -> dask.log
+# distill and dask need zarr and dask, which the image lacks: carry `.whl` (README of the device
+# tool; the wheels: zarr numcodecs donfig google_crc32c dask distributed tornado tblib zict locket
+# partd) and they are installed to /tmp/site first.
+# Expected: kernels+losses ~4-6 min; distill ~5; dask ~2; ort ~1 (plus the wheel's 4 carries).
+# Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
+# 3 a later step failed.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -18,7 +29,14 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not pip-installed there
 unset TRITON_INTERPRET LOGITBANK_KERNELS  # compiled kernels; impl="auto" as shipped
 PY=${PYTHON:-python3}
+STEPS=" ${STEPS:-kernels losses} "
 start=$(date +%s)
+has() { [[ "$STEPS" == *" $1 "* ]]; }
+if [ -d .whl ] && { has distill || has dask; }; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" \
+        && export PATH="/tmp/site/bin:$PATH"
+fi
 
 {
     echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on ${HOSTNAME:-?}, $(nproc) CPUs, repo $PWD"
@@ -41,19 +59,52 @@ PYEOF
     git rev-parse --short HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== check_kernels ($(( $(date +%s) - start ))s)"
-timeout -k 10 230 "$PY" -m tests.gpu.check_kernels --out "$OUT" 2>&1 | tee "$OUT/check_kernels.log"
-check_rc=$?
+check_rc=0
+bench_rc=0
+later_rc=0
+if has kernels; then
+    echo "== check_kernels ($(( $(date +%s) - start ))s)"
+    timeout -k 10 230 "$PY" -m tests.gpu.check_kernels --out "$OUT" 2>&1 \
+        | tee "$OUT/check_kernels.log"
+    check_rc=$?
+fi
 
-echo "== bench_losses --quick ($(( $(date +%s) - start ))s)"
-timeout -k 10 140 "$PY" -m tests.benchmarks.bench_losses --quick --out "$OUT" 2>&1 \
-    | tee "$OUT/bench_losses.log"
-bench_rc=$?
+if has losses; then
+    echo "== bench_losses --quick ($(( $(date +%s) - start ))s)"
+    timeout -k 10 140 "$PY" -m tests.benchmarks.bench_losses --quick --out "$OUT" 2>&1 \
+        | tee "$OUT/bench_losses.log"
+    bench_rc=$?
+fi
 
-echo "== check_kernels summary again (full log: $OUT/check_kernels.log)"
-sed -n '/^summary: worst/,$p' "$OUT/check_kernels.log"
-echo "== check_kernels rc=$check_rc, bench_losses rc=$bench_rc (124 = killed by timeout)," \
-    "$(( $(date +%s) - start ))s in all"
+if has ort; then
+    echo "== check_ort ($(( $(date +%s) - start ))s)"
+    PYTHONPATH="/tmp/ortsite:$PYTHONPATH" timeout -k 10 150 "$PY" -m tests.gpu.check_ort \
+        --out "$OUT" 2>&1 | tee "$OUT/check_ort.log" || later_rc=3
+fi
+
+if has distill; then
+    echo "== distill on CUDA ($(( $(date +%s) - start ))s)"
+    {
+        timeout -k 10 100 "$PY" -m pytest -q -p no:cacheprovider tests/distill/test_cuda.py \
+            || echo "test_cuda FAILED ($?)"
+        timeout -k 10 300 "$PY" -m tests.benchmarks.bench_distill --device cuda --repeats 1 \
+            || echo "bench_distill FAILED ($?)"
+    } 2>&1 | tee "$OUT/distill.log"
+    grep -q FAILED "$OUT/distill.log" && later_rc=3
+fi
+
+if has dask; then
+    echo "== precompute on a dask worker with a GPU ($(( $(date +%s) - start ))s)"
+    timeout -k 10 150 bash tests/gpu/dask_gpu_worker.sh "$PY" 2>&1 | tee "$OUT/dask.log" \
+        || later_rc=3
+fi
+
+if has kernels; then
+    echo "== check_kernels summary again (full log: $OUT/check_kernels.log)"
+    sed -n '/^summary: worst/,$p' "$OUT/check_kernels.log"
+fi
+echo "== steps:$STEPS check_kernels rc=$check_rc, bench_losses rc=$bench_rc, later steps" \
+    "rc=$later_rc (124 = killed by timeout), $(( $(date +%s) - start ))s in all"
 if [ "$check_rc" -ne 0 ]; then exit 1; fi
 if [ "$bench_rc" -ne 0 ]; then exit 2; fi
-exit 0
+exit "$later_rc"
