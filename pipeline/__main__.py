@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -38,6 +39,12 @@ _OS_ERRORS = {
     errno.EPERM: ("operation not permitted", _LOCKED),
     errno.EROFS: ("read-only file system", _LOCKED),
 }
+
+
+def _first_rank() -> bool:
+    """Not a torchrun rank other than rank 0 (those stay quiet where every rank would say the
+    same)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 class UsageError(UserError):
@@ -83,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         write_resolved_config(args)  # the work done so far was made with it
-        print(
-            "interrupted: finished chunks are kept; rerun the same command to resume",
-            file=sys.stderr,
-        )
+        if _first_rank():  # Ctrl-C reaches every torchrun rank: one line is enough
+            print(
+                "interrupted: finished work is kept; rerun the same command to resume",
+                file=sys.stderr,
+            )
         return 130
     # Only a stage that ran writes RUN_DIR/STAGE.config.yaml: a refused one (exit 2) leaves the
     # record of how the outputs already there were made as it was.

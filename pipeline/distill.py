@@ -27,6 +27,7 @@ with test accuracy and config), ``metrics.jsonl`` (one line per epoch), ``config
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -42,8 +43,8 @@ from tqdm import tqdm
 from pipeline.config import Config, save_resolved, to_dict
 from pipeline.data import Split, splits
 from pipeline.distill_data import StoreRows, ToDevice, prefetch
-from pipeline.distill_ddp import RankStopped, World, pick_device
-from pipeline.distill_inputs import Sources, build_sources
+from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
+from pipeline.distill_inputs import DistillError, Sources, build_sources
 from pipeline.distill_pskd import HostCopies
 from pipeline.distill_state import (
     Student,
@@ -52,12 +53,12 @@ from pipeline.distill_state import (
     load_state,
     rng_state,
     save_state,
-    write_metrics,
 )
 from pipeline.errors import EXPECTED_ERRORS
 from pipeline.fileio import remove_stale_temps
 from pipeline.fingerprint import spec_hash
 from pipeline.methods import MethodContext
+from pipeline.metrics import diverged, write_metrics
 from pipeline.models import save_checkpoint
 from storage import LogitStore, StoreWarning
 
@@ -217,6 +218,22 @@ def _train_epoch(
     return record, step
 
 
+class DivergedError(EveryRankError):
+    """The training loss became NaN or infinite: the run stopped, its last good state kept."""
+
+
+def _diverged_error(name: str, record: dict, epochs: int, world: World) -> DistillError:
+    epoch = record["epoch"]
+    bad = ", ".join(f"{k} {v}" for k, v in record["loss"].items() if not math.isfinite(float(v)))
+    kept = f"state.pt keeps epoch {epoch - 1}" if epoch > 1 else "no state to resume"
+    message = (
+        f"{name} diverged: its loss became non-finite in epoch {epoch}/{epochs} ({bad}); "
+        f"stopped with no student (metrics.jsonl shows the epoch, {kept}): lower distill.lr "
+        f"or the method's loss weights"
+    )
+    return DivergedError(message) if world.main else RankStopped(message)
+
+
 def train_student(
     config: Config, *, progress: bool = True, on_step: StepHook | None = None
 ) -> Path:
@@ -310,6 +327,10 @@ def _train(
             record["test_acc"] = evaluate(student.model, test, device, cfg.eval_batch_size, world)
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
+            if diverged(record):  # the same sums on every rank: all stop here
+                if world.main:  # the epoch stays in the metrics (the report shows it)
+                    write_metrics(out / "metrics.jsonl", history)
+                raise _diverged_error(out.name, record, cfg.epochs, world)
             rng = world.gather(rng_state(device)) if world.distributed else None
             if world.main:
                 save_state(

@@ -59,6 +59,11 @@ class RankStopped(DistillError):
     """This rank stops because of an error another rank reports (the CLI prints nothing)."""
 
 
+class EveryRankError(DistillError):
+    """An error every rank meets at the same point with the same values (a diverged loss, from
+    sums all-reduced over the ranks): rank 0 reports it without a rank in front."""
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -216,7 +221,7 @@ class World:
     def explain(self, exc: BaseException) -> BaseException:
         """``exc`` as this rank reports it: a project error names the rank; a collective that
         failed because another rank died or hung becomes one line."""
-        if not self.distributed or isinstance(exc, RankStopped):
+        if not self.distributed or isinstance(exc, RankStopped | EveryRankError):
             return exc
         if isinstance(exc, EXPECTED_ERRORS) and not str(exc).startswith("rank "):
             exc.args = (f"{self.where()}: {exc}", *exc.args[1:])

@@ -94,13 +94,6 @@ def rng_state(device: torch.device) -> dict:
     }
 
 
-def write_metrics(path: Path, history: list[dict]) -> None:
-    """metrics.jsonl, rewritten whole from the state's history so it always matches it."""
-    with atomic_write(path, "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-
-
 @dataclass
 class Student:
     """What a training state holds besides the history: weights, method, optimizer, schedule."""

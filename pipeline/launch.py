@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,10 +23,30 @@ import sys
 KILLED = 1
 
 
+#: Signals this process passes on to the launcher while it waits for it. Ctrl-C (SIGINT) is not
+#: among them: the terminal sends it to the launcher and the ranks already, so it is ignored here.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+
+
 def torchrun(nproc: int, pipeline_args: list[str]) -> int:
-    """Run ``python -m pipeline PIPELINE_ARGS`` on ``nproc`` ranks; its exit status."""
+    """Run ``python -m pipeline PIPELINE_ARGS`` on ``nproc`` ranks; its exit status.
+
+    The launcher runs in a child process (a sweep goes on after it); a SIGTERM or SIGHUP sent to
+    this process is passed on to it, so that it stops the ranks rather than leave them running.
+    """
     command = [sys.executable, "-m", "pipeline.launch", str(nproc), *pipeline_args]
-    return subprocess.run(command, check=False).returncode
+    child = subprocess.Popen(command)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    before = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _quiet_launcher() -> None:
@@ -62,8 +83,13 @@ def main(argv: list[str]) -> int:
         failures = sorted(exc.failures.items(), key=lambda kv: (kv[0] != 0, kv[1].timestamp))
         codes = [f.exitcode for _, f in failures if f.exitcode > 0]
         return codes[0] if codes else KILLED
-    except SignalException as exc:  # Ctrl-C or a kill: the launcher stopped the ranks
-        print(f"stopped by signal {exc.sigval.name}", file=sys.stderr)
+    except SignalException as exc:  # the launcher was signalled and stopped the ranks
+        if exc.sigval != signal.SIGINT:  # Ctrl-C also reached rank 0, which said so
+            print(
+                f"stopped by {exc.sigval.name}: finished work is kept; rerun the same command "
+                "to resume",
+                file=sys.stderr,
+            )
         return 128 + int(exc.sigval)
     return 0
 

@@ -26,6 +26,7 @@ import yaml
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write
+from pipeline.metrics import diverged
 
 # Settings that change how a run is computed, not what it learns: runs differing only in these
 # (and the seed) are seeds of one experiment.
@@ -62,7 +63,15 @@ class RunResult:
     """Seconds of training and evaluation, summed over epochs (start-up not counted)."""
     rows_per_s: float
     """Training throughput, mean over epochs."""
+    diverged_epoch: int | None = None
+    """The epoch whose loss became NaN or infinite (the run stopped there, with no student)."""
     group: str = field(repr=False, default="")
+
+    @property
+    def status(self) -> str:
+        if self.diverged_epoch is not None:
+            return f"diverged (epoch {self.diverged_epoch})"
+        return "finished" if self.finished else "unfinished"
 
 
 @dataclass
@@ -199,6 +208,10 @@ def collect_runs(run_dir: Path) -> list[RunResult]:
                 final_acc=curve[-1],
                 wall_s=sum(float(r.get("seconds", 0.0)) for r in history),
                 rows_per_s=statistics.fmean(rates) if rates else 0.0,
+                diverged_epoch=next(
+                    (int(r.get("epoch", i + 1)) for i, r in enumerate(history) if diverged(r)),
+                    None,
+                ),
                 group=json.dumps(key, sort_keys=True, default=str),
             )
         )

@@ -142,6 +142,20 @@ def markdown(report: Report) -> str:
         out += _table([*header, "rows/s"], rows, numeric={1, *range(6, 12)})
     else:
         out.append("No finished runs yet.")
+    gone: dict[str, list[str]] = {}
+    for r in report.runs:
+        if r.diverged_epoch is not None:
+            gone.setdefault(f"{r.label} ({r.method})", []).append(
+                f"seed {r.seed} in epoch {r.diverged_epoch}"
+            )
+    if gone:
+        out += [
+            "",
+            "**Diverged** (the loss became NaN or infinite; the run stopped with no student and "
+            "is not in the table above): "
+            + "; ".join(f"{label}: {', '.join(seeds)}" for label, seeds in gone.items())
+            + ".",
+        ]
     out += ["", "## Runs", ""]
     rows = [
         [
@@ -154,7 +168,7 @@ def markdown(report: Report) -> str:
             f"{r.final_acc:.2f}",
             f"{r.wall_s:.1f}",
             f"{r.rows_per_s:.0f}",
-            "finished" if r.finished else "unfinished",
+            r.status,
         ]
         for r in report.runs
     ]

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, save_resolved
-from pipeline.distill import config_key, output_dir, train_student
+from pipeline.distill import DivergedError, config_key, output_dir, train_student
 from pipeline.distill_ddp import World
 from pipeline.distill_inputs import build_student_method
 from pipeline.distill_state import finished
 from pipeline.errors import EXPECTED_ERRORS, ConfigError, ModelError, UserError
 from pipeline.fileio import atomic_write
 from pipeline.launch import torchrun
+from pipeline.metrics import diverged
 from pipeline.models import MODELS, read_checkpoint
 
 # Only checks that the method and its options exist; the class count matters to no check, just
@@ -61,7 +62,8 @@ class SweepRun:
 class Outcome:
     run: SweepRun
     status: str
-    """trained, finished (before this sweep: nothing to do) or failed."""
+    """trained, finished (before this sweep: nothing to do), diverged (its loss became NaN or
+    infinite: no student, the report shows it) or failed."""
     test_acc: float | None = None
     best_acc: float | None = None
     seconds: float = 0.0
@@ -72,6 +74,8 @@ class Outcome:
         head = f"sweep {position}/{total} {self.run.folder.name}"
         if self.status == "failed":
             return f"{head}: FAILED: {self.error}"
+        if self.status == "diverged":
+            return f"{head}: DIVERGED: {self.error}"
         what = "trained" if self.status == "trained" else "already finished"
         return (
             f"{head}: {what}, test top-1 {self.test_acc:.2f}% (best {self.best_acc:.2f}%), "
@@ -155,6 +159,15 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
     finally:
         os.unlink(name)
     checkpoint = output_dir(config) / "student.pt"
+    metrics = output_dir(config) / "metrics.jsonl"
+    if status != 0 and metrics.is_file():
+        last = (metrics.read_text().splitlines() or ["{}"])[-1]
+        record = json.loads(last) if last.strip() else {}
+        if "loss" in record and diverged(record):
+            raise DivergedError(
+                f"its loss became non-finite in epoch {record['epoch']} ({nproc} processes "
+                f"under torchrun; rank 0's line above says more)"
+            )
     if status != 0 or not checkpoint.is_file():
         raise StudentProcessFailed(
             f"its {nproc} processes under torchrun stopped with exit status {status} (the "
@@ -208,6 +221,8 @@ def run_sweep(
                 ckpt = train_student(item.config, progress=progress)
             final, best = _summary(ckpt)
             outcome = Outcome(item, status, final, best, time.perf_counter() - t0)
+        except DivergedError as exc:  # a result of the recipe, reported; not a failure
+            outcome = Outcome(item, "diverged", seconds=time.perf_counter() - t0, error=str(exc))
         except EXPECTED_ERRORS as exc:
             outcome = Outcome(item, "failed", seconds=time.perf_counter() - t0, error=str(exc))
         except Exception as exc:  # a bug or e.g. CUDA out of memory: the other runs still go

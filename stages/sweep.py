@@ -32,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     trained = sum(o.status == "trained" for o in outcomes)
+    gone = sum(o.status == "diverged" for o in outcomes)
     print(
-        f"sweep: {len(outcomes)} runs done ({trained} trained, {len(outcomes) - trained} "
-        f"already finished): {done_path(config)}"
+        f"sweep: {len(outcomes)} runs done ({trained} trained, "
+        f"{len(outcomes) - trained - gone} already finished"
+        + (f", {gone} diverged: no student, see the report" if gone else "")
+        + f"): {done_path(config)}"
     )
     return 0

@@ -259,6 +259,11 @@ CASES: list[Case] = [
     Case("config-out-of-range", "config", "a value out of range",
          stage("teacher", "augment.views=0"),
          "augment.views must be > 0, got 0"),
+    Case("config-diverging-lr", "config", "a learning rate the student diverges at "
+         "(`distill.lr=1e8`)", stage("distill", "distill.lr=1e8", "distill.name=hot"),
+         "hot diverged: its loss became non-finite in epoch 1/1 (ce nan, kd nan, total nan); "
+         "stopped with no student (metrics.jsonl shows the epoch, no state to resume): lower "
+         "distill.lr or the method's loss weights"),
     Case("config-bad-choice", "config", "a value not among the choices",
          stage("teacher", "distill.device=tpu"),
          "distill.device must be one of auto, cpu, cuda, got 'tpu'"),

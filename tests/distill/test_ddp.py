@@ -359,8 +359,12 @@ def test_killed_under_torchrun_resumes_to_the_same_weights(tiny_run, kd_two, scr
 
 def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
     """``sweep --nproc 2``: each student is its own 2-rank torchrun; a student that fails (more
-    views asked than stored) is reported and the others go on; a rerun finds the finished one."""
-    runs = "[{method: kd, name: swp-kd}, {method: kd, name: swp-bad, views: 9}]"
+    views asked than stored) or diverges is reported and the others go on; a rerun finds the
+    finished one."""
+    runs = (
+        "[{method: kd, name: swp-kd}, {method: kd, name: swp-bad, views: 9}, "
+        "{method: kd, name: swp-hot, lr: 1.0e+8}]"
+    )
     sets = [*tiny_run.sets("distill.epochs=2", "distill.milestones=[1]"), f"sweep.runs={runs}"]
     argv = ["sweep", "--config", str(TINY), "--quiet", "--nproc", str(RANKS)]
     argv += [arg for item in [*sets, "sweep.seeds=[0]"] for arg in ("--set", item)]
@@ -370,21 +374,26 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
     first = run_cli(argv)
     assert first.returncode == 1, first.stderr[-3000:]
     lines = [line for line in first.stdout.splitlines() if line.startswith("sweep ")]
-    assert re.fullmatch(r"sweep 1/2 swp-kd-s0: trained, test top-1 [\d.]+% .*", lines[0]), lines
+    assert re.fullmatch(r"sweep 1/3 swp-kd-s0: trained, test top-1 [\d.]+% .*", lines[0]), lines
     assert lines[1] == (
-        f"sweep 2/2 swp-bad-s0: FAILED: its {RANKS} processes under torchrun stopped with exit "
+        f"sweep 2/3 swp-bad-s0: FAILED: its {RANKS} processes under torchrun stopped with exit "
         "status 2 (the error is above); rerun the sweep to retry it"
+    )
+    assert lines[2] == (
+        f"sweep 3/3 swp-hot-s0: DIVERGED: its loss became non-finite in epoch 1 ({RANKS} "
+        "processes under torchrun; rank 0's line above says more)"
     )
     errors = first.stderr.splitlines()
     assert errors[0].startswith("error: distill.views=9 but store "), errors  # rank 0's line
-    assert errors[1].startswith("error: 1 of 2 sweep runs failed (swp-bad-s0)"), errors
-    assert len(errors) == 2, errors  # nothing from torchrun's launcher
+    assert errors[1].startswith("error: swp-hot-s0 diverged: its loss became non-finite"), errors
+    assert errors[2].startswith("error: 1 of 3 sweep runs failed (swp-bad-s0)"), errors
+    assert len(errors) == 3, errors  # nothing from torchrun's launcher
     history = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in history] == [RANKS, RANKS]
     assert not list(Path(tempfile.gettempdir()).glob("logitbank-sweep-*.yaml"))
 
     again = run_cli(argv)  # the resolved config round-trips: the same key, nothing retrained
-    assert again.stdout.startswith("sweep 1/2 swp-kd-s0: already finished"), again.stdout
+    assert again.stdout.startswith("sweep 1/3 swp-kd-s0: already finished"), again.stdout
 
     refused = run_cli([*argv[:5], "0", *argv[6:]])
     assert refused.returncode == 2

@@ -174,3 +174,35 @@ def test_a_failing_run_does_not_stop_the_others(tiny_store, tmp_path, capsys):
     (group,) = results["methods"]
     assert group["final_acc"]["std"] is None and group["teacher_test_acc"] is None
     assert (tmp_path / "report" / "methods.png").read_bytes()[:8] == PNG
+
+
+def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):
+    """A run whose loss becomes NaN stops at that epoch with no student; the sweep calls it
+    diverged (not failed: sweep.done is written) and the report names it beside the table."""
+    runs = "[{method: kd, name: hot, lr: 1.0e+8, epochs: 2}, {method: ce, epochs: 1}]"
+    sets = (f"distill.store={tiny_store / 'store.zarr'}", f"sweep.runs={runs}", "sweep.seeds=[4]")
+    assert main(argv("sweep", tmp_path, *sets)) == 0
+    out, _ = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert lines[0] == (
+        "sweep 1/2 hot-s4: DIVERGED: hot-s4 diverged: its loss became non-finite in epoch 1/2 "
+        "(ce nan, kd nan, total nan); stopped with no student (metrics.jsonl shows the epoch, no "
+        "state to resume): lower distill.lr or the method's loss weights"
+    )
+    assert lines[1].startswith("sweep 2/2 small_cnn-ce-s4: trained, test top-1 ")
+    assert lines[2].startswith("sweep: 2 runs done (1 trained, 0 already finished, 1 diverged")
+    assert (tmp_path / "sweep.done").is_file()
+    hot = tmp_path / "distill" / "hot-s4"
+    assert sorted(p.name for p in hot.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+    assert main(argv("report", tmp_path, *sets)) == 0
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    by_name = {r["name"]: r for r in results["runs"]}
+    assert by_name["hot-s4"]["diverged_epoch"] == 1 and not by_name["hot-s4"]["finished"]
+    assert by_name["small_cnn-ce-s4"]["diverged_epoch"] is None
+    assert [g["label"] for g in results["methods"]] == ["small_cnn-ce"]
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    assert "**Diverged** (the loss became NaN or infinite;" in markdown
+    assert "hot (kd): seed 4 in epoch 1." in markdown
+    assert "| hot-s4 | small_cnn | kd | 4 | 1/2 |" in markdown
+    assert markdown.count("diverged (epoch 1)") == 1
