@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import os
 import sys
 from typing import NoReturn
@@ -114,5 +115,22 @@ def _fail(message: str) -> int:
     return 2
 
 
+def run() -> None:
+    """``python -m pipeline`` / ``logitbank``: :func:`main`, then exit with its status.
+
+    A torchrun rank (WORLD_SIZE > 1) leaves with ``os._exit`` once its output is flushed: every
+    file it wrote is closed by then, and the C++ teardown of torch.distributed at interpreter
+    exit sometimes aborts ("terminate called without an active exception", seen about one
+    exit in six here), which would turn a finished rank into a crashed one.
+    """
+    status = main()
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -156,8 +156,11 @@ class DistillConfig:
     device: str = "auto"
     """auto (CUDA when there is one), cpu or cuda."""
     eval_batch_size: int = 512
-    prefetch: int = 2
-    """Batches prepared ahead by a background thread (0: none, everything in the loop)."""
+    prefetch: int | None = None
+    """Batches prepared ahead by a background thread (0: none, everything in the loop). None:
+    2 on CUDA, or where the teacher's logits or PS-KD's are read from disk during the epoch; 0 on
+    the CPU with them in RAM, where the thread only competes with the step for the GIL and the
+    cores (an MLP student trained 1.7x faster without it, BENCHMARKS.md)."""
     name: str | None = None
     """Output folder under RUN_DIR/distill; None: STUDENT-METHOD-sSEED (+ -online)."""
     ddp_timeout_s: float = 600
@@ -175,8 +178,10 @@ class DistillConfig:
             "ddp_timeout_s",
         ):
             _positive(getattr(self, key), f"distill.{key}")
-        for key in ("momentum", "weight_decay", "prefetch"):
+        for key in ("momentum", "weight_decay"):
             _positive(getattr(self, key), f"distill.{key}", allow_zero=True)
+        if self.prefetch is not None:
+            _positive(self.prefetch, "distill.prefetch", allow_zero=True)
         _positive(self.gamma, "distill.gamma")
         if self.views is not None:
             _positive(self.views, "distill.views")

@@ -154,7 +154,8 @@ def _train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     t0 = time.perf_counter()
-    batches = feeder(prefetch(src.batches(epoch, previous), cfg.prefetch))
+    depth = src.prefetch_depth(cfg.prefetch, feeder.device)
+    batches = feeder(prefetch(src.batches(epoch, previous), depth))
     for i, batch in enumerate(batches):
         logits = net(batch.x)  # (B, K)
         if needs == "logits" and src.teacher is not None:

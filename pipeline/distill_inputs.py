@@ -180,6 +180,16 @@ class Sources:
     """The teacher in memory (``teacher_source: online``)."""
     self_teacher: SelfTeacher | None = None
     """PS-KD's per-epoch stores of the student's own logits."""
+    reads_disk: bool = False
+    """Whether batches read logits from disk during the epoch (a store's views not held in
+    RAM, or PS-KD's previous epoch): what a prefetch thread can hide."""
+
+    def prefetch_depth(self, asked: int | None, device: torch.device) -> int:
+        """``distill.prefetch``, or where it is None (auto): 2 on CUDA or when batches read the
+        disk, else 0 (on the CPU the thread would only compete with the step)."""
+        if asked is not None:
+            return asked
+        return 2 if device.type == "cuda" or self.reads_disk else 0
 
 
 def build_sources(
@@ -253,4 +263,5 @@ def build_sources(
             fingerprint={"config_hash": key, **train.fingerprint()},
             world=world,
         )
-    return Sources(batches, store, teacher, self_teacher)
+    reads_disk = self_teacher is not None or (store is not None and not in_ram)
+    return Sources(batches, store, teacher, self_teacher, reads_disk)

@@ -196,7 +196,8 @@ def _worker(spec: dict) -> dict:
         src = build_sources(config, train, needs, device, out, distill.config_key(config))
         try:
             start = time.perf_counter()
-            for batch in ToDevice(device)(original(src.batches(0), cfg.prefetch)):
+            depth = src.prefetch_depth(cfg.prefetch, device)
+            for batch in ToDevice(device)(original(src.batches(0), depth)):
                 rows += len(batch.indices)
             if cuda:
                 torch.cuda.synchronize(device)
