@@ -162,3 +162,26 @@ def test_sample_policy_draws_a_view_per_row_whoever_reads_it():
     counts = np.bincount(list(one.values()), minlength=3)
     assert counts.min() > 250  # about a third each
     assert one != views(0, 1, 4, epoch=3)
+
+
+@pytest.mark.parametrize(("method", "reads_disk"), [("kd", False), ("pskd", True), ("ce", False)])
+def test_prefetch_auto_only_where_it_can_hide_something(tiny_run, tmp_path, method, reads_disk):
+    """prefetch None: 2 on CUDA or when batches read the disk during the epoch (PS-KD's previous
+    epoch; views over the memory budget), else 0; a number given is kept."""
+    from dataclasses import replace
+
+    from pipeline.distill_inputs import build_sources
+
+    config = tiny_run.config(f"distill.method={method}")
+    train, _ = splits(config)
+    needs = {"kd": "logits", "pskd": "probabilities", "ce": None}[method]
+    src = build_sources(config, train, needs, torch.device("cpu"), tmp_path, "key")
+    try:
+        assert src.reads_disk is reads_disk
+        assert src.prefetch_depth(None, torch.device("cpu")) == (2 if reads_disk else 0)
+        assert src.prefetch_depth(None, torch.device("cuda")) == 2
+        assert src.prefetch_depth(5, torch.device("cpu")) == 5
+        assert replace(src, reads_disk=True).prefetch_depth(None, torch.device("cpu")) == 2
+    finally:
+        if src.store is not None:
+            src.store.close()
