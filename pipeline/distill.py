@@ -230,7 +230,7 @@ def _diverged_error(name: str, record: dict, epochs: int, world: World) -> Disti
     message = (
         f"{name} diverged: its loss became non-finite in epoch {epoch}/{epochs} ({bad}); "
         f"stopped with no student (metrics.jsonl shows the epoch, {kept}): lower distill.lr "
-        f"or the method's loss weights"
+        f"or the method's loss weights, under another distill.name (or delete this run's folder)"
     )
     return DivergedError(message) if world.main else RankStopped(message)
 

@@ -23,30 +23,44 @@ import sys
 KILLED = 1
 
 
-#: Signals this process passes on to the launcher while it waits for it. Ctrl-C (SIGINT) is not
-#: among them: the terminal sends it to the launcher and the ranks already, so it is ignored here.
+#: Signals this process passes on to the launcher while it waits for it. Ctrl-C (SIGINT) from a
+#: terminal reaches this process and the launcher together (one process group; the launcher then
+#: stops the ranks, which run in sessions of their own), so SIGINT is only noted here.
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 
 
 def torchrun(nproc: int, pipeline_args: list[str]) -> int:
     """Run ``python -m pipeline PIPELINE_ARGS`` on ``nproc`` ranks; its exit status.
 
-    The launcher runs in a child process (a sweep goes on after it); a SIGTERM or SIGHUP sent to
-    this process is passed on to it, so that it stops the ranks rather than leave them running.
+    The launcher runs in a child process (a sweep goes on after it). A SIGTERM or SIGHUP sent to
+    this process is passed on to it, so that it stops the ranks rather than leave them running,
+    and once it has ended this process takes the signal too (a sweep stops instead of starting
+    its next student); a Ctrl-C becomes KeyboardInterrupt here the same way. A launcher killed
+    by a signal returns 128 + its number, as a shell reports it.
     """
     command = [sys.executable, "-m", "pipeline.launch", str(nproc), *pipeline_args]
-    child = subprocess.Popen(command)
+    received: list[int] = []
+    child: subprocess.Popen | None = None
 
-    def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+    def note(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if signum != signal.SIGINT and child is not None and child.poll() is None:
+            child.send_signal(signum)
 
-    before = {sig: signal.signal(sig, forward) for sig in FORWARDED}
-    before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = {sig: signal.signal(sig, note) for sig in (*FORWARDED, signal.SIGINT)}
     try:
-        return child.wait()
+        child = subprocess.Popen(command)
+        if received and received[0] != signal.SIGINT:  # signalled before the child existed
+            child.send_signal(received[0])
+        status = child.wait()
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+    if received:
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.raise_signal(received[0])  # with this process's own handler back in place
+    return 128 - status if status < 0 else status
 
 
 def _quiet_launcher() -> None:
@@ -82,7 +96,18 @@ def main(argv: list[str]) -> int:
         # Rank 0 is the one that reports; otherwise the first rank that exited on its own.
         failures = sorted(exc.failures.items(), key=lambda kv: (kv[0] != 0, kv[1].timestamp))
         codes = [f.exitcode for _, f in failures if f.exitcode > 0]
-        return codes[0] if codes else KILLED
+        if codes:
+            return codes[0]
+        rank, failure = exc.get_first_failure()  # killed: nobody printed anything
+        print(
+            f"error: rank {rank} of {int(nproc)} was killed by {failure.signal_name()} (out of "
+            "memory, or killed from outside); finished work is kept: rerun the same command to "
+            "resume",
+            file=sys.stderr,
+        )
+        return KILLED
+    except KeyboardInterrupt:  # Ctrl-C before torchrun's own handlers were in place
+        return 128 + signal.SIGINT
     except SignalException as exc:  # the launcher was signalled and stopped the ranks
         if exc.sigval != signal.SIGINT:  # Ctrl-C also reached rank 0, which said so
             print(

@@ -152,6 +152,7 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
     """
     fd, name = tempfile.mkstemp(prefix="logitbank-sweep-", suffix=".yaml")
     os.close(fd)
+    started = time.time()
     try:
         save_resolved(config, name)
         argv = ["distill", "--config", name]
@@ -160,7 +161,7 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
         os.unlink(name)
     checkpoint = output_dir(config) / "student.pt"
     metrics = output_dir(config) / "metrics.jsonl"
-    if status != 0 and metrics.is_file():
+    if status != 0 and metrics.is_file() and metrics.stat().st_mtime >= started:
         last = (metrics.read_text().splitlines() or ["{}"])[-1]
         record = json.loads(last) if last.strip() else {}
         if "loss" in record and diverged(record):
@@ -172,6 +173,9 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
         raise StudentProcessFailed(
             f"its {nproc} processes under torchrun stopped with exit status {status} (the "
             f"error is above); rerun the sweep to retry it"
+            if status != 0
+            else f"its {nproc} processes under torchrun ended without {checkpoint}; rerun the "
+            f"sweep to retry it"
         )
     return checkpoint
 

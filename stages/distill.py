@@ -51,7 +51,10 @@ def _launch(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         raise UserError("--nproc starts torchrun itself: run it without torchrun, or drop --nproc")
     argv = ["distill", "--config", args.config, *(a for s in args.set for a in ("--set", s))]
-    return torchrun(args.nproc, [*argv, "--quiet"] if args.quiet else argv)
+    try:
+        return torchrun(args.nproc, [*argv, "--quiet"] if args.quiet else argv)
+    except KeyboardInterrupt:  # Ctrl-C: rank 0 has said so already
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:

@@ -263,7 +263,8 @@ CASES: list[Case] = [
          "(`distill.lr=1e8`)", stage("distill", "distill.lr=1e8", "distill.name=hot"),
          "hot diverged: its loss became non-finite in epoch 1/1 (ce nan, kd nan, total nan); "
          "stopped with no student (metrics.jsonl shows the epoch, no state to resume): lower "
-         "distill.lr or the method's loss weights"),
+         "distill.lr or the method's loss weights, under another distill.name (or delete this "
+         "run's folder)"),
     Case("config-bad-choice", "config", "a value not among the choices",
          stage("teacher", "distill.device=tpu"),
          "distill.device must be one of auto, cpu, cuda, got 'tpu'"),

@@ -13,9 +13,10 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -357,7 +358,7 @@ def test_killed_under_torchrun_resumes_to_the_same_weights(tiny_run, kd_two, scr
 # ---- a sweep with every student under torchrun ----------------------------------------------
 
 
-def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
+def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch, tmp_path):
     """``sweep --nproc 2``: each student is its own 2-rank torchrun; a student that fails (more
     views asked than stored) or diverges is reported and the others go on; a rerun finds the
     finished one."""
@@ -370,6 +371,7 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
     argv += [arg for item in [*sets, "sweep.seeds=[0]"] for arg in ("--set", item)]
     config = load_config(TINY, [*sets, "sweep.seeds=[0]"])
     kd_dir = config.run_path / "distill" / "swp-kd-s0"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the sweep's subprocess writes its temps
 
     first = run_cli(argv)
     assert first.returncode == 1, first.stderr[-3000:]
@@ -390,7 +392,7 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
     assert len(errors) == 3, errors  # nothing from torchrun's launcher
     history = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in history] == [RANKS, RANKS]
-    assert not list(Path(tempfile.gettempdir()).glob("logitbank-sweep-*.yaml"))
+    assert not list(tmp_path.glob("logitbank-sweep-*.yaml"))  # the temporary configs: gone
 
     again = run_cli(argv)  # the resolved config round-trips: the same key, nothing retrained
     assert again.stdout.startswith("sweep 1/3 swp-kd-s0: already finished"), again.stdout
@@ -403,3 +405,54 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match=r"not under torchrun"):
         run_sweep(config, progress=False)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C"])
+def test_a_signal_stops_the_whole_sweep_and_its_ranks(tiny_run, how):
+    """SIGTERM sent to ``sweep --nproc 2`` (a job runner) or Ctrl-C (SIGINT to its process
+    group): the ranks stop, the sweep does not start its next student, and it ends by the signal
+    (SIGTERM) or with 130 and one line (Ctrl-C)."""
+    import psutil
+
+    tag = "term" if how.startswith("SIGTERM") else "int"  # a run folder of its own
+    runs = (
+        f"[{{method: kd, name: sig-{tag}, epochs: 400, milestones: []}}, "
+        f"{{method: kd, name: sig-{tag}-next}}]"
+    )
+    argv = ["sweep", "--config", str(TINY), "--quiet", "--nproc", str(RANKS)]
+    for item in [*tiny_run.sets(), f"sweep.runs={runs}", "sweep.seeds=[0]"]:
+        argv += ["--set", item]
+    distill = tiny_run.run_dir / "distill"
+    metrics = distill / f"sig-{tag}-s0" / "metrics.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *argv],
+        cwd=REPO,
+        env={**os.environ, **ONE_THREAD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job is
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not metrics.is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert metrics.is_file(), proc.communicate()[1][-2000:]
+        family = psutil.Process(proc.pid).children(recursive=True)  # launcher and ranks
+        assert len(family) >= 1 + RANKS
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if how == "Ctrl-C":
+        assert proc.returncode == 130, err
+        assert err.splitlines()[-1].startswith("interrupted: finished work is kept"), err
+    else:
+        assert proc.returncode == -signal.SIGTERM, err
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not (distill / f"sig-{tag}-next-s0").exists()  # it stopped, not skipped ahead

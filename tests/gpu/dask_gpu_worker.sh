@@ -8,7 +8,8 @@
 # through `precompute --scheduler`. precompute prints which device each worker's ONNX Runtime
 # session ran on ("cuda" only with onnxruntime-gpu: the image's onnxruntime runs on the CPU); the
 # two stores must hold the same rows, labels and view parameters, and logits within 1e-3 (the GPU's
-# convolutions round differently from the CPU's). Exit status 0 when they agree.
+# convolutions round differently from the CPU's). REQUIRE_CUDA=1: fail unless the worker's
+# session ran on CUDA. Exit status 0 when they agree.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${1:-python3}
@@ -39,7 +40,11 @@ for _ in $(seq 300); do [ -s "$W/s.json" ] && break; sleep 0.1; done
 ADDR=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['address'])" "$W/s.json")
 echo "scheduler at $ADDR"
 "$PY" -m pipeline precompute --config "$CFG" --set "run_dir=$W/two" "${SETS[@]}" \
-    --scheduler "$ADDR" 2>&1 | tr '\r' '\n' | grep -v '%|' || true
+    --scheduler "$ADDR" 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$W/precompute.log" || true
+if [ "${REQUIRE_CUDA:-0}" = 1 ] && ! grep -q "^dask: .* on cuda" "$W/precompute.log"; then
+    echo "FAIL: the GPU worker's ONNX Runtime session did not run on CUDA"
+    exit 1
+fi
 
 "$PY" - "$W/one/store.zarr" "$W/two/store.zarr" <<'PYEOF'
 import sys
