@@ -77,6 +77,14 @@ class LogitStoreTests:
         kw = {"chunk_rows": ROWS, "chunks_per_shard": PER_SHARD, "labels": np.arange(N) % C, **kw}
         return create_store(path, N, C, V, encoding=encoding, backend=self.backend, **kw)
 
+    def fill_serially(self, path: str, encoding: str) -> None:
+        """Create ``path`` and write every shard in this process from ``SeededLogits`` (the
+        reference a parallel or interrupted write must equal)."""
+        with self.make(path, encoding, view_param_width=3) as store:
+            produce = SeededLogits(C)
+            for v, a, b in store.missing_shards():
+                store.write(v, a, *produce(v, a, b))
+
     def fill(self, store, x: np.ndarray, pieces: int = 7, seed: int = 0) -> None:
         """Write all views in random-size pieces, in a shuffled order."""
         rng = np.random.default_rng(seed)
@@ -166,10 +174,7 @@ class LogitStoreTests:
     # ---- crash, resume, writers, readers ---------------------------------------------------
     def test_crash_mid_write_then_resume_equals_uninterrupted(self, tmp_path):
         path, clean = self.path(tmp_path, "crashed"), self.path(tmp_path, "clean")
-        with self.make(clean, "int8", view_param_width=3) as store:
-            produce = SeededLogits(C)
-            for v, a, b in store.missing_shards():
-                store.write(v, a, *produce(v, a, b))
+        self.fill_serially(clean, "int8")
         # A child writes rows in odd pieces and SIGKILLs itself half-way.
         child = run_python(f"""
             import os, signal, numpy as np
@@ -321,10 +326,7 @@ class LogitStoreTests:
         par, ser = self.path(tmp_path, "par"), self.path(tmp_path, "ser")
         self.make(par, "bfloat16", view_param_width=3).close()
         assert write_parallel(par, SeededLogits(C), workers=2) == V * -(-N // (ROWS * PER_SHARD))
-        with self.make(ser, "bfloat16", view_param_width=3) as store:
-            produce = SeededLogits(C)
-            for v, a, b in store.missing_shards():
-                store.write(v, a, *produce(v, a, b))
+        self.fill_serially(ser, "bfloat16")
         for name in ["logits", "stats", "view_params", "done"]:
             np.testing.assert_array_equal(self.raw(par, name), self.raw(ser, name))
         assert write_parallel(par, SeededLogits(C), workers=2) == 0  # nothing left to do

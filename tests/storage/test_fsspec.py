@@ -111,10 +111,7 @@ class TestZarrFileURL(LogitStoreTests):
         url, local = self.path(tmp_path, "par"), str(tmp_path / "serial.zarr")
         self.make(url, "float16", view_param_width=3).close()
         assert write_parallel(url, SeededLogits(C), workers=2) == V * -(-N // (ROWS * PER_SHARD))
-        with self.make(local, "float16", view_param_width=3) as store:
-            produce = SeededLogits(C)
-            for v, a, b in store.missing_shards():
-                store.write(v, a, *produce(v, a, b))
+        self.fill_serially(local, "float16")
         for name in ["logits", "stats", "view_params", "done", "labels"]:
             np.testing.assert_array_equal(self.raw(url, name), self.raw(local, name), name)
         with open_store(url) as store:
@@ -133,10 +130,7 @@ class TestZarrFileURL(LogitStoreTests):
         with open_store(url) as store:
             assert not store.done[2, :PER_SHARD].any()  # the failed shard is not marked done
         assert write_parallel(url, SeededLogits(C), workers=2) >= 1  # the rerun resumes
-        with self.make(local, "float16", view_param_width=3) as store:
-            produce = SeededLogits(C)
-            for v, a, b in store.missing_shards():
-                store.write(v, a, *produce(v, a, b))
+        self.fill_serially(local, "float16")
         for name in ["logits", "stats", "view_params", "done"]:
             np.testing.assert_array_equal(self.raw(url, name), self.raw(local, name), name)
 
