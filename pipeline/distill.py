@@ -49,9 +49,11 @@ from pipeline.distill_pskd import HostCopies
 from pipeline.distill_state import (
     Student,
     build_student,
+    diverged_before,
     finished,
     load_state,
     rng_state,
+    save_diverged,
     save_state,
 )
 from pipeline.errors import EXPECTED_ERRORS
@@ -223,16 +225,38 @@ class DivergedError(EveryRankError):
     """The training loss became NaN or infinite: the run stopped, its last good state kept."""
 
 
-def _diverged_error(name: str, record: dict, epochs: int, world: World) -> DistillError:
+#: Beside a run's outputs once its loss became non-finite (pipeline.distill_state.save_diverged).
+DIVERGED_FILE = "diverged.json"
+
+
+def _diverged_error(
+    name: str, record: dict, epochs: int, world: World, *, earlier: bool = False
+) -> DistillError:
     epoch = record["epoch"]
-    bad = ", ".join(f"{k} {v}" for k, v in record["loss"].items() if not math.isfinite(float(v)))
+    loss = record.get("loss", {})
+    bad = ", ".join(f"{k} {v}" for k, v in loss.items() if not math.isfinite(float(v)))
     kept = f"state.pt keeps epoch {epoch - 1}" if epoch > 1 else "no state to resume"
     message = (
-        f"{name} diverged: its loss became non-finite in epoch {epoch}/{epochs} ({bad}); "
-        f"stopped with no student (metrics.jsonl shows the epoch, {kept}): lower distill.lr "
-        f"or the method's loss weights, under another distill.name (or delete this run's folder)"
+        f"{name} diverged{' in an earlier run' if earlier else ''}: its loss became non-finite "
+        f"in epoch {epoch}/{epochs} ({bad}); stopped with no student (metrics.jsonl shows the "
+        f"epoch, {kept}): lower distill.lr or the method's loss weights, under another "
+        f"distill.name (or delete this run's folder)"
     )
     return DivergedError(message) if world.main else RankStopped(message)
+
+
+def check_not_diverged(config: Config, world: World | None = None) -> None:
+    """Raise the run's divergence again when this very run (same config) diverged before: with
+    fixed seeds it would only retrain up to the same non-finite epoch.
+
+    Raises:
+        DivergedError: on rank 0 (RankStopped on the others), naming the epoch.
+    """
+    out = output_dir(config)
+    record = diverged_before(out / DIVERGED_FILE, config_key(config))
+    if record is not None:
+        world = world or World.from_env()
+        raise _diverged_error(out.name, record, config.distill.epochs, world, earlier=True)
 
 
 def train_student(
@@ -273,6 +297,7 @@ def _train(
         if finished(ckpt_path, key):
             world.agree(None)
             return ckpt_path
+        check_not_diverged(config, world)
         state = load_state(state_path, key)
         if world.main:
             save_resolved(config, out / "config.yaml")
@@ -293,7 +318,10 @@ def _train(
                     flush=True,
                 )
         if world.main:  # temporary files of writes a kill cut short
-            remove_stale_temps(out, ("state.pt", "metrics.jsonl", "student.pt", "config.yaml"))
+            remove_stale_temps(
+                out, ("state.pt", "metrics.jsonl", "student.pt", "config.yaml", DIVERGED_FILE)
+            )
+            (out / DIVERGED_FILE).unlink(missing_ok=True)  # another config's: this one trains
         if state is not None and world.main:
             # A kill between state.pt and metrics.jsonl leaves the metrics an epoch behind.
             write_metrics(out / "metrics.jsonl", history)
@@ -331,6 +359,7 @@ def _train(
             if diverged(record):  # the same sums on every rank: all stop here
                 if world.main:  # the epoch stays in the metrics (the report shows it)
                     write_metrics(out / "metrics.jsonl", history)
+                    save_diverged(out / DIVERGED_FILE, key, record)
                 raise _diverged_error(out.name, record, cfg.epochs, world)
             rng = world.gather(rng_state(device)) if world.distributed else None
             if world.main:

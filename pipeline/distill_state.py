@@ -6,7 +6,9 @@ and the epoch. Together
 with a batch order that depends on (seed, epoch) only, that is all a killed run needs to go on
 exactly where the last finished epoch left it. The final ``student.pt`` records the config hash,
 so a finished run is recognised and not trained again, and a run folder is never reused by a
-run with another config.
+run with another config. A run whose loss became NaN or infinite leaves ``diverged.json`` (the
+config hash and that epoch's record): it is the same run's outcome, so a rerun reports it again
+rather than retraining up to the same epoch.
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ def finished(path: Path, key: str) -> bool:
             f"elsewhere, or delete the folder"
         )
     return True
+
+
+def save_diverged(path: Path, key: str, record: dict) -> None:
+    """Record that this run (config hash ``key``) diverged, with the epoch's record."""
+    with atomic_write(path, "w") as f:
+        json.dump({"config_hash": key, "record": record}, f)
+
+
+def diverged_before(path: Path, key: str) -> dict | None:
+    """The diverged epoch's record if this very run diverged before, else None.
+
+    A marker of another config (the folder reused after a divergence in epoch 1, with no state
+    to refuse it) or one that cannot be read is not this run's outcome: None.
+    """
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("config_hash") != key:
+        return None
+    record = marker.get("record")
+    return record if isinstance(record, dict) and "epoch" in record else None
 
 
 def save_state(

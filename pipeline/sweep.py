@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, save_resolved
-from pipeline.distill import DivergedError, config_key, output_dir, train_student
+from pipeline.distill import (
+    DivergedError,
+    check_not_diverged,
+    config_key,
+    output_dir,
+    train_student,
+)
 from pipeline.distill_ddp import World
 from pipeline.distill_inputs import build_student_method
 from pipeline.distill_state import finished
@@ -219,6 +225,8 @@ def run_sweep(
         try:
             ckpt = item.folder / "student.pt"
             status = "finished" if finished(ckpt, config_key(item.config)) else "trained"
+            if status == "trained":
+                check_not_diverged(item.config)  # before any process starts for it
             if status == "trained" and nproc is not None:
                 ckpt = train_under_torchrun(item.config, nproc, progress=progress)
             elif status == "trained":

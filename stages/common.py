@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from pathlib import Path
 
 from pipeline.config import Config, load_config, save_resolved
@@ -51,3 +53,25 @@ def save_pending(args: argparse.Namespace) -> None:
     pending = getattr(args, "resolved_config", None)
     if pending is not None:
         save_resolved(*pending)
+
+
+#: How long a rank that stops without printing waits for the rank that prints to exit first.
+#: torchrun ends it as soon as that one has failed, so the wait is normally milliseconds.
+STOPPED_RANK_GRACE_S = 10.0
+
+
+def quiet_rank() -> bool:
+    """A torchrun rank other than its node's first: before the ranks meet, every rank of a node
+    sees the same config and fails the same way, and local rank 0 says so."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ["LOCAL_RANK"]) > 0
+    except (KeyError, ValueError):
+        return False
+
+
+def stopped_rank_exit() -> int:
+    """Exit status 2 for a rank that stops without printing, once the reporting rank had time
+    to print and exit (torchrun stops the others the moment one rank fails: had a silent rank
+    gone first, it could stop that rank before or while it printed)."""
+    time.sleep(STOPPED_RANK_GRACE_S)
+    return 2

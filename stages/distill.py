@@ -11,33 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-from stages.common import add_config_arguments, add_nproc_argument
+from stages.common import (
+    add_config_arguments,
+    add_nproc_argument,
+    quiet_rank,
+    stopped_rank_exit,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_nproc_argument(parser, "the student")
-
-
-#: How long a rank that stops without printing waits for the rank that prints to exit first.
-#: torchrun ends it as soon as that one has failed, so the wait is normally milliseconds.
-STOPPED_RANK_GRACE_S = 10.0
-
-
-def _stopped_rank_exit() -> int:
-    time.sleep(STOPPED_RANK_GRACE_S)
-    return 2
-
-
-def _quiet_rank() -> bool:
-    """A torchrun rank other than its node's first: before the ranks meet, every rank of a node
-    sees the same config and fails the same way, and local rank 0 says so."""
-    try:
-        return int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ["LOCAL_RANK"]) > 0
-    except (KeyError, ValueError):
-        return False
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -49,6 +34,8 @@ def _launch(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        if quiet_rank():  # every rank of the node would say the same
+            return stopped_rank_exit()
         raise UserError("--nproc starts torchrun itself: run it without torchrun, or drop --nproc")
     argv = ["distill", "--config", args.config, *(a for s in args.set for a in ("--set", s))]
     try:
@@ -66,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.set)  # before torch is imported: typos fail fast
     except EXPECTED_ERRORS:
-        if _quiet_rank():
-            return _stopped_rank_exit()
+        if quiet_rank():
+            return stopped_rank_exit()
         raise
 
     if args.nproc is not None:
@@ -80,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = train_student(config, progress=not args.quiet)
     except RankStopped:  # another rank failed and rank 0 reports it
-        return _stopped_rank_exit()
+        return stopped_rank_exit()
     if not World.from_env().main:
         return 0
     acc = read_checkpoint(path).extra.get("test_acc")

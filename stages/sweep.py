@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stages.common import add_config_arguments, add_nproc_argument, config_from_args
+from stages.common import (
+    add_config_arguments,
+    add_nproc_argument,
+    config_from_args,
+    quiet_rank,
+    stopped_rank_exit,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,14 +20,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args, "sweep")  # before torch is imported: typos fail fast
+    from pipeline.errors import EXPECTED_ERRORS
 
-    from pipeline.sweep import done_path, run_sweep
+    try:  # started under torchrun by mistake, every rank gets here: one of them says why
+        config = config_from_args(args, "sweep")  # before torch is imported: typos fail fast
+        from pipeline.sweep import done_path, run_sweep
 
-    def show(outcome, position: int, total: int) -> None:
-        print(outcome.line(total, position), flush=True)
+        def show(outcome, position: int, total: int) -> None:
+            print(outcome.line(total, position), flush=True)
 
-    outcomes = run_sweep(config, progress=not args.quiet, on_run=show, nproc=args.nproc)
+        outcomes = run_sweep(config, progress=not args.quiet, on_run=show, nproc=args.nproc)
+    except EXPECTED_ERRORS:
+        if quiet_rank():
+            return stopped_rank_exit()
+        raise
     failed = [o.run.folder.name for o in outcomes if o.status == "failed"]
     if failed:
         # Not exit 2: the sweep's input was fine, some students failed while training.

@@ -336,6 +336,17 @@ def test_nproc_starts_the_ranks_and_a_refusal_is_its_one_line(tiny_run):
         )
 
 
+def test_a_sweep_started_under_torchrun_is_refused_once(tiny_run):
+    """``torchrun -m pipeline sweep`` by mistake: every rank refuses, one prints the line."""
+    done = _torchrun("-m", "pipeline", "sweep", *tiny_run.argv()[1:], timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: the sweep runs as one process and starts torchrun for each student itself: run "
+        "`python -m pipeline sweep --nproc N` (make sweep NPROC=N), not under torchrun"
+    ], done.stderr
+
+
 def test_killed_under_torchrun_resumes_to_the_same_weights(tiny_run, kd_two, scripted):
     killed = scripted[1]
     assert killed.returncode != 0
@@ -396,6 +407,13 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch, tmp_pat
 
     again = run_cli(argv)  # the resolved config round-trips: the same key, nothing retrained
     assert again.stdout.startswith("sweep 1/3 swp-kd-s0: already finished"), again.stdout
+    # The diverged student is reported again without starting its ranks.
+    assert re.search(
+        r"^sweep 3/3 swp-hot-s0: DIVERGED: swp-hot-s0 diverged in an earlier run: its loss "
+        r"became non-finite in epoch 1/2 ",
+        again.stdout,
+        re.M,
+    ), again.stdout
 
     refused = run_cli([*argv[:5], "0", *argv[6:]])
     assert refused.returncode == 2

@@ -194,7 +194,19 @@ def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):
     assert lines[2].startswith("sweep: 2 runs done (1 trained, 0 already finished, 1 diverged")
     assert (tmp_path / "sweep.done").is_file()
     hot = tmp_path / "distill" / "hot-s4"
-    assert sorted(p.name for p in hot.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    kept = ["config.yaml", "diverged.json", "metrics.jsonl"]
+    assert sorted(p.name for p in hot.iterdir()) == kept
+    written = (hot / "metrics.jsonl").stat().st_mtime_ns
+
+    # A rerun reports the same outcome without training up to the same NaN again.
+    assert main(argv("sweep", tmp_path, *sets)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(
+        "sweep 1/2 hot-s4: DIVERGED: hot-s4 diverged in an earlier run: its loss became "
+        "non-finite in epoch 1/2 (ce nan, kd nan, total nan)"
+    )
+    assert lines[1].startswith("sweep 2/2 small_cnn-ce-s4: already finished")
+    assert (hot / "metrics.jsonl").stat().st_mtime_ns == written
 
     assert main(argv("report", tmp_path, *sets)) == 0
     results = json.loads((tmp_path / "report" / "results.json").read_text())
@@ -207,3 +219,11 @@ def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):
     assert "hot (kd): seed 4 in epoch 1." in markdown
     assert "| hot-s4 | small_cnn | kd | 4 | 1/2 |" in markdown
     assert markdown.count("diverged (epoch 1)") == 1
+
+    # The folder reused with another recipe (no state.pt to refuse it: it diverged in epoch 1)
+    # trains: the marker was the other config's outcome.
+    calm = (sets[0], "sweep.runs=[{method: kd, name: hot, epochs: 2}]", sets[2])
+    capsys.readouterr()
+    assert main(argv("sweep", tmp_path, *calm)) == 0
+    assert capsys.readouterr().out.startswith("sweep 1/1 hot-s4: trained, test top-1 ")
+    assert sorted(p.name for p in hot.iterdir()) == ["config.yaml", "metrics.jsonl", "student.pt"]
