@@ -26,10 +26,16 @@ import triton.language as tl
 from pipeline.errors import MethodError
 from pipeline.kernels import FUSED_STUDENT_DTYPES, FUSED_TEACHER_DTYPES
 
-#: Widest column block. 2048 float32 per tile keeps ~8 values per thread per live tile at 8 warps.
+#: Widest column block: a program walks longer rows in 2048-wide steps (8 warps, 8 values a
+#: thread).
 MAX_BLOCK = 2048
-#: Elements per (ROWS, BLOCK) tile: small C packs several rows into one program.
-TILE = 2048
+#: From this block width up a program takes one row (8 warps).
+ROW_BLOCK = 1024
+#: Narrower rows share a program: a (ROWS, BLOCK) tile of this many elements at 4 warps, one
+#: 4-wide vector per thread. Compiled for sm_90 (tests/kernels/test_registers.py), tiles in
+#: which a thread holds parts of several rows cost 200-255 registers per thread in every
+#: kernel, leaving 8 warps per SM; these stay at 56-128 for plain KD, DKD and ATS (16-36).
+SMALL_TILE = 512
 
 STUDENT_DTYPES = FUSED_STUDENT_DTYPES
 TEACHER_DTYPES = FUSED_TEACHER_DTYPES
@@ -64,10 +70,11 @@ def launch_config(batch: int, classes: int, override: tuple[int, int] | None = N
         rows, block = override
     else:
         block = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK)
-        rows = max(1, min(TILE // block, triton.next_power_of_2(max(batch, 1))))
+        wanted = 1 if block >= ROW_BLOCK else SMALL_TILE // block
+        rows = max(1, min(wanted, triton.next_power_of_2(max(batch, 1))))
     if block & (block - 1) or rows & (rows - 1):
         raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
-    return Launch(rows=rows, block=block, num_warps=8 if rows * block >= 2048 else 4)
+    return Launch(rows=rows, block=block, num_warps=8 if rows == 1 and block >= ROW_BLOCK else 4)
 
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
