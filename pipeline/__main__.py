@@ -2,7 +2,8 @@
 
 The only place that parses argv. Each stage module in ``stages/`` provides ``add_arguments`` and
 ``run``; this dispatches to it. Bad input — a project error, a missing dependency, a full disk, a
-read-only directory — ends in one line on stderr and exit status 2, never a traceback.
+read-only directory, an object store's refusal — ends in one line on stderr and exit status 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -84,10 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             f"a dependency is missing ({exc}): run `make setup` to install logitbank's requirements"
         )
     except OSError as exc:
+        if (remote := _remote_error(exc)) is not None:  # before errno: S3's 403 is not a folder's
+            return _fail(remote)
         if exc.errno in _OS_ERRORS:
             what, fix = _OS_ERRORS[exc.errno]
             where = f" ({exc.filename})" if exc.filename else ""
             return _fail(f"{what}{where}: {fix}; finished work is kept and a rerun resumes")
+        raise
+    except Exception as exc:  # e.g. botocore's EndpointConnectionError
+        if (remote := _remote_error(exc)) is not None:
+            return _fail(remote)
         raise
     except KeyboardInterrupt:
         write_resolved_config(args)  # the work done so far was made with it
@@ -108,6 +115,12 @@ def write_resolved_config(args: argparse.Namespace) -> None:
     from stages.common import save_pending
 
     save_pending(args)
+
+
+def _remote_error(exc: BaseException) -> str | None:
+    from storage.urls import remote_error
+
+    return remote_error(exc)
 
 
 def _fail(message: str) -> int:

@@ -88,6 +88,32 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, root.rstrip("/") or root
 
 
+#: Client libraries of object stores: their errors are the service's answer (a missing bucket,
+#: refused credentials, an endpoint that cannot be reached), not bugs of this program.
+_REMOTE_PACKAGES = frozenset(
+    ("s3fs", "botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "adlfs", "azure")
+)
+
+
+def remote_error(exc: BaseException) -> str | None:
+    """One line for an error an object store's client library raised (by its type, or by the
+    innermost frame of its traceback: s3fs turns ``NoSuchBucket`` into a FileNotFoundError),
+    or None for any other error."""
+    frame = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame, tb = tb.tb_frame, tb.tb_next
+    raised_in = frame.f_globals.get("__name__", "") if frame is not None else ""
+    origins = {type(exc).__module__.split(".")[0], raised_in.split(".")[0]}
+    if not origins & _REMOTE_PACKAGES:
+        return None
+    return (
+        f"object storage said: {_first_line(exc)} ({type(exc).__name__}): check the store's URL "
+        f"(does the bucket exist?), the endpoint (AWS_ENDPOINT_URL for an S3-compatible "
+        f"service), the credentials and the network; finished work is kept and a rerun resumes"
+    )
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 

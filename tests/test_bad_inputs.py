@@ -75,6 +75,8 @@ class Case:
     subprocess: bool = False
     rerun_ok: bool = False
     """After the failure, the same command without the fault succeeds (it resumes)."""
+    env: dict[str, str] | None = None
+    """Environment variables set for the command."""
 
 
 # ---- how each bad input is made ------------------------------------------------------------
@@ -433,6 +435,15 @@ CASES: list[Case] = [
     Case("store-newer-schema", "store", "a store of a newer schema", ("verify", "{run}/store.zarr"),
          "store RUN/store.zarr has schema version 99, newer than this logitbank reads (1): "
          "upgrade logitbank", prepare=_store_attrs(schema_version=99)),
+    Case("store-url-unreachable", "store", "an `s3://` store whose endpoint cannot be reached",
+         ("verify", "s3://bucket/store.zarr"),
+         'object storage said: Could not connect to the endpoint URL: "http://127.0.0.1:9/bucket/'
+         'store.zarr" (EndpointConnectionError): check the store\'s URL (does the bucket exist?), '
+         "the endpoint (AWS_ENDPOINT_URL for an S3-compatible service), the credentials and the "
+         "network; finished work is kept and a rerun resumes",
+         env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",
+              "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+              "AWS_DEFAULT_REGION": "us-east-1"}),
     Case("store-damaged-attrs", "store", "a store whose attributes lack `num_views`",
          ("verify", "{run}/store.zarr"),
          "store RUN/store.zarr lacks the attribute(s) num_views: its metadata is damaged; run "
@@ -593,6 +604,7 @@ def _subprocess(case: Case, run: Path, site: Path) -> subprocess.CompletedProces
     if case.fault:
         code, _, where = case.fault
         env["LB_FAULT"] = f"{code}|{run / where}"
+    env.update(case.env or {})
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *_argv(case, run)],
         capture_output=True,
@@ -668,6 +680,8 @@ def test_bad_input_in_process(case, base, tmp_path, capsys, monkeypatch) -> None
     with monkeypatch.context() as patch:
         if case.fault:
             _inject(patch, case.fault, run)
+        for name, value in (case.env or {}).items():
+            patch.setenv(name, value)
         status = main(_argv(case, run))
     captured = capsys.readouterr()
     _check(case, run, status, captured.out, captured.err, before)
