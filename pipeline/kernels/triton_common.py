@@ -17,6 +17,7 @@ Importing this module imports triton: the dispatcher (``pipeline.kernels``) impo
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class Launch:
     num_warps: int
 
     def grid(self, batch: int) -> tuple[int]:
-        return (triton.cdiv(batch, self.rows),)
+        return (-(-batch // self.rows),)  # ceil; triton.cdiv is a constexpr function (slower)
 
     def meta(self) -> dict[str, int]:
         """The tile's compile-time kernel arguments."""
@@ -64,14 +65,19 @@ def affine(
     return (dummy, dummy) if scale is None or offset is None else (scale, offset)
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)  # called twice a training step: keep it off the host's path
 def launch_config(batch: int, classes: int, override: tuple[int, int] | None = None) -> Launch:
     """Tile shape for a (batch, classes) problem; ``override`` = (rows, block) is for tests."""
     if override is not None:
         rows, block = override
     else:
-        block = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK)
+        block = min(_next_power_of_2(classes), MAX_BLOCK)
         wanted = 1 if block >= ROW_BLOCK else SMALL_TILE // block
-        rows = max(1, min(wanted, triton.next_power_of_2(max(batch, 1))))
+        rows = max(1, min(wanted, _next_power_of_2(batch)))
     if block & (block - 1) or rows & (rows - 1):
         raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
     return Launch(rows=rows, block=block, num_warps=8 if rows == 1 and block >= ROW_BLOCK else 4)
