@@ -443,7 +443,8 @@ CASES: list[Case] = [
          "network; finished work is kept and a rerun resumes",
          env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",
               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-              "AWS_DEFAULT_REGION": "us-east-1"}),
+              "AWS_DEFAULT_REGION": "us-east-1"},
+         subprocess=True),  # a fresh process: fsspec caches a filesystem per endpoint
     Case("store-damaged-attrs", "store", "a store whose attributes lack `num_views`",
          ("verify", "{run}/store.zarr"),
          "store RUN/store.zarr lacks the attribute(s) num_views: its metadata is damaged; run "

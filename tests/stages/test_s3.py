@@ -73,6 +73,7 @@ def s3():
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             env.delenv(name, raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()  # one made before, for another endpoint
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir(BUCKET)
         try:
@@ -81,6 +82,9 @@ def s3():
             with contextlib.suppress(Exception):
                 fs.rm(BUCKET, recursive=True)
             server.stop()
+            # fsspec keeps one S3FileSystem per set of options, bound to the endpoint the
+            # environment named when it was made: later tests must not reach this dead one.
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
