@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,16 +70,20 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-@functools.lru_cache(maxsize=1024)  # called twice a training step: keep it off the host's path
-def launch_config(batch: int, classes: int, override: tuple[int, int] | None = None) -> Launch:
+def launch_config(batch: int, classes: int, override: Sequence[int] | None = None) -> Launch:
     """Tile shape for a (batch, classes) problem; ``override`` = (rows, block) is for tests."""
+    return _launch_config(batch, classes, None if override is None else tuple(override))
+
+
+@functools.lru_cache(maxsize=1024)  # called twice a training step: keep it off the host's path
+def _launch_config(batch: int, classes: int, override: tuple[int, ...] | None) -> Launch:
     if override is not None:
         rows, block = override
     else:
         block = min(_next_power_of_2(classes), MAX_BLOCK)
         wanted = 1 if block >= ROW_BLOCK else SMALL_TILE // block
         rows = max(1, min(wanted, _next_power_of_2(batch)))
-    if block & (block - 1) or rows & (rows - 1):
+    if rows < 1 or block < 1 or block & (block - 1) or rows & (rows - 1):
         raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
     return Launch(rows=rows, block=block, num_warps=8 if rows == 1 and block >= ROW_BLOCK else 4)
 
