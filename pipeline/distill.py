@@ -230,8 +230,10 @@ DIVERGED_FILE = "diverged.json"
 
 
 def _diverged_error(
-    name: str, record: dict, epochs: int, world: World, *, earlier: bool = False
+    name: str, record: dict, epochs: int, world: World, *, marker: Path | None = None
 ) -> DistillError:
+    """The one line of a divergence; ``marker``: the diverged.json that recorded it earlier."""
+    earlier = marker is not None
     epoch = record["epoch"]
     loss = record.get("loss", {})
     bad = ", ".join(f"{k} {v}" for k, v in loss.items() if not math.isfinite(float(v)))
@@ -242,6 +244,8 @@ def _diverged_error(
         f"epoch, {kept}): lower distill.lr or the method's loss weights, under another "
         f"distill.name (or delete this run's folder)"
     )
+    if earlier:  # e.g. on another device, where the numbers differ, the same run may not
+        message += f"; delete {marker} to train it again as it is"
     return DivergedError(message) if world.main else RankStopped(message)
 
 
@@ -256,7 +260,8 @@ def check_not_diverged(config: Config, world: World | None = None) -> None:
     record = diverged_before(out / DIVERGED_FILE, config_key(config))
     if record is not None:
         world = world or World.from_env()
-        raise _diverged_error(out.name, record, config.distill.epochs, world, earlier=True)
+        marker = out / DIVERGED_FILE
+        raise _diverged_error(out.name, record, config.distill.epochs, world, marker=marker)
 
 
 def train_student(

@@ -80,7 +80,12 @@ def diverged_before(path: Path, key: str) -> dict | None:
     if not isinstance(marker, dict) or marker.get("config_hash") != key:
         return None
     record = marker.get("record")
-    return record if isinstance(record, dict) and "epoch" in record else None
+    if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+        return None
+    loss = record.get("loss")
+    if not isinstance(loss, dict) or not all(type(v) in (int, float) for v in loss.values()):
+        return None
+    return record
 
 
 def save_state(

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes = run_sweep(config, progress=not args.quiet, on_run=show, nproc=args.nproc)
     except EXPECTED_ERRORS:
         if quiet_rank():
+            args.resolved_config = None  # refused: RUN_DIR/sweep.config.yaml stays as it was
             return stopped_rank_exit()
         raise
     failed = [o.run.folder.name for o in outcomes if o.status == "failed"]

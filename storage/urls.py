@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 from typing import Any
 
@@ -88,29 +89,52 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, root.rstrip("/") or root
 
 
-#: Client libraries of object stores: their errors are the service's answer (a missing bucket,
-#: refused credentials, an endpoint that cannot be reached), not bugs of this program.
-_REMOTE_PACKAGES = frozenset(
-    ("s3fs", "botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "adlfs", "azure")
+#: Exception types of object stores' client libraries: the service's answer (refused
+#: credentials, an endpoint that cannot be reached, a request it rejected), not a bug here.
+_REMOTE_TYPES = (
+    ("botocore.exceptions", "BotoCoreError"),
+    ("botocore.exceptions", "ClientError"),
+    ("aiohttp", "ClientError"),
+    ("google.api_core.exceptions", "GoogleAPICallError"),
+    ("google.auth.exceptions", "GoogleAuthError"),
+    ("azure.core.exceptions", "AzureError"),
 )
+#: Filesystem packages that turn a service's answer into an OSError (s3fs: NoSuchBucket is a
+#: FileNotFoundError, AccessDenied a PermissionError) raised in their own code.
+_REMOTE_FILESYSTEMS = frozenset(("s3fs", "gcsfs", "adlfs"))
+
+
+def _remote_types() -> tuple[type, ...]:
+    """Those of ``_REMOTE_TYPES`` whose module is already imported (an error of a library that
+    was never imported cannot be in flight)."""
+    found = []
+    for module, name in _REMOTE_TYPES:
+        loaded = sys.modules.get(module)
+        kind = getattr(loaded, name, None) if loaded is not None else None
+        if isinstance(kind, type):
+            found.append(kind)
+    return tuple(found)
 
 
 def remote_error(exc: BaseException) -> str | None:
-    """One line for an error an object store's client library raised (by its type, or by the
-    innermost frame of its traceback: s3fs turns ``NoSuchBucket`` into a FileNotFoundError),
-    or None for any other error."""
-    frame = None
-    tb = exc.__traceback__
-    while tb is not None:
-        frame, tb = tb.tb_frame, tb.tb_next
-    raised_in = frame.f_globals.get("__name__", "") if frame is not None else ""
-    origins = {type(exc).__module__.split(".")[0], raised_in.split(".")[0]}
-    if not origins & _REMOTE_PACKAGES:
+    """One line for an error that an object store answered with, else None (then it is not
+    this module's to explain): an exception of a storage client library's own error types, or
+    an OSError raised inside s3fs, gcsfs or adlfs."""
+    remote = isinstance(exc, _remote_types())
+    if not remote and isinstance(exc, OSError):
+        frame, tb = None, exc.__traceback__
+        while tb is not None:
+            frame, tb = tb.tb_frame, tb.tb_next
+        raised_in = frame.f_globals.get("__name__", "") if frame is not None else ""
+        remote = raised_in.split(".")[0] in _REMOTE_FILESYSTEMS
+    if not remote:
         return None
+    text = _first_line(exc)
+    said = text if text == type(exc).__name__ else f"{text} ({type(exc).__name__})"
     return (
-        f"object storage said: {_first_line(exc)} ({type(exc).__name__}): check the store's URL "
-        f"(does the bucket exist?), the endpoint (AWS_ENDPOINT_URL for an S3-compatible "
-        f"service), the credentials and the network; finished work is kept and a rerun resumes"
+        f"object storage said: {said}: check the store's URL (does the bucket exist?), the "
+        f"endpoint (AWS_ENDPOINT_URL for an S3-compatible service), the credentials and the "
+        f"network; finished work is kept and a rerun resumes"
     )
 
 

@@ -33,10 +33,11 @@ from pipeline.kernels import FUSED_STUDENT_DTYPES, FUSED_TEACHER_DTYPES
 MAX_BLOCK = 2048
 #: From this block width up a program takes one row (8 warps).
 ROW_BLOCK = 1024
-#: Narrower rows share a program: a (ROWS, BLOCK) tile of this many elements at 4 warps, one
-#: 4-wide vector per thread. Compiled for sm_90 (tests/kernels/test_registers.py), tiles in
-#: which a thread holds parts of several rows cost 200-255 registers per thread in every
-#: kernel, leaving 8 warps per SM; these stay at 56-128 for plain KD, DKD and ATS (16-36).
+#: Narrower rows (C <= 512) share a program: a (ROWS, BLOCK) tile of this many elements at 4
+#: warps, one 4-wide vector per thread. Compiled for sm_90 (tests/kernels/registers.py), the
+#: old 2,048-element tiles, in which a thread holds parts of several rows, took 206-255
+#: registers per thread in the forward kernels (8 warps per SM; 124-255 backward); these tiles
+#: take 32-127 in plain KD, DKD and ATS forward and backward (16-64 warps per SM).
 SMALL_TILE = 512
 
 STUDENT_DTYPES = FUSED_STUDENT_DTYPES

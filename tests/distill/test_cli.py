@@ -7,6 +7,7 @@ the same refusals (``MORE_BAD``) go through the same ``main`` in this process.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -125,3 +126,30 @@ def test_a_run_from_the_command_line(results, tiny_run):
     out = output_dir(tiny_run.config(*OK))
     assert result.stdout.strip().startswith(f"distill: {out / 'student.pt'} (test top-1 ")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_diverged_run_run_again_repeats_its_line_without_training(tiny_run, capsys):
+    """diverged.json records the outcome: the same config again gives the same line at once
+    (naming the file), and once it is deleted the run trains again."""
+    sets = ("distill.lr=1e8", "distill.epochs=2", "distill.name=cli-hot")
+    out = output_dir(tiny_run.config(*sets))
+    assert main(tiny_run.argv(*sets)) == 2
+    first = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        r"error: cli-hot diverged: its loss became non-finite in epoch 1/2 .*", first
+    )
+    written = (out / "metrics.jsonl").stat().st_mtime_ns
+
+    assert main(tiny_run.argv(*sets)) == 2
+    again = capsys.readouterr().err.strip()
+    assert again == first.replace("cli-hot diverged:", "cli-hot diverged in an earlier run:") + (
+        f"; delete {out / 'diverged.json'} to train it again as it is"
+    )
+    assert (out / "metrics.jsonl").stat().st_mtime_ns == written  # nothing retrained
+
+    marker = json.loads((out / "diverged.json").read_text())
+    marker["record"]["epoch"] = "one"  # damaged: of no use, so the run trains (and diverges)
+    (out / "diverged.json").write_text(json.dumps(marker))
+    assert main(tiny_run.argv(*sets)) == 2
+    assert capsys.readouterr().err.strip() == first
+    assert (out / "metrics.jsonl").stat().st_mtime_ns != written

@@ -95,9 +95,11 @@ class Profile:
 PROFILES = {
     "full": Profile(
         classes=(2, 10, 100, 1000, 32768, 131072),
-        # B * C <= 2^22; B a multiple of the rows per program (2048 // next_pow2(C), >= 1).
+        # B * C <= 2^22; B a multiple of the rows per program (512 // next_pow2(C) below C = 513,
+        # else 1: triton_common.launch_config).
         batch={2: 4096, 10: 2048, 100: 1024, 1000: 512, 32768: 64, 131072: 32},
-        # tiles: C=2 -> 1024 rows, 10 -> 128, 100 -> 16, 1000 -> 2; 50257 = 24.5 blocks of 2048
+        # tiles: C=2 -> 256 rows, 10 -> 32, 100 -> 4 (a partial last tile each); 1000 -> 1 row
+        # and a partial column block; 50257 = 24.5 blocks of 2048
         odd_batch={2: 1000, 10: 333, 100: 77, 1000: 31, 50257: 7},
         student_classes=(10, 1000, 32768),
         methods_shape=(64, 100),

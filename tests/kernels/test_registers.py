@@ -3,8 +3,8 @@
 Compiled for sm_90 on this machine (no GPU needed; tests/kernels/registers.py). These kernels
 are memory-bound: an SM hides the latency of its loads with the warps it keeps resident, and
 registers per thread bound that number. The tiles once chosen for C < 1024 (2,048 elements, 8
-warps, several rows' pieces per thread) took 200-255 registers in every loss kernel: 8 warps
-per SM, the likely cause of the fused KD kernel measured 1.4x *slower* than eager PyTorch at
+warps, several rows' pieces per thread) took 206-255 registers in the forward kernels: 8 warps
+per SM, a likely cause of the fused KD kernel measured 1.4x *slower* than eager PyTorch at
 C = 10 on an H200 (BENCHMARKS.md).
 """
 
@@ -56,7 +56,10 @@ def test_everyday_kernels_keep_16_warps_resident_at_every_class_count(usage) -> 
     assert not low
 
 
-def test_heaviest_compositions_keep_8_warps_resident(usage) -> None:
-    """CTKD's temperature gradient through z-scored DKD from an int8 teacher holds the most
-    per-row state; it still keeps 8 warps (one program) per SM without spilling."""
-    assert min(r["resident_warps"] for r in usage) >= 8
+def test_no_kernel_is_near_the_register_ceiling(usage) -> None:
+    """A thread gets at most 255 registers; the old multi-row tiles hit it (the forward kernels,
+    and every z-scored, int8 or temperature-gradient variant) and ptxas then squeezes the code.
+    The heaviest now, CTKD's temperature gradient through z-scored DKD from an int8 teacher at
+    C = 10, takes about 200."""
+    heavy = [(r["variant"], r["classes"], r["registers"]) for r in usage if r["registers"] > 224]
+    assert not heavy

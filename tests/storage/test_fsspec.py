@@ -245,3 +245,28 @@ def test_unknown_protocol_or_missing_package_is_one_line():
         with pytest.raises(StoreError, match="s3fs") as info:
             create_store("s3://bucket/store.zarr", N, C)
         assert "\n" not in str(info.value)
+
+
+def test_only_an_object_stores_answer_is_explained_as_one():
+    """remote_error: the storage client libraries' own error types (and OSErrors raised inside
+    s3fs & co., tests/stages/test_s3.py), not any error of a library with a similar name."""
+    from storage.urls import remote_error
+
+    botocore = pytest.importorskip("botocore.exceptions")
+    refused = botocore.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/x")
+    message = remote_error(refused)
+    assert message is not None and message.startswith(
+        'object storage said: Could not connect to the endpoint URL: "http://127.0.0.1:9/b/x" '
+        "(EndpointConnectionError): check the store's URL"
+    )
+    assert remote_error(TimeoutError()) is None  # raised here, not inside a storage client
+    with pytest.raises(FileNotFoundError) as missing:
+        Path("/nonexistent/logitbank/x").read_bytes()
+    assert remote_error(missing.value) is None
+    onnx = pytest.importorskip("onnx")
+    try:
+        onnx.load_model_from_string(b"\x0a\xff\xff\xff")  # protobuf (google.*) refuses it
+    except Exception as exc:
+        assert remote_error(exc) is None
+    else:
+        pytest.fail("protobuf accepted a broken message")
