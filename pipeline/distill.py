@@ -27,7 +27,6 @@ with test accuracy and config), ``metrics.jsonl`` (one line per epoch), ``config
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -60,7 +59,7 @@ from pipeline.errors import EXPECTED_ERRORS
 from pipeline.fileio import remove_stale_temps
 from pipeline.fingerprint import spec_hash
 from pipeline.methods import MethodContext
-from pipeline.metrics import diverged, write_metrics
+from pipeline.metrics import divergence, write_metrics
 from pipeline.models import save_checkpoint
 from storage import LogitStore, StoreWarning
 
@@ -222,10 +221,11 @@ def _train_epoch(
 
 
 class DivergedError(EveryRankError):
-    """The training loss became NaN or infinite: the run stopped, its last good state kept."""
+    """The training loss became NaN or infinite, or grew over ``metrics.GROWTH_LIMIT`` times its
+    first epoch's: the run stopped, its last good state kept."""
 
 
-#: Beside a run's outputs once its loss became non-finite (pipeline.distill_state.save_diverged).
+#: Beside a run's outputs once it diverged (pipeline.distill_state.save_diverged).
 DIVERGED_FILE = "diverged.json"
 
 
@@ -235,14 +235,13 @@ def _diverged_error(
     """The one line of a divergence; ``marker``: the diverged.json that recorded it earlier."""
     earlier = marker is not None
     epoch = record["epoch"]
-    loss = record.get("loss", {})
-    bad = ", ".join(f"{k} {v}" for k, v in loss.items() if not math.isfinite(float(v)))
+    what, detail = record["diverged"]
     kept = f"state.pt keeps epoch {epoch - 1}" if epoch > 1 else "no state to resume"
     message = (
-        f"{name} diverged{' in an earlier run' if earlier else ''}: its loss became non-finite "
-        f"in epoch {epoch}/{epochs} ({bad}); stopped with no student (metrics.jsonl shows the "
-        f"epoch, {kept}): lower distill.lr or the method's loss weights, under another "
-        f"distill.name (or delete this run's folder)"
+        f"{name} diverged{' in an earlier run' if earlier else ''}: its loss {what} in epoch "
+        f"{epoch}/{epochs} ({detail}); stopped with no student (metrics.jsonl shows the epoch, "
+        f"{kept}): lower distill.lr or the method's loss weights, under another distill.name "
+        f"(or delete this run's folder)"
     )
     if earlier:  # e.g. on another device, where the numbers differ, the same run may not
         message += f"; delete {marker} to train it again as it is"
@@ -361,7 +360,9 @@ def _train(
             record["test_acc"] = evaluate(student.model, test, device, cfg.eval_batch_size, world)
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
-            if diverged(record):  # the same sums on every rank: all stop here
+            why = divergence(record, history[0])
+            if why is not None:  # the same sums on every rank: all stop here
+                record["diverged"] = list(why)
                 if world.main:  # the epoch stays in the metrics (the report shows it)
                     write_metrics(out / "metrics.jsonl", history)
                     save_diverged(out / DIVERGED_FILE, key, record)

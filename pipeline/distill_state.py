@@ -6,7 +6,7 @@ and the epoch. Together
 with a batch order that depends on (seed, epoch) only, that is all a killed run needs to go on
 exactly where the last finished epoch left it. The final ``student.pt`` records the config hash,
 so a finished run is recognised and not trained again, and a run folder is never reused by a
-run with another config. A run whose loss became NaN or infinite leaves ``diverged.json`` (the
+run with another config. A run whose loss diverged (pipeline.metrics) leaves ``diverged.json`` (the
 config hash and that epoch's record): it is the same run's outcome, so a rerun reports it again
 rather than retraining up to the same epoch.
 """
@@ -82,8 +82,8 @@ def diverged_before(path: Path, key: str) -> dict | None:
     record = marker.get("record")
     if not isinstance(record, dict) or type(record.get("epoch")) is not int:
         return None
-    loss = record.get("loss")
-    if not isinstance(loss, dict) or not all(type(v) in (int, float) for v in loss.values()):
+    why = record.get("diverged")
+    if not (isinstance(why, list) and len(why) == 2 and all(isinstance(w, str) for w in why)):
         return None
     return record
 

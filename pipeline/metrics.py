@@ -4,8 +4,9 @@ and sweep. Light (no torch), so the report reads it without importing the traini
     {"epoch": 3, "lr": 0.05, "loss": {"ce": 0.41, "kd": 0.93, "total": 0.88}, "train_acc": 86.9,
      "rows_per_s": 22943.1, "views": [2], "test_acc": 85.4, "seconds": 2.6}
 
-A diverged epoch (a loss term NaN or infinite) is kept as it was, ``NaN``/``Infinity`` written as
-Python's json module writes them, so the report can show where a run stopped.
+A diverged epoch (a loss term NaN or infinite, or the total grown over ``GROWTH_LIMIT`` times
+its first epoch's) is kept as it was, ``NaN``/``Infinity`` written as Python's json module writes
+them, with ``"diverged": [what, detail]`` added, so the report can show where a run stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ def write_metrics(path: Path, history: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+#: A total loss this many times its first epoch's means divergence, NaN or not. In healthy runs
+#: (tests, Fashion-MNIST: KD, CTKD, DKD with its warm-up, PS-KD) it stayed within 5x; DKD at a
+#: learning rate too high for an MLP grew 1e5-1e8-fold an epoch before turning NaN, or stayed
+#: finite at 1e20 with the student at chance.
+GROWTH_LIMIT = 1000.0
+
+
+def divergence(record: dict, first: dict) -> tuple[str, str] | None:
+    """(what the loss did, the numbers) if epoch ``record`` diverged, else None; ``first`` is
+    the run's first epoch's record (its total is the scale the growth is measured against)."""
+    loss = record.get("loss", {})
+    bad = [f"{k} {v}" for k, v in loss.items() if not math.isfinite(float(v))]
+    if bad:
+        return "became non-finite", ", ".join(bad)
+    total, start = loss.get("total"), first.get("loss", {}).get("total")
+    if total is not None and start is not None and start > 0 and total > GROWTH_LIMIT * start:
+        return (
+            f"grew over {GROWTH_LIMIT:,.0f}-fold",
+            f"total {start:.4g} in epoch {first.get('epoch', 1)}, {total:.4g} now",
+        )
+    return None
+
+
 def diverged(record: dict) -> bool:
-    """Whether an epoch's record has a loss term that is NaN or infinite."""
+    """Whether a record of metrics.jsonl is of a diverged epoch: marked so by distill, or (in a
+    file from before the mark) with a loss term NaN or infinite."""
+    if "diverged" in record:
+        return True
     return not all(math.isfinite(float(v)) for v in record.get("loss", {}).values())

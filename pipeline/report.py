@@ -64,7 +64,8 @@ class RunResult:
     rows_per_s: float
     """Training throughput, mean over epochs."""
     diverged_epoch: int | None = None
-    """The epoch whose loss became NaN or infinite (the run stopped there, with no student)."""
+    """The epoch whose loss diverged (NaN, infinite, or over 1,000 times the first epoch's): the
+    run stopped there, with no student."""
     group: str = field(repr=False, default="")
 
     @property

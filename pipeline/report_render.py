@@ -151,7 +151,8 @@ def markdown(report: Report) -> str:
     if gone:
         out += [
             "",
-            "**Diverged** (the loss became NaN or infinite; the run stopped with no student and "
+            "**Diverged** (the loss became NaN or infinite, or grew over 1,000-fold; the run "
+            "stopped with no student and "
             "is not in the table above): "
             + "; ".join(f"{label}: {', '.join(seeds)}" for label, seeds in gone.items())
             + ".",

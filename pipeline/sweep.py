@@ -171,9 +171,10 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
         last = (metrics.read_text().splitlines() or ["{}"])[-1]
         record = json.loads(last) if last.strip() else {}
         if "loss" in record and diverged(record):
+            what = record.get("diverged", ["became non-finite"])[0]
             raise DivergedError(
-                f"its loss became non-finite in epoch {record['epoch']} ({nproc} processes "
-                f"under torchrun; rank 0's line above says more)"
+                f"its loss {what} in epoch {record['epoch']} ({nproc} processes under torchrun; "
+                f"rank 0's line above says more)"
             )
     if status != 0 or not checkpoint.is_file():
         raise StudentProcessFailed(
