@@ -54,3 +54,12 @@ def diverged(record: dict) -> bool:
     if "diverged" in record:
         return True
     return not all(math.isfinite(float(v)) for v in record.get("loss", {}).values())
+
+
+def first_diverged_epoch(history: list[dict]) -> int | None:
+    """The first epoch of a metrics.jsonl history that diverged (marked by distill, or by its
+    values: a file written before the mark, or by a run that trained on through it)."""
+    for i, record in enumerate(history):
+        if diverged(record) or divergence(record, history[0]) is not None:
+            return int(record.get("epoch", i + 1))
+    return None

@@ -26,7 +26,7 @@ import yaml
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write
-from pipeline.metrics import diverged
+from pipeline.metrics import first_diverged_epoch
 
 # Settings that change how a run is computed, not what it learns: runs differing only in these
 # (and the seed) are seeds of one experiment.
@@ -209,10 +209,7 @@ def collect_runs(run_dir: Path) -> list[RunResult]:
                 final_acc=curve[-1],
                 wall_s=sum(float(r.get("seconds", 0.0)) for r in history),
                 rows_per_s=statistics.fmean(rates) if rates else 0.0,
-                diverged_epoch=next(
-                    (int(r.get("epoch", i + 1)) for i, r in enumerate(history) if diverged(r)),
-                    None,
-                ),
+                diverged_epoch=first_diverged_epoch(history),
                 group=json.dumps(key, sort_keys=True, default=str),
             )
         )

@@ -49,3 +49,20 @@ def test_a_record_read_back_from_metrics_jsonl() -> None:
     assert diverged(json.loads(json.dumps(marked)))
     assert diverged(json.loads(json.dumps(_record(3, total=math.nan))))  # NaN round-trips
     assert not diverged(json.loads(json.dumps(_record(3, total=1e9))))  # unmarked and finite
+
+
+def test_the_report_finds_the_first_diverged_epoch_of_a_history() -> None:
+    """Also in a history whose run trained on through it (before the growth check)."""
+    from pipeline.metrics import first_diverged_epoch
+
+    healthy = [FIRST, _record(2, total=12.0), _record(3, total=9.5)]
+    assert first_diverged_epoch(healthy) is None
+    trained_on = [
+        FIRST,
+        _record(2, total=7746260.2),
+        _record(3, total=6.9e7),
+        _record(4, total=1e20),
+    ]
+    assert first_diverged_epoch(trained_on) == 2
+    assert first_diverged_epoch([FIRST, _record(2, total=math.nan)]) == 2
+    assert first_diverged_epoch([]) is None
