@@ -37,7 +37,13 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("kd fwd", "triton_kd", "_kd_rows_fwd", {"HAS_SCALE": False, "ZSCORE": False}, True),
+    Variant(
+        "kd fwd",
+        "triton_kd",
+        "_kd_rows_fwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "NEED_T_STATS": False},
+        True,
+    ),
     Variant(
         "kd bwd",
         "triton_kd",
@@ -56,7 +62,13 @@ VARIANTS = (
     Variant("ats fwd", "triton_ats", "_ats_rows_fwd", {"HAS_SCALE": False}, True),
     Variant("ats bwd", "triton_ats", "_ats_rows_bwd", {"HAS_SCALE": False}, True),
     Variant("decode int8", "triton_decode", "_decode_kernel", {"HAS_SCALE": True}, True),
-    Variant("kd+ls fwd", "triton_kd", "_kd_rows_fwd", {"HAS_SCALE": False, "ZSCORE": True}, False),
+    Variant(
+        "kd+ls fwd",
+        "triton_kd",
+        "_kd_rows_fwd",
+        {"HAS_SCALE": False, "ZSCORE": True, "NEED_T_STATS": True},  # as kd_rows launches it
+        False,
+    ),
     Variant(
         "ctkd+ls int8 bwd",
         "triton_kd",
