@@ -250,7 +250,7 @@ def _diverged_error(
 
 def check_not_diverged(config: Config, world: World | None = None) -> None:
     """Raise the run's divergence again when this very run (same config) diverged before: with
-    fixed seeds it would only retrain up to the same non-finite epoch.
+    fixed seeds it would only retrain up to the same diverged epoch.
 
     Raises:
         DivergedError: on rank 0 (RankStopped on the others), naming the epoch.

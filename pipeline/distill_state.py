@@ -26,6 +26,7 @@ from pipeline.distill_inputs import DistillError, build_student_method
 from pipeline.errors import ModelError
 from pipeline.fileio import atomic_write
 from pipeline.methods import Method
+from pipeline.metrics import divergence
 from pipeline.models import build_model, read_checkpoint
 from pipeline.models.checkpoint import load_weights_only
 
@@ -82,6 +83,9 @@ def diverged_before(path: Path, key: str) -> dict | None:
     record = marker.get("record")
     if not isinstance(record, dict) or type(record.get("epoch")) is not int:
         return None
+    if "diverged" not in record:  # a marker of a NaN epoch written before the field existed
+        why = divergence(record, record)
+        record = {**record, "diverged": list(why)} if why is not None else record
     why = record.get("diverged")
     if not (isinstance(why, list) and len(why) == 2 and all(isinstance(w, str) for w in why)):
         return None

@@ -4,9 +4,10 @@ and sweep. Light (no torch), so the report reads it without importing the traini
     {"epoch": 3, "lr": 0.05, "loss": {"ce": 0.41, "kd": 0.93, "total": 0.88}, "train_acc": 86.9,
      "rows_per_s": 22943.1, "views": [2], "test_acc": 85.4, "seconds": 2.6}
 
-A diverged epoch (a loss term NaN or infinite, or the total grown over ``GROWTH_LIMIT`` times
-its first epoch's) is kept as it was, ``NaN``/``Infinity`` written as Python's json module writes
-them, with ``"diverged": [what, detail]`` added, so the report can show where a run stopped.
+A diverged epoch (a loss term NaN, infinite or over ``TERM_LIMIT``, or the total grown over
+``GROWTH_LIMIT`` times its first epoch's) is kept as it was, ``NaN``/``Infinity`` written as
+Python's json module writes them, with ``"diverged": [what, detail]`` added, so the report can
+show where a run stopped.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ def write_metrics(path: Path, history: list[dict]) -> None:
 
 
 #: A total loss this many times its first epoch's means divergence, NaN or not. In healthy runs
-#: (tests, Fashion-MNIST: KD, CTKD, DKD with its warm-up, PS-KD) it stayed within 5x; DKD at a
-#: learning rate too high for an MLP grew 1e5-1e8-fold an epoch before turning NaN, or stayed
-#: finite at 1e20 with the student at chance.
+#: (tests, Fashion-MNIST: KD, CTKD, DKD with its warm-up, PS-KD, ATS, LS) it stayed within 6x;
+#: DKD at a learning rate too high for an MLP grew 3e5-6e8-fold an epoch before turning NaN, or
+#: stayed finite at 1e20 with the student at chance.
 GROWTH_LIMIT = 1000.0
+#: A loss term this large means divergence even in epoch 1, when there is no earlier epoch to
+#: measure growth against (a blow-up within the first epoch): cross-entropy this size needs logit
+#: gaps of 1e5; the exploding DKD runs above had terms of 3e5-1e19.
+TERM_LIMIT = 1e5
 
 
 def divergence(record: dict, first: dict) -> tuple[str, str] | None:
@@ -45,6 +50,14 @@ def divergence(record: dict, first: dict) -> tuple[str, str] | None:
             f"grew over {GROWTH_LIMIT:,.0f}-fold",
             f"total {start:.4g} in epoch {first.get('epoch', 1)}, {total:.4g} now",
         )
+    # The terms as computed (the total is weighted: large weights are the user's choice).
+    huge = [
+        f"{k} {float(v):.4g}"
+        for k, v in loss.items()
+        if k != "total" and abs(float(v)) > TERM_LIMIT
+    ]
+    if huge:
+        return f"exceeded {TERM_LIMIT:.0e}", ", ".join(huge)
     return None
 
 

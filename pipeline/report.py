@@ -225,10 +225,11 @@ def _order(method: str) -> int:
 
 def aggregate(runs: list[RunResult]) -> list[GroupResult]:
     """One group per experiment, from its finished runs only (an unfinished run's last epoch is
-    not a result)."""
+    not a result), and not one that diverged (a run from before the growth check trained on to
+    the end, at chance: listed apart, like the runs that stopped)."""
     by_key: dict[str, list[RunResult]] = {}
     for run in runs:
-        if run.finished:
+        if run.finished and run.diverged_epoch is None:
             by_key.setdefault(run.group, []).append(run)
     groups = []
     for members in by_key.values():

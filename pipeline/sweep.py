@@ -69,7 +69,7 @@ class Outcome:
     run: SweepRun
     status: str
     """trained, finished (before this sweep: nothing to do), diverged (its loss became NaN or
-    infinite: no student, the report shows it) or failed."""
+    infinite, or exploded: no student, the report shows it) or failed."""
     test_acc: float | None = None
     best_acc: float | None = None
     seconds: float = 0.0

@@ -98,9 +98,11 @@ _REMOTE_TYPES = (
     ("google.api_core.exceptions", "GoogleAPICallError"),
     ("google.auth.exceptions", "GoogleAuthError"),
     ("azure.core.exceptions", "AzureError"),
+    ("gcsfs.retry", "HttpError"),  # gcsfs's own, for 4xx/5xx answers (not an OSError)
 )
 #: Filesystem packages that turn a service's answer into an OSError (s3fs: NoSuchBucket is a
-#: FileNotFoundError, AccessDenied a PermissionError) raised in their own code.
+#: FileNotFoundError, AccessDenied a PermissionError, a timeout a TimeoutError), raised in or
+#: passing through their own code.
 _REMOTE_FILESYSTEMS = frozenset(("s3fs", "gcsfs", "adlfs"))
 
 
@@ -119,14 +121,13 @@ def _remote_types() -> tuple[type, ...]:
 def remote_error(exc: BaseException) -> str | None:
     """One line for an error that an object store answered with, else None (then it is not
     this module's to explain): an exception of a storage client library's own error types, or
-    an OSError raised inside s3fs, gcsfs or adlfs."""
+    an OSError raised in or passing through s3fs, gcsfs or adlfs."""
     remote = isinstance(exc, _remote_types())
-    if not remote and isinstance(exc, OSError):
-        frame, tb = None, exc.__traceback__
-        while tb is not None:
-            frame, tb = tb.tb_frame, tb.tb_next
-        raised_in = frame.f_globals.get("__name__", "") if frame is not None else ""
-        remote = raised_in.split(".")[0] in _REMOTE_FILESYSTEMS
+    tb = exc.__traceback__
+    while not remote and isinstance(exc, OSError) and tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        remote = module.split(".")[0] in _REMOTE_FILESYSTEMS
+        tb = tb.tb_next
     if not remote:
         return None
     text = _first_line(exc)

@@ -10,11 +10,11 @@ size and the same rows, in one run:
   store, with input preparation, inference and writing overlapped.
 
 Target: precompute ≥ 0.9× ORT alone. The figures are rows (images) per second; only the ratio is
-a result on a shared machine. Two ratios: the whole stage (its fixed costs included: loading and
-hashing the dataset, hashing the ONNX file, creating the store and the session, checking the
-store at the end: seconds, whatever the size), and its loop alone (input preparation, inference,
-encoding and writing, overlapped): the part that grows with the data, and the one that must not
-starve the runtime. ``--repeats`` interleaves ORT alone and the stage; the medians are the result.
+a result on a shared machine. Two ratios: the whole stage (loading and hashing the dataset —
+here generating the synthetic one, which grows with the rows —, hashing the ONNX file, creating
+the store, checking it at the end), and its loop alone (the ONNX Runtime session created, then
+input preparation, inference, encoding and writing, overlapped): the part that must not starve
+the runtime. ``--repeats`` interleaves ORT alone and the stage; the medians are the result.
 
     python -m tests.benchmarks.bench_precompute [--model resnet20] [--rows 8192] [--views 2]
         [--repeats 3]

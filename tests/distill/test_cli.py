@@ -153,3 +153,9 @@ def test_a_diverged_run_run_again_repeats_its_line_without_training(tiny_run, ca
     assert main(tiny_run.argv(*sets)) == 2
     assert capsys.readouterr().err.strip() == first
     assert (out / "metrics.jsonl").stat().st_mtime_ns != written
+
+    marker = json.loads((out / "diverged.json").read_text())
+    del marker["record"]["diverged"]  # as a NaN epoch's marker was first written: still one
+    (out / "diverged.json").write_text(json.dumps(marker))
+    assert main(tiny_run.argv(*sets)) == 2
+    assert capsys.readouterr().err.strip() == again

@@ -66,3 +66,30 @@ def test_the_report_finds_the_first_diverged_epoch_of_a_history() -> None:
     assert first_diverged_epoch(trained_on) == 2
     assert first_diverged_epoch([FIRST, _record(2, total=math.nan)]) == 2
     assert first_diverged_epoch([]) is None
+
+
+def test_a_blow_up_within_the_first_epoch_is_divergence() -> None:
+    """No earlier epoch to measure growth against: a term past TERM_LIMIT is enough."""
+    from pipeline.metrics import TERM_LIMIT
+
+    blown = _record(1, ce=305514.5, tckd=2.0, total=3.1e6)
+    assert divergence(blown, blown) == ("exceeded 1e+05", "ce 3.055e+05")
+    assert divergence(_record(1, ce=TERM_LIMIT * 0.99, total=40.0), FIRST) is None
+
+
+def test_the_report_leaves_a_finished_but_diverged_run_out_of_the_table() -> None:
+    """A run from before the growth check trained on to the end at chance: it is listed as
+    diverged, not averaged in with the others."""
+    from pipeline.report import RunResult, aggregate
+
+    def run(seed: int, final: float, diverged_epoch: int | None) -> RunResult:
+        return RunResult(
+            name=f"mlp-dkd-s{seed}", label="mlp-dkd", student="mlp", method="dkd",
+            method_options={}, seed=seed, teacher=None, teacher_test_acc=None, finished=True,
+            epochs=8, target_epochs=8, curve=[final], best_acc=final, final_acc=final,
+            wall_s=1.0, rows_per_s=1.0, diverged_epoch=diverged_epoch, group="g",
+        )  # fmt: skip
+
+    (group,) = aggregate([run(0, 83.0, None), run(1, 10.0, 2)])
+    assert group.seeds == [0] and group.final_acc.mean == 83.0
+    assert aggregate([run(1, 10.0, 2)]) == []
