@@ -187,12 +187,16 @@ def _train_epoch(
         if on_step is not None:
             on_step(epoch, step, {k: v.detach() for k, v in terms.items()})
         bar.update(int(step_total[i]))
-        if not bar.disable and (step % 10 == 0 or bar.n == bar.total):  # a host sync: not always
+        # Reading the sums waits for the GPU (and empties its queue): rarely there.
+        every = 100 if device.type == "cuda" else 10
+        if not bar.disable and (step % every == 0 or bar.n == bar.total):
             bar.set_postfix(  # under DDP: loss and accuracy of rank 0's rows
                 loss=f"{float(sums['total']) / seen:.3f}",
                 acc=f"{100 * int(correct) / seen:.1f}",
                 rows_s=f"{bar.n / (time.perf_counter() - t0):.0f}",
             )
+    if device.type == "cuda":  # the steps still queued on the GPU belong to this epoch's time
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     if previous is not None:
         previous.store.close()

@@ -261,33 +261,39 @@ class ToDevice:
     """Moves batches to the device one ahead: batch k+1 is copied while step k runs.
 
     On CUDA the copy of pinned host tensors runs with ``non_blocking`` on a side stream; before a
-    batch is used the compute stream waits for that copy, and ``record_stream`` keeps the
-    caching allocator from reusing its memory while the compute stream still reads it.
+    batch is used the compute stream waits for that copy (an event recorded after it), and
+    ``record_stream`` keeps the caching allocator from reusing its memory while the compute
+    stream still reads it.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _send(self, batch: Batch | None) -> Batch | None:
+    def _send(self, batch: Batch | None) -> tuple[Batch | None, torch.cuda.Event | None]:
+        """The batch's tensors on the device, copying; the event that marks the copies done."""
         if batch is None or self.stream is None:
-            return batch
+            return batch, None
         with torch.cuda.stream(self.stream):
             moved = {k: t.to(self.device, non_blocking=True) for k, t in batch.tensors().items()}
-        return replace(batch, **moved)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return replace(batch, **moved), copied
 
-    def _ready(self, batch: Batch) -> Batch:
-        if self.stream is not None:
+    def _ready(self, batch: Batch, copied: torch.cuda.Event | None) -> Batch:
+        if copied is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)
+            # This batch's copies only: wait_stream would also wait for the next batch's, queued
+            # on the side stream since, and take away the overlap.
+            current.wait_event(copied)
             for t in batch.tensors().values():
                 t.record_stream(current)
         return batch
 
     def __call__(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         it = iter(batches)
-        ahead = self._send(next(it, None))
+        ahead, copied = self._send(next(it, None))
         while ahead is not None:
-            current = ahead
-            ahead = self._send(next(it, None))
-            yield self._ready(current)
+            current, current_copied = ahead, copied
+            ahead, copied = self._send(next(it, None))
+            yield self._ready(current, current_copied)

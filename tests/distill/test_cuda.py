@@ -58,6 +58,7 @@ def test_fused_kernels_are_used_on_cuda(tiny_run, monkeypatch):
     # On a CUDA machine triton ships with torch and is a test dependency: without it the fused
     # path this test is about would be silently replaced by the reference.
     assert kernels.triton_available(), "triton does not import: run `make setup`"
+    assert not kernels._interpreted(), "TRITON_INTERPRET=1 is set: the kernels would not compile"
     calls = []
     real = kernels.resolve_impl
 
