@@ -24,8 +24,9 @@ rank's rows to rank 0.
 from __future__ import annotations
 
 import shutil
+from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,44 +43,75 @@ FINGERPRINT_KIND = "pskd-self-teacher"
 class HostCopies:
     """Hands each step's ``(indices, logits)`` to ``sink`` on the host without stalling the step.
 
-    On CUDA, step k's logits are copied into one of two pinned buffers with ``non_blocking`` on
-    the compute stream, and handed to ``sink`` at step k + 1, once that copy's event has passed
-    (long done by then): the step never waits for the device as ``.cpu()`` would. On the CPU the
-    rows go to ``sink`` at once. ``flush`` hands over the last step's rows.
+    On CUDA, step k's logits are copied with ``non_blocking`` on the compute stream into one of
+    ``ring`` pinned buffers, and an event marks the copy. Each later ``add`` hands over, oldest
+    first, the rows whose copies have finished; it waits only when every buffer still holds rows
+    not handed over (the GPU then runs ``ring`` steps behind the host), so the host can queue
+    several steps ahead rather than wait for the previous one each time. On the CPU the rows go
+    to ``sink`` at once. ``flush`` hands over everything left. ``sink`` must copy what it keeps:
+    the buffer is reused.
     """
 
-    def __init__(self, sink, device: torch.device) -> None:
+    RING = 4
+
+    def __init__(self, sink, device: torch.device, ring: int = RING) -> None:
         self.sink = sink
         self.cuda = device.type == "cuda"
+        self.ring = ring
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
-        self._pending: tuple[np.ndarray, torch.Tensor, torch.cuda.Event] | None = None
+        self._pending: deque[tuple[np.ndarray, torch.Tensor, Any]] = deque()
 
     def add(self, indices: np.ndarray, logits: torch.Tensor) -> None:
         """Rows ``indices`` (B,) of ``logits`` (B, C) on the device (detached)."""
         if not self.cuda:
             self.sink(indices, logits.float().numpy())
             return
-        self.flush()  # the previous step's copy: done by now, so no wait in practice
-        shape = tuple(logits.shape)
-        if len(self._buffers) < 2 or self._buffers[self._turn].shape[0] < shape[0]:
-            rows = max([shape[0], *(b.shape[0] for b in self._buffers)])
-            self._buffers = [
-                torch.empty((rows, shape[1]), dtype=torch.float32, pin_memory=True) for _ in "ab"
-            ]
-        host = self._buffers[self._turn][: shape[0]]
-        self._turn ^= 1
+        self._hand_over(wait=len(self._pending) >= self.ring)  # frees the next buffer
+        rows, cols = logits.shape
+        if (
+            not self._buffers
+            or self._buffers[0].shape[0] < rows
+            or self._buffers[0].shape[1] != cols
+        ):
+            self.flush()  # pending rows live in the old buffers
+            rows_max = max(rows, self._buffers[0].shape[0] if self._buffers else 0)
+            self._buffers = [self._buffer(rows_max, cols) for _ in range(self.ring)]
+            self._turn = 0
+        host = self._buffers[self._turn][:rows]
+        self._turn = (self._turn + 1) % self.ring
         host.copy_(logits, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending = (indices, host, event)
+        self._pending.append((indices, host, self._record(logits)))
 
     def flush(self) -> None:
-        if self._pending is not None:
-            indices, host, event = self._pending
-            self._pending = None
+        """Hand over every row still pending (waiting for their copies)."""
+        while self._pending:
+            indices, host, event = self._pending.popleft()
             event.synchronize()
             self.sink(indices, host.numpy())
+
+    def _hand_over(self, wait: bool) -> None:
+        """Hand over the oldest pending rows whose copies are done; with ``wait``, at least the
+        oldest, waiting for it if need be."""
+        while self._pending:
+            indices, host, event = self._pending[0]
+            if not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            wait = False
+            self._pending.popleft()
+            self.sink(indices, host.numpy())
+
+    def _buffer(self, rows: int, cols: int) -> torch.Tensor:
+        return torch.empty((rows, cols), dtype=torch.float32, pin_memory=True)
+
+    def _record(self, logits: torch.Tensor) -> Any:
+        """An event after the copy just queued on the logits' stream (it yields the CPU while
+        waited for, rather than spin on a core the data thread needs)."""
+        event = torch.cuda.Event(blocking=True)
+        event.record(torch.cuda.current_stream(logits.device))
+        return event
 
 
 class BlockWriter:

@@ -121,8 +121,8 @@ def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
         not torch.cuda.is_available(), reason="needs CUDA"))],
 )  # fmt: skip
 def test_host_copies_hand_every_steps_rows_over_in_order(device):
-    """On CUDA a step's rows arrive one step later (copied without a sync), the last at flush;
-    the rows are the step's own even though the device tensor is overwritten meanwhile."""
+    """On CUDA a step's rows arrive later (copied without a sync), the last ones at flush; the
+    rows are the step's own even though the device tensor is overwritten meanwhile."""
     got = []
     copies = HostCopies(lambda idx, rows: got.append((idx, rows.copy())), torch.device(device))
     sent = []
@@ -132,9 +132,73 @@ def test_host_copies_hand_every_steps_rows_over_in_order(device):
         buf[:size] = torch.arange(size * 5, dtype=torch.float32, device=device).view(size, 5) + step
         copies.add(idx, buf[:size])
         sent.append((idx, buf[:size].cpu().numpy().copy()))
-        assert len(got) == (step + 1 if device == "cpu" else step)
+        assert len(got) == step + 1 if device == "cpu" else len(got) <= step
     copies.flush()
     assert len(got) == len(sent)
     for (i1, r1), (i2, r2) in zip(got, sent):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(r1, r2)
+
+
+class _Event:
+    """A stand-in for a CUDA event: done when the test says so; counts the waits on it."""
+
+    waits = 0
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        _Event.waits += 1
+        self.done = True
+
+
+class _RingOnCPU(HostCopies):
+    """HostCopies' CUDA bookkeeping on the CPU: plain buffers, events the test completes."""
+
+    def __init__(self, sink, ring: int) -> None:
+        super().__init__(sink, torch.device("cpu"), ring)
+        self.cuda = True
+        self.events: list[_Event] = []
+
+    def _buffer(self, rows: int, cols: int) -> torch.Tensor:
+        return torch.empty((rows, cols), dtype=torch.float32)
+
+    def _record(self, logits: torch.Tensor) -> _Event:
+        self.events.append(_Event())
+        return self.events[-1]
+
+
+def test_host_copies_wait_only_when_every_buffer_is_pending():
+    """The ring: finished copies are handed over at the next add, oldest first; the host waits
+    (for the oldest) only when all ``ring`` buffers hold rows not handed over, so a buffer is
+    never overwritten before its rows reached the sink; a wider batch reallocates after a
+    flush."""
+    got = []
+    copies = _RingOnCPU(lambda idx, rows: got.append((idx.copy(), rows.copy())), ring=3)
+    _Event.waits = 0
+    sent = []
+
+    def add(step: int, size: int = 4) -> None:
+        idx = np.arange(size) + 100 * step
+        logits = torch.full((size, 5), float(step))
+        copies.add(idx, logits)
+        sent.append((idx, logits.numpy().copy()))
+
+    for step in range(3):  # the GPU is slow: no copy finishes
+        add(step)
+    assert got == [] and _Event.waits == 0
+    add(3)  # all 3 buffers pending: wait for the oldest, then reuse its buffer
+    assert [int(i[0]) for i, _ in got] == [0] and _Event.waits == 1
+    copies.events[1].done = copies.events[2].done = True
+    add(4)  # steps 1 and 2 finished meanwhile: handed over without a wait
+    assert [int(i[0]) for i, _ in got] == [0, 100, 200] and _Event.waits == 1
+    add(5, size=7)  # a larger batch: the pending rows first, then new buffers
+    copies.flush()
+    assert [int(i[0]) for i, _ in got] == [0, 100, 200, 300, 400, 500]
+    for (i1, r1), (i2, r2) in zip(got, sent, strict=True):
         np.testing.assert_array_equal(i1, i2)
         np.testing.assert_array_equal(r1, r2)
