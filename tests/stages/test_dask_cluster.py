@@ -34,9 +34,8 @@ from pipeline.distill_inputs import open_teacher_store
 from pipeline.precompute import TeacherLogits, precompute
 from storage import open_store
 from storage.parallel import task_resources
+from tests.stages.common import ROOT, TINY, assert_same_store, build_tiny_run, raw_arrays
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "stages" / "configs" / "tiny.yaml"
 DASK = Path(sys.executable).parent / "dask"
 # float32: bit-exact comparisons are about the logits, not float16 rounding; 2 chunks of 32 rows
 # per shard: 4 shards per view, 8 tasks for two workers. One ONNX Runtime thread per process:
@@ -46,27 +45,11 @@ SETTINGS = [
     "precompute.chunks_per_shard=2",
     "precompute.threads=1",
 ]
-ARRAYS = ("logits", "stats", "view_params", "labels", "done")
 
 
 def _args(stage: str, run_dir: Path | str) -> list[str]:
     sets = [f"run_dir={run_dir}", *SETTINGS]
     return [stage, "--config", str(TINY), *[a for s in sets for a in ("--set", s)]]
-
-
-def _raw(path: Path | str) -> dict[str, np.ndarray]:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][:] for name in ARRAYS}
-
-
-def _assert_same_store(got: Path, want: Path) -> None:
-    a, b = _raw(got), _raw(want)
-    for name in ARRAYS:
-        assert a[name].dtype == b[name].dtype, name
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert a["done"].all()
 
 
 def _copy_teacher(run: Path, dest: Path) -> Path:
@@ -238,10 +221,8 @@ def _alive_in(sessions: list[int]) -> list[int]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """Teacher, export, and the single-process store every cluster store must equal."""
-    run_dir = tmp_path_factory.mktemp("tiny")
-    for stage in ("teacher", "export", "precompute"):
-        assert main([*_args(stage, run_dir), "--quiet"]) == 0, stage
-    return run_dir
+    quiet = lambda stage, run_dir: [*_args(stage, run_dir), "--quiet"]
+    return build_tiny_run(tmp_path_factory.mktemp("tiny"), quiet)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +258,7 @@ def test_cluster_store_equals_one_process(run: Path, cluster: Cluster, tmp_path:
         timeout=300,
     )
     assert child.returncode == 0, child.stderr[-2000:] + cluster.logs()
-    _assert_same_store(tmp_path / "cluster" / "store.zarr", run / "store.zarr")
+    assert_same_store(tmp_path / "cluster" / "store.zarr", run / "store.zarr")
 
     # The scheduler ran the tasks on both workers, and they are two other processes.
     pids = cluster.worker_pids()
@@ -300,7 +281,7 @@ def test_cluster_store_equals_one_process(run: Path, cluster: Cluster, tmp_path:
     # A rerun has nothing left to do and changes nothing.
     rerun = [*_args("precompute", tmp_path / "cluster"), "--quiet", "--scheduler", cluster.address]
     assert main(rerun) == 0
-    _assert_same_store(tmp_path / "cluster" / "store.zarr", run / "store.zarr")
+    assert_same_store(tmp_path / "cluster" / "store.zarr", run / "store.zarr")
 
 
 def test_worker_side_error_is_one_line(
@@ -352,7 +333,7 @@ def test_worker_killed_mid_run_gives_the_same_store(
     if errors:  # the run may end in an error; a rerun must then resume and finish
         assert "rerun" in str(errors[0]), errors
         precompute(config, progress=False)
-    _assert_same_store(run_dir / "store.zarr", run / "store.zarr")
+    assert_same_store(run_dir / "store.zarr", run / "store.zarr")
     # The killed worker's shard was started again by another process.
     started = [m.name.split("-", 1) for m in markers.iterdir()]
     shard = next(s for p, s in started if int(p) == victim)
@@ -371,15 +352,15 @@ def test_a_store_url_from_the_cluster_is_read_by_distill(
     url = f"file://{tmp_path}/shared/store.zarr"
     argv = [*_args("precompute", run_dir), "--quiet", "--set", f"precompute.store={url}"]
     assert main([*argv, "--scheduler", cluster.address]) == 0
-    _assert_same_store(tmp_path / "shared" / "store.zarr", run / "store.zarr")
+    assert_same_store(tmp_path / "shared" / "store.zarr", run / "store.zarr")
     assert not (run_dir / "store.zarr").exists()
     # One process into an object store (memory:// stands in for s3://), then distill's reader.
     memory = f"memory://logitbank-{tmp_path.name}/store.zarr"
     assert (
         main([*_args("precompute", run_dir), "--quiet", "--set", f"precompute.store={memory}"]) == 0
     )
-    want = _raw(run / "store.zarr")
-    for name, got in _raw(memory).items():
+    want = raw_arrays(run / "store.zarr")
+    for name, got in raw_arrays(memory).items():
         np.testing.assert_array_equal(got, want[name], err_msg=name)
     for store_url in (url, memory):
         config = load_config(TINY, [f"run_dir={run_dir}", *SETTINGS, f"distill.store={store_url}"])
@@ -410,7 +391,7 @@ def test_a_worker_builds_its_session_once_per_run(run: Path) -> None:
         assert third.runner is not first.runner
         np.testing.assert_array_equal(again, logits)
         np.testing.assert_array_equal(params_again, params)
-        np.testing.assert_array_equal(again, _raw(run / "store.zarr")["logits"][0, :64])
+        np.testing.assert_array_equal(again, raw_arrays(run / "store.zarr")["logits"][0, :64])
     finally:
         TeacherLogits.release()
 

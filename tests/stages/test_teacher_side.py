@@ -24,13 +24,11 @@ from pipeline.data import splits
 from pipeline.models import load_model_from_checkpoint
 from pipeline.views import apply_view, normalize
 from storage import open_store
+from tests.stages.common import ARRAYS, ROOT, TINY, build_tiny_run, raw_arrays
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "stages" / "configs" / "tiny.yaml"
 # float32 so that the comparison with PyTorch is not blurred by the encoding; 4 chunks per shard
 # so that a view is two shards and a crash can land between them.
 SETTINGS = ["precompute.encoding=float32", "precompute.chunks_per_shard=4"]
-ARRAYS = ("logits", "stats", "view_params", "done", "labels")
 
 
 def _args(stage: str, run_dir: Path, *extra: str) -> list[str]:
@@ -45,19 +43,9 @@ def _args(stage: str, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _raw(path: Path) -> dict[str, np.ndarray]:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][:] for name in ARRAYS}
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("tiny")
-    for stage in ("teacher", "export", "precompute"):
-        assert main(_args(stage, run_dir)) == 0, stage
-    return run_dir
+    return build_tiny_run(tmp_path_factory.mktemp("tiny"), _args)
 
 
 def _copy_teacher(run: Path, dest: Path) -> Path:
@@ -106,12 +94,12 @@ def test_fingerprint_names_what_the_store_was_made_from(run: Path) -> None:
 
 
 def test_rerun_of_a_finished_stage_changes_nothing(run: Path) -> None:
-    before = _raw(run / "store.zarr")
+    before = raw_arrays(run / "store.zarr")
     mtime = (run / "teacher.pt").stat().st_mtime_ns
     assert main(_args("teacher", run)) == 0
     assert main(_args("precompute", run)) == 0
     assert (run / "teacher.pt").stat().st_mtime_ns == mtime
-    after = _raw(run / "store.zarr")
+    after = raw_arrays(run / "store.zarr")
     for name in ARRAYS:
         np.testing.assert_array_equal(before[name], after[name])
 
@@ -143,7 +131,7 @@ def test_sigkill_half_way_then_rerun_equals_uninterrupted(run: Path, tmp_path: P
         done = np.asarray(store.done)
         assert done[0].all() and 0 < done[1].sum() < done[1].size, done
     assert main(_args("precompute", crashed)) == 0
-    clean, resumed = _raw(run / "store.zarr"), _raw(crashed / "store.zarr")
+    clean, resumed = raw_arrays(run / "store.zarr"), raw_arrays(crashed / "store.zarr")
     for name in ARRAYS:
         np.testing.assert_array_equal(resumed[name], clean[name], err_msg=name)
 
@@ -151,7 +139,7 @@ def test_sigkill_half_way_then_rerun_equals_uninterrupted(run: Path, tmp_path: P
 def test_two_dask_workers_equal_one_process(run: Path, tmp_path: Path) -> None:
     parallel = _copy_teacher(run, tmp_path / "parallel")
     assert main(_args("precompute", parallel, "--workers", "2")) == 0
-    one, two = _raw(run / "store.zarr"), _raw(parallel / "store.zarr")
+    one, two = raw_arrays(run / "store.zarr"), raw_arrays(parallel / "store.zarr")
     for name in ARRAYS:
         np.testing.assert_array_equal(two[name], one[name], err_msg=name)
 
@@ -169,11 +157,11 @@ def test_an_onnx_changed_after_export_is_refused(run: Path, tmp_path: Path, caps
 def test_a_store_from_other_inputs_is_refused_and_kept(run: Path, tmp_path: Path, capsys) -> None:
     other = _copy_teacher(run, tmp_path / "other")
     shutil.copytree(run / "store.zarr", other / "store.zarr")
-    before = _raw(other / "store.zarr")
+    before = raw_arrays(other / "store.zarr")
     assert main([*_args("precompute", other), "--set", "augment.seed=1"]) == 2
     err = capsys.readouterr().err
     assert "made from other inputs" in err and "--overwrite" in err
-    after = _raw(other / "store.zarr")
+    after = raw_arrays(other / "store.zarr")
     for name in ARRAYS:
         np.testing.assert_array_equal(after[name], before[name])
 
@@ -314,5 +302,5 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
     )
     for name in ARRAYS:
         np.testing.assert_array_equal(
-            _raw(swapped / "store.zarr")[name], _raw(run / "store.zarr")[name]
+            raw_arrays(swapped / "store.zarr")[name], raw_arrays(run / "store.zarr")[name]
         )

@@ -250,9 +250,10 @@ def test_unknown_protocol_or_missing_package_is_one_line():
 def test_only_an_object_stores_answer_is_explained_as_one():
     """remote_error: the storage client libraries' own error types (and OSErrors raised inside
     s3fs & co., tests/stages/test_s3.py), not any error of a library with a similar name."""
-    from storage.urls import remote_error
+    import botocore.exceptions as botocore  # with s3fs, a test dependency
+    import onnx  # a dependency of logitbank
 
-    botocore = pytest.importorskip("botocore.exceptions")
+    from storage.urls import remote_error
     refused = botocore.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/x")
     message = remote_error(refused)
     assert message is not None and message.startswith(
@@ -263,7 +264,6 @@ def test_only_an_object_stores_answer_is_explained_as_one():
     with pytest.raises(FileNotFoundError) as missing:
         Path("/nonexistent/logitbank/x").read_bytes()
     assert remote_error(missing.value) is None
-    onnx = pytest.importorskip("onnx")
     try:
         onnx.load_model_from_string(b"\x0a\xff\xff\xff")  # protobuf (google.*) refuses it
     except Exception as exc:

@@ -1,0 +1,39 @@
+"""What the stage tests share: the tiny config, a store's arrays, a tiny run made once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "stages" / "configs" / "tiny.yaml"
+#: Every array of a store: two stores made from the same inputs must agree on each, bit for bit.
+ARRAYS = ("logits", "stats", "view_params", "labels", "done")
+
+
+def raw_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """Each array of the zarr store at ``path`` (a path or URL), read with zarr directly."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][:] for name in ARRAYS}
+
+
+def assert_same_store(got: Path | str, want: Path | str) -> None:
+    """Equal array by array (dtypes too), and complete."""
+    a, b = raw_arrays(got), raw_arrays(want)
+    for name in ARRAYS:
+        assert a[name].dtype == b[name].dtype, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert a["done"].all()
+
+
+def build_tiny_run(run_dir: Path, args: Callable[[str, Path], list[str]]) -> Path:
+    """teacher, export and precompute into ``run_dir``; ``args(stage, run_dir)`` is the CLI."""
+    for stage in ("teacher", "export", "precompute"):
+        assert main(args(stage, run_dir)) == 0, stage
+    return run_dir
