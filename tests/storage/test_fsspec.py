@@ -254,6 +254,7 @@ def test_only_an_object_stores_answer_is_explained_as_one():
     import onnx  # a dependency of logitbank
 
     from storage.urls import remote_error
+
     refused = botocore.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/x")
     message = remote_error(refused)
     assert message is not None and message.startswith(
