@@ -92,6 +92,9 @@ class PrecomputeConfig:
     """ONNX Runtime provider: auto, cuda or cpu."""
     fp16: bool = False
     """Run the CUDA provider in float16 (GPU only)."""
+    tf32: bool = False
+    """Let the CUDA provider use TF32 for float32 convolutions and matrix products (faster;
+    logits off by ~1e-3 relative). False keeps the GPU's logits float32 like the CPU's."""
     workers: int = 0
     """0: one process; n > 0: a local dask cluster of n workers."""
     scheduler: str | None = None

@@ -167,6 +167,7 @@ def make_session(
     provider: str = "auto",
     threads: int | None = None,
     fp16: bool = False,
+    tf32: bool = False,
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on the provider asked for, verified to be the one running.
 
@@ -175,6 +176,9 @@ def make_session(
         provider: "auto" (CUDA when it actually starts, else CPU), "cuda" or "cpu".
         threads: intra-op threads on the CPU; None: the cores this process may use.
         fp16: run in float16 inside the graph (CUDA only; needs ``onnxconverter_common``).
+        tf32: let the CUDA provider run float32 convolutions and matrix products in TF32
+            (its own default, ~1e-3 relative error on the logits, seen on an H100); False, the
+            default here, keeps a float32 session float32 on the GPU as on the CPU.
 
     Raises:
         UserError: unknown provider, "cuda" asked but not active, fp16 unavailable, or a
@@ -194,10 +198,15 @@ def make_session(
         raise UserError(f"ONNX file {path} not found; run the export stage first")
     check_external_data(path)  # before ONNX Runtime (or the fp16 converter) opens any of it
 
+    listed = ort.get_available_providers()
+    if provider == "cuda" and PROVIDERS["cuda"] not in listed:
+        raise UserError(
+            f"provider 'cuda' was requested but this onnxruntime {ort.__version__} has no CUDA "
+            f"provider (it lists {', '.join(listed)}: a CPU-only build); pip install "
+            "onnxruntime-gpu, or use provider 'cpu' or 'auto'"
+        )
     want_cuda = provider == "cuda" or (
-        provider == "auto"
-        and PROVIDERS["cuda"] in ort.get_available_providers()
-        and _cuda_device_present()
+        provider == "auto" and PROVIDERS["cuda"] in listed and _cuda_device_present()
     )
     if fp16 and not want_cuda:
         raise UserError(
@@ -206,7 +215,7 @@ def make_session(
         )
     model: str | bytes = _fp16_model_bytes(path) if fp16 else str(path)
 
-    def create(providers: list[str]) -> onnxruntime.InferenceSession:
+    def create(providers: list) -> onnxruntime.InferenceSession:
         try:
             return ort.InferenceSession(model, _session_options(threads), providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... classes
@@ -217,7 +226,10 @@ def make_session(
 
     if want_cuda:
         _preload_cuda_libraries(ort)
-        session = create([PROVIDERS["cuda"], PROVIDERS["cpu"]])
+        # ORT's CUDA provider allows TF32 unless told not to (use_tf32, ORT >= 1.18): the
+        # stored logits would then differ from the parity-checked float32 model by ~1e-3.
+        cuda_options = {"use_tf32": "1" if tf32 else "0"}
+        session = create([(PROVIDERS["cuda"], cuda_options), PROVIDERS["cpu"]])
         active = session.get_providers()
         if active and active[0] == PROVIDERS["cuda"]:
             return session

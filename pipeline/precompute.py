@@ -64,6 +64,7 @@ class TeacherLogits:
     provider: str = "auto"
     threads: int | None = None
     fp16: bool = False
+    tf32: bool = False
     onnx_sha256: str | None = None
     _runner: Any = field(default=None, repr=False)
     _unpickled: bool = field(default=False, repr=False)
@@ -87,6 +88,7 @@ class TeacherLogits:
                 self.provider,
                 self.threads,
                 self.fp16,
+                self.tf32,
             )
         )
 
@@ -101,7 +103,9 @@ class TeacherLogits:
         self._reuse_loaded()
         if self._runner is None:
             self._check_onnx_file()
-            session = make_session(self.onnx_path, self.provider, self.threads, self.fp16)
+            session = make_session(
+                self.onnx_path, self.provider, self.threads, self.fp16, self.tf32
+            )
             check_io(session, self.split.num_classes, self.split.image_shape)
             self._runner = Runner(session, self.split.num_classes)
             if self._unpickled:
@@ -223,12 +227,13 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
             pc.provider,
             threads,
             pc.fp16,
+            pc.tf32,
             onnx_sha256=fingerprint["onnx_sha256"],
         )
     else:
         threads = pc.threads or available_cores()
         produce = TeacherLogits(
-            str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16
+            str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16, pc.tf32
         )
     if progress and not dask:
         provider = active_provider(produce.runner.session)

@@ -43,6 +43,10 @@ alone would take minutes; pass ``--teacher resnet56`` to measure it anyway).
 
     python -m tests.benchmarks.bench_distill [--rows N] [--student NAME] [--teacher NAME]
         [--batch 64] [--repeats 2] [--device auto|cpu|cuda] [--memory-budget-mb MB]
+
+``BENCH_DISTILL_PROFILE=DIR`` writes a cProfile of each mode's training (``DIR/profile_MODE.txt``,
+by own and by cumulative time): a diagnosis of where a step's host time goes, slower than the
+figures of the table, which it also prints.
 """
 
 from __future__ import annotations
@@ -174,7 +178,20 @@ def _worker(spec: dict) -> dict:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     rss_before, _ = _memory_mb()
-    distill.train_student(config, progress=False)
+    profile_dir = os.environ.get("BENCH_DISTILL_PROFILE")  # a diagnosis, not a figure
+    if profile_dir:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(distill.train_student, config, progress=False)
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(profile_dir) / f"profile_{spec['mode']}.txt", "w") as f:
+            stats = pstats.Stats(profiler, stream=f).sort_stats("tottime")
+            stats.print_stats(45)
+            stats.sort_stats("cumulative").print_stats(45)
+    else:
+        distill.train_student(config, progress=False)
     _, rss_peak = _memory_mb()
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     distill.prefetch = original
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "precompute.batch_size=256",
             "precompute.encoding=float16",
             "precompute.chunk_rows=null",
-            f"precompute.provider={device}",
+            "precompute.provider=auto",  # untimed setup: a CPU-only onnxruntime will do
             f"distill.student={student}",
             "distill.epochs=1",
             f"distill.batch_size={args.batch}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -61,6 +62,52 @@ def test_cuda_requested_but_not_active_is_an_error(teacher) -> None:
         pytest.skip("the CUDA provider works on this machine")
     with pytest.raises(UserError, match="provider 'cuda' was requested but .* not active"):
         make_session(path, provider="cuda")
+
+
+class _FakeSession:
+    """Stands in for an InferenceSession whose CUDA provider started; keeps what it was given."""
+
+    made: ClassVar[list] = []
+
+    def __init__(self, model, options, providers) -> None:
+        self.providers = providers
+        _FakeSession.made.append(providers)
+
+    def get_providers(self) -> list[str]:
+        return [p[0] if isinstance(p, tuple) else p for p in self.providers]
+
+
+def test_cuda_session_is_float32_unless_tf32_is_asked(teacher, monkeypatch) -> None:
+    """ORT's CUDA provider runs float32 convolutions in TF32 by default (its use_tf32 option):
+    on an H100 that put the logits ~1e-2 off torch's float32 ones. Sessions turn it off unless
+    ``tf32`` says otherwise; the CPU provider gets no options."""
+    from pipeline import ort as lb_ort
+
+    _, path = teacher
+    monkeypatch.setattr(lb_ort, "_cuda_device_present", lambda: True)
+    monkeypatch.setattr(lb_ort, "_preload_cuda_libraries", lambda _ort: None)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(lb_ort.PROVIDERS.values()))
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    _FakeSession.made.clear()
+    make_session(path, "cuda")
+    make_session(path, "auto", tf32=True)
+    assert _FakeSession.made == [
+        [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+        [("CUDAExecutionProvider", {"use_tf32": "1"}), "CPUExecutionProvider"],
+    ]
+    _FakeSession.made.clear()
+    make_session(path, "cpu", tf32=True)  # nothing to allow on the CPU: not an error
+    assert _FakeSession.made == [["CPUExecutionProvider"]]
+
+
+def test_cuda_asked_of_a_cpu_only_onnxruntime(teacher, monkeypatch) -> None:
+    """The image's own onnxruntime (a CPU build) lists no CUDA: the line says which to install,
+    not that a GPU is missing."""
+    _, path = teacher
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="has no CUDA provider .*CPU-only build.*onnxruntime-gpu"):
+        make_session(path, provider="cuda")
+    assert make_session(path, "auto").get_providers() == ["CPUExecutionProvider"]
 
 
 def test_cuda_libraries_preloaded_quietly_where_a_gpu_is(monkeypatch, capfd) -> None:

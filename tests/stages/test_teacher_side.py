@@ -144,6 +144,27 @@ def test_two_dask_workers_equal_one_process(run: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(two[name], one[name], err_msg=name)
 
 
+def test_precompute_tf32_reaches_the_session(run: Path, tmp_path: Path, monkeypatch) -> None:
+    """``precompute.tf32`` (default false: float32 logits on the GPU too) is what the ONNX
+    Runtime session is made with; on this CPU the store is the same either way."""
+    import pipeline.precompute as precompute
+
+    seen = []
+    make_session = precompute.make_session
+
+    def spy(path, provider, threads, fp16, tf32):
+        seen.append(tf32)
+        return make_session(path, provider, threads, fp16, tf32)
+
+    monkeypatch.setattr(precompute, "make_session", spy)
+    allowed = _copy_teacher(run, tmp_path / "tf32")
+    assert main([*_args("precompute", allowed), "--set", "precompute.tf32=true"]) == 0
+    assert seen == [True]
+    assert load_config(TINY, []).precompute.tf32 is False
+    one, two = raw_arrays(run / "store.zarr"), raw_arrays(allowed / "store.zarr")
+    np.testing.assert_array_equal(two["logits"], one["logits"])
+
+
 def test_an_onnx_changed_after_export_is_refused(run: Path, tmp_path: Path, capsys) -> None:
     changed = _copy_teacher(run, tmp_path / "changed")
     with open(changed / "teacher.onnx", "ab") as f:
