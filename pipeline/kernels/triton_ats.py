@@ -132,7 +132,7 @@ class ATSRows(torch.autograd.Function):
         temps: torch.Tensor,  # (3, B) float32: tau1, tau2, student temperature
         scale: torch.Tensor | None,  # (B,) float32, int8 teachers only
         offset: torch.Tensor | None,
-        config: tuple[int, int] | None,
+        config: tuple[int, ...] | None,
     ) -> torch.Tensor:
         batch, classes = student.shape
         launch = launch_config(batch, classes, config)
@@ -175,7 +175,7 @@ def ats_rows(
     *,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Fused per-row ATS cross-entropy, float32 (B,).
 

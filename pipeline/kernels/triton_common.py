@@ -72,21 +72,29 @@ def _next_power_of_2(n: int) -> int:
 
 
 def launch_config(batch: int, classes: int, override: Sequence[int] | None = None) -> Launch:
-    """Tile shape for a (batch, classes) problem; ``override`` = (rows, block) is for tests."""
+    """Tile shape for a (batch, classes) problem.
+
+    ``override`` = (rows, block) or (rows, block, num_warps) is for tests and for
+    ``tests/gpu/tile_sweep.py``, which times candidate tiles on a GPU.
+    """
     return _launch_config(batch, classes, None if override is None else tuple(override))
 
 
 @functools.lru_cache(maxsize=1024)  # called twice a training step: keep it off the host's path
 def _launch_config(batch: int, classes: int, override: tuple[int, ...] | None) -> Launch:
     if override is not None:
-        rows, block = override
+        rows, block, *warps = override
     else:
         block = min(_next_power_of_2(classes), MAX_BLOCK)
         wanted = 1 if block >= ROW_BLOCK else SMALL_TILE // block
         rows = max(1, min(wanted, _next_power_of_2(batch)))
+        warps = []
     if rows < 1 or block < 1 or block & (block - 1) or rows & (rows - 1):
         raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
-    return Launch(rows=rows, block=block, num_warps=8 if rows == 1 and block >= ROW_BLOCK else 4)
+    num_warps = warps[0] if warps else (8 if rows == 1 and block >= ROW_BLOCK else 4)
+    if len(warps) > 1 or num_warps not in (1, 2, 4, 8, 16, 32):
+        raise MethodError(f"num_warps must be one of 1, 2, 4, 8, 16, 32, got {override}")
+    return Launch(rows=rows, block=block, num_warps=num_warps)
 
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

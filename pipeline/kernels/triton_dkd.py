@@ -236,7 +236,7 @@ class DKDRows(torch.autograd.Function):
         offset: torch.Tensor | None,
         zscore: bool,
         eps: float,
-        config: tuple[int, int] | None,
+        config: tuple[int, ...] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, classes = student.shape
         launch = launch_config(batch, classes, config)
@@ -287,7 +287,7 @@ def dkd_rows(
     *,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-row ``(TCKD, NCKD)``, each float32 (B,) and scaled by T².
 

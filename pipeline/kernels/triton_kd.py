@@ -175,7 +175,7 @@ class KDRows(torch.autograd.Function):
         offset: torch.Tensor | None,
         zscore: bool,
         eps: float,
-        config: tuple[int, int] | None,
+        config: tuple[int, ...] | None,
     ) -> torch.Tensor:
         batch, classes = student.shape
         launch = launch_config(batch, classes, config)
@@ -220,7 +220,7 @@ def kd_rows(
     *,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Fused ``T² · KL(softmax(t'/T) || softmax(s'/T))`` per row: float32 (B,).
 
@@ -230,7 +230,7 @@ def kd_rows(
         temperature: a float or a (B,) / 0-d tensor; gets a gradient when it requires one.
         zscore: standardize both rows first (unbiased std + eps), as logit standardization does.
         scale, offset: (B,) float32 affine code of an int8 teacher.
-        config: (rows, block) tile override, for tests of the block loop.
+        config: (rows, block[, num_warps]) tile override, for tests and the tile sweep.
     """
     student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
     batch, classes = student.shape

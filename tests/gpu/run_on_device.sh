@@ -8,6 +8,9 @@
 #            worker processes, new cases stop at 150 s, killed at 230 s  -> check_kernels.{log,json,txt}
 #   losses   python -m tests.benchmarks.bench_losses --quick: eager vs torch.compile vs fused,
 #            KD/DKD, C = 10..131072, killed at 140 s                     -> bench_losses.{log,json}
+#   tiles    python -m tests.gpu.tile_sweep: the fused KD/DKD kernels alone (CUDA-graph replay)
+#            for every candidate tile of each C, beside eager in a graph and both launched from
+#            Python (host time), killed at 240 s                        -> tile_sweep.{log,json}
 #   ort      python -m tests.gpu.check_ort (CUDA provider, I/O binding, fp16 vs torch): needs
 #            onnxruntime-gpu at /tmp/ortsite (tests/gpu/ort_gpu_wheel.sh), killed at 150 s
 #   distill  the distill stage on CUDA: tests/distill/test_cuda.py (follows the CPU, fused kernels
@@ -18,7 +21,8 @@
 # distill and dask need zarr and dask, which the image lacks: carry `.whl` (README of the device
 # tool; the wheels: zarr numcodecs donfig google_crc32c dask distributed tornado tblib zict locket
 # partd) and they are installed to /tmp/site first.
-# Expected: kernels+losses ~4-6 min; distill ~5; dask ~2; ort ~1 (plus the wheel's 4 carries).
+# Expected (H100, 2026-11-26): kernels 35 s, losses 80 s, distill ~2 min, dask ~1, ort ~1 (plus
+# the wheel's 4 carries, ~6 s each onto a warm machine); tiles not yet run (~2-3 min estimated).
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
 # 3 a later step failed.
 set -u -o pipefail
@@ -74,6 +78,12 @@ if has losses; then
     timeout -k 10 140 "$PY" -m tests.benchmarks.bench_losses --quick --out "$OUT" 2>&1 \
         | tee "$OUT/bench_losses.log"
     bench_rc=$?
+fi
+
+if has tiles; then
+    echo "== tile_sweep ($(( $(date +%s) - start ))s)"
+    timeout -k 10 240 "$PY" -m tests.gpu.tile_sweep --out "$OUT" 2>&1 | tee "$OUT/tile_sweep.log" \
+        || later_rc=3
 fi
 
 if has ort; then

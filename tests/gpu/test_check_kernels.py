@@ -42,3 +42,23 @@ def test_interpreter_run_passes(tmp_path: Path) -> None:
     assert payload["passed"] and payload["heavy_modules"] == []
     assert payload["environment"]["interpreted"] is True
     assert {r["status"] for r in payload["records"]} == {"PASS"}
+
+
+def test_tile_sweep_candidates_and_dry_run() -> None:
+    """tests/gpu/tile_sweep.py (a GPU tool): every C's default tile is among its candidates, each
+    candidate is a legal tile, and every candidate of C = 37 computes what the reference does."""
+    require_triton()
+    from pipeline.kernels.triton_common import launch_config
+    from tests.gpu import tile_sweep
+
+    for classes in tile_sweep.CLASSES:
+        tiles = tile_sweep.candidates(classes)
+        batch = tile_sweep.ELEMENTS // classes
+        assert tile_sweep.default_tile(batch, classes) in tiles
+        for tile in tiles:
+            launch = launch_config(batch, classes, tile)
+            assert 1 <= launch.rows * launch.block // (32 * launch.num_warps) <= 32
+    cmd = [sys.executable, "-m", "tests.gpu.tile_sweep", "--interpret"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count("agree with the reference") == 2

@@ -29,7 +29,7 @@ fused_ats = importlib.import_module("pipeline.kernels.triton_ats").ats_rows
 B = 5
 # (classes, (rows per program, block) or None = the default tile); the overrides make the kernels
 # walk several column blocks (the last one partial) and leave masked rows in the last program.
-SHAPES = [(2, None), (3, None), (10, None), (37, (2, 16)), (130, (4, 32)), (130, None)]
+SHAPES = [(2, None), (3, None), (10, None), (37, (2, 16)), (130, (4, 32, 2)), (130, None)]
 TEACHER_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 
 
@@ -269,3 +269,24 @@ def test_bad_inputs_raise_method_error() -> None:
         fused_kd(student, teacher[:, :3], 2.0)
     with pytest.raises(MethodError, match="temperature"):
         fused_kd(student, teacher, torch.ones(3))
+
+
+def test_launch_config_defaults_and_overrides() -> None:
+    """The default tiles (BENCHMARKS.md, registers) and what an override may say."""
+    from pipeline.kernels.triton_common import launch_config
+
+    def shape(launch) -> tuple[int, int, int]:
+        return launch.rows, launch.block, launch.num_warps
+
+    assert shape(launch_config(1 << 20, 10)) == (32, 16, 4)
+    assert shape(launch_config(1 << 17, 100)) == (4, 128, 4)
+    assert shape(launch_config(3, 100)) == (4, 128, 4)  # rows capped at the batch's power of 2
+    assert shape(launch_config(1, 100)) == (1, 128, 4)
+    assert shape(launch_config(1 << 14, 1000)) == (1, 1024, 8)
+    assert shape(launch_config(128, 131072)) == (1, 2048, 8)
+    assert shape(launch_config(64, 100, (2, 64))) == (2, 64, 4)
+    assert shape(launch_config(64, 100, (2, 64, 2))) == (2, 64, 2)
+    assert launch_config(1000, 10).grid(1000) == (32,)  # ceil(1000 / 32)
+    for bad in [(3, 64), (2, 48), (2, 64, 3), (2, 64, 64), (2, 64, 4, 1)]:
+        with pytest.raises(MethodError, match="powers of two|num_warps"):
+            launch_config(64, 100, bad)

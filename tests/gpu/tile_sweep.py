@@ -1,0 +1,296 @@
+"""Time the fused loss kernels alone, tile by tile, on a GPU: which tile each C should get.
+
+    python -m tests.gpu.tile_sweep [--methods kd dkd] [--classes 10 1000] [--out DIR] [--jobs 8]
+    python -m tests.gpu.tile_sweep --interpret     # a dry run on CPU: tiny sizes, no timing
+
+bench_losses times a whole training step's loss (launches from Python included) and found the
+fused KD kernel at 0.5-1.1 ms for B*C = 2^24 whatever C: about 10x the time its bytes take at an
+H100's bandwidth. Whether that is the kernels or the host's launching, and which tile is best
+for each C, this script answers in one run:
+
+- kernel time: forward + backward (``torch.autograd.grad`` of the summed per-row loss) captured
+  in a CUDA graph and replayed, so no host work is timed; median over groups of replays, CUDA
+  events around each group;
+- for every C, the default tile (``launch_config``) and candidates around it: (rows, block,
+  num_warps) with 1-32 elements a thread, rows * block from 256 to 4096 elements for C <= 2048,
+  one row and blocks of 1024-8192 above;
+- beside them, in the same run: eager PyTorch (``pipeline.kernels.reference``) in a CUDA graph
+  too (its kernels alone), and the default tile and eager launched from Python as a training
+  step does (the difference is host time);
+- the bandwidth floor: the bytes one forward + backward must move (student and teacher read
+  twice, the gradient written once) at the device's measured copy bandwidth.
+
+The candidates' kernels are compiled first by ``--jobs`` worker processes (into triton's cache,
+which the timing process then reads), since compiling dominates the run. Prints a table per
+(method, C), the best tile for each, and writes ``tile_sweep.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ELEMENTS = 1 << 24
+CLASSES = (10, 100, 1000, 32768, 131072)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def candidates(classes: int) -> list[tuple[int, int, int]]:
+    """(rows, block, num_warps) tiles to try for C = ``classes`` (the default among them)."""
+    whole = _next_power_of_2(classes)
+    out: set[tuple[int, int, int]] = set()
+    if whole <= 2048:
+        for elements in (256, 512, 1024, 2048, 4096):
+            block = min(whole, elements)
+            rows = max(1, elements // block)
+            for warps in (1, 2, 4, 8, 16):
+                per_thread = rows * block // (32 * warps)
+                if 1 <= per_thread <= 32:
+                    out.add((rows, block, warps))
+    else:
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                if 2 <= block // (32 * warps) <= 32:
+                    out.add((1, block, warps))
+    return sorted(out)
+
+
+def default_tile(batch: int, classes: int) -> tuple[int, int, int]:
+    from pipeline.kernels.triton_common import launch_config
+
+    launch = launch_config(batch, classes)
+    return launch.rows, launch.block, launch.num_warps
+
+
+def _inputs(method: str, batch: int, classes: int, device: str):
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(classes)
+    student = torch.randn(batch, classes, device=device, generator=gen).mul_(3).requires_grad_()
+    teacher = torch.randn(batch, classes, device=device, generator=gen).mul_(3).half()
+    target = torch.randint(0, classes, (batch,), device=device, generator=gen)
+    return student, teacher, target
+
+
+def _loss_fn(method: str, tile, impl: str):
+    """(student, teacher, target) -> scalar loss of ``method`` with this tile (None: default)."""
+    from pipeline.kernels import reference
+
+    def kd(student, teacher, target):
+        if impl == "reference":
+            return reference.kd_rows(student, teacher.float(), 4.0).sum()
+        from pipeline.kernels.triton_kd import kd_rows
+
+        return kd_rows(student, teacher, 4.0, config=tile).sum()
+
+    def dkd(student, teacher, target):
+        if impl == "reference":
+            tckd, nckd = reference.dkd_rows(student, teacher.float(), target, 4.0)
+        else:
+            from pipeline.kernels.triton_dkd import dkd_rows
+
+            tckd, nckd = dkd_rows(student, teacher, target, 4.0, config=tile)
+        return (tckd + 8.0 * nckd).sum()
+
+    return {"kd": kd, "dkd": dkd}[method]
+
+
+def _compile(job: tuple[str, int, int, list]) -> str:
+    """Worker: run each tile once (compiles it into triton's on-disk cache)."""
+    import torch
+
+    method, batch, classes, tiles = job
+    student, teacher, target = _inputs(method, batch, classes, "cuda")
+    for tile in tiles:
+        loss = _loss_fn(method, tuple(tile), "triton")(student, teacher, target)
+        torch.autograd.grad(loss, student)
+    torch.cuda.synchronize()
+    return f"{method} C={classes}: {len(tiles)} tile(s) compiled"
+
+
+def _graph_ms(fn, student, teacher, target, replays: int = 20, groups: int = 5) -> float:
+    """Median ms of one fn (forward + backward) replayed from a CUDA graph."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the capture (allocator, lazy inits)
+            torch.autograd.grad(fn(student, teacher, target), student)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.autograd.grad(fn(student, teacher, target), student)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(groups):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    del graph
+    return statistics.median(times)
+
+
+def _launched_ms(fn, student, teacher, target, steps: int = 50) -> float:
+    """Median ms of fn launched from Python each step (events around each step, no sync)."""
+    import torch
+
+    for _ in range(3):
+        torch.autograd.grad(fn(student, teacher, target), student)
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(steps)
+    ]
+    for start, end in pairs:
+        start.record()
+        torch.autograd.grad(fn(student, teacher, target), student)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the floor's bandwidth)."""
+    import torch
+
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def _dry_run() -> int:
+    """The code paths on CPU under triton's interpreter: tiny sizes, every candidate of C = 37."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    batch, classes = 8, 37
+
+    def grad(method: str, tile, impl: str, inputs) -> torch.Tensor:
+        student = inputs[0]
+        return torch.autograd.grad(_loss_fn(method, tile, impl)(*inputs), student)[0]
+
+    for method in ("kd", "dkd"):
+        inputs = _inputs(method, batch, classes, "cpu")
+        want = grad(method, None, "reference", inputs)
+        for tile in candidates(classes):
+            torch.testing.assert_close(grad(method, tile, "triton", inputs), want)
+        print(f"{method}: {len(candidates(classes))} tiles of C={classes} agree with the reference")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["kd", "dkd"], choices=["kd", "dkd"])
+    parser.add_argument("--classes", nargs="+", type=int, default=list(CLASSES))
+    parser.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--interpret", action="store_true", help="CPU dry run (no timing)")
+    args = parser.parse_args(argv)
+    if args.interpret:
+        return _dry_run()
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("tile_sweep: no CUDA device (use --interpret for the CPU dry run)")
+        return 3
+    started = time.perf_counter()
+    jobs = []
+    for method in args.methods:
+        for classes in args.classes:
+            batch = ELEMENTS // classes
+            tiles = sorted({*candidates(classes), default_tile(batch, classes)})
+            jobs.append((method, batch, classes, tiles))
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # CUDA in the workers: no fork
+    chunks = [
+        (m, b, c, tiles[i : i + 4]) for m, b, c, tiles in jobs for i in range(0, len(tiles), 4)
+    ]
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        for line in pool.map(_compile, chunks):
+            print(line, flush=True)
+    print(f"compiled in {time.perf_counter() - started:.0f}s", flush=True)
+
+    bandwidth = _copy_bandwidth()
+    name = torch.cuda.get_device_name()
+    print(f"{name}: device copy {bandwidth / 1e12:.2f} TB/s (read + written)")
+    results = []
+    for method, batch, classes, tiles in jobs:
+        student, teacher, target = _inputs(method, batch, classes, "cuda")
+        floor_ms = (2 * (4 + 2) + 4) * batch * classes / bandwidth * 1e3
+        eager = _loss_fn(method, None, "reference")
+        eager_graph = _graph_ms(eager, student, teacher, target)
+        eager_launched = _launched_ms(eager, student, teacher, target)
+        default = default_tile(batch, classes)
+        fused_launched = _launched_ms(_loss_fn(method, default, "triton"), student, teacher, target)
+        rows = []
+        for tile in tiles:
+            try:
+                ms = _graph_ms(_loss_fn(method, tile, "triton"), student, teacher, target)
+            except Exception as e:  # one tile that fails to run must not lose the others
+                print(f"  tile {tile}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            rows.append({"tile": list(tile), "ms": ms, "default": tile == default})
+        rows.sort(key=lambda r: r["ms"])
+        best = rows[0]
+        default_ms = next((r["ms"] for r in rows if r["default"]), float("nan"))
+        print(
+            f"\n{method} C={classes} B={batch}: floor {floor_ms:.3f} ms | eager graph "
+            f"{eager_graph:.3f} ms, launched {eager_launched:.3f} | fused default {default} "
+            f"graph {default_ms:.3f} ms ({default_ms / eager_graph:.2f}x eager), launched "
+            f"{fused_launched:.3f} | best {tuple(best['tile'])} {best['ms']:.3f} ms "
+            f"({best['ms'] / eager_graph:.2f}x eager, {best['ms'] / floor_ms:.1f}x floor)",
+            flush=True,
+        )
+        for r in rows:
+            mark = " <- default" if r["default"] else ""
+            print(f"  rows {r['tile'][0]:4d} block {r['tile'][1]:5d} warps {r['tile'][2]:2d}  "
+                  f"{r['ms']:8.3f} ms  {r['ms'] / eager_graph:5.2f}x eager{mark}")  # fmt: skip
+        results.append(
+            {
+                "method": method,
+                "classes": classes,
+                "batch": batch,
+                "floor_ms": floor_ms,
+                "eager_graph_ms": eager_graph,
+                "eager_launched_ms": eager_launched,
+                "fused_default_launched_ms": fused_launched,
+                "tiles": rows,
+            }
+        )
+        del student, teacher, target
+        torch.cuda.empty_cache()
+    print(f"\ntile_sweep: {time.perf_counter() - started:.0f}s on {name}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "tile_sweep.json").write_text(
+            json.dumps({"device": name, "bandwidth": bandwidth, "results": results}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
