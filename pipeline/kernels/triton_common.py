@@ -97,6 +97,43 @@ def _launch_config(batch: int, classes: int, override: tuple[int, ...] | None) -
     return Launch(rows=rows, block=block, num_warps=num_warps)
 
 
+#: From this many classes up, plain KD may split each row's columns among several programs.
+SPLIT_MIN_CLASSES = 8192
+#: Programs per SM a split aims for (a row per program leaves SMs idle when rows are few).
+PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def segments_for(
+    batch: int, classes: int, launch: Launch, device: torch.device, override: int | None = None
+) -> tuple[int, int]:
+    """(segments, columns per segment): how a row's columns are shared among programs.
+
+    One program a row (segments = 1) unless the row is long (C >= ``SPLIT_MIN_CLASSES``), the
+    tile takes one row, and there are fewer rows than ``PROGRAMS_PER_SM`` programs for every
+    SM of the device: 128 rows of 131,072 classes gave 128 programs for an H100's 132 SMs.
+    ``override`` asks for a number of segments (tests, tile sweeps). Each segment covers whole
+    ``launch.block`` column blocks, and none is empty.
+    """
+    blocks = -(-classes // launch.block)
+    if override is not None:
+        wanted = override
+    elif launch.rows != 1 or classes < SPLIT_MIN_CLASSES or device.type != "cuda":
+        wanted = 1
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs = PROGRAMS_PER_SM * _sm_count(index)
+        wanted = -(-programs // batch) if batch < programs else 1
+    if wanted < 1:
+        raise MethodError(f"segments must be >= 1, got {wanted}")
+    per = -(-blocks // min(wanted, blocks))  # column blocks a segment
+    return -(-blocks // per), per * launch.block
+
+
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU, not the current one (triton launches on the current device)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

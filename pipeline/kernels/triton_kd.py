@@ -32,10 +32,13 @@ from pipeline.kernels.triton_common import (
     launch_config,
     load_affine,
     load_logits,
+    load_tile,
     on_device,
     online_kl,
     row_stats,
     rows_vector,
+    segments_for,
+    shift_of,
 )
 
 N_STATS = 12  # rows of the (N_STATS, B) float32 buffer forward leaves for backward
@@ -101,14 +104,126 @@ def _kd_rows_fwd(
     tl.store(stats_ptr + 11 * B + rows, sd_t, mask=rmask)
 
 
+N_PARTS = 6  # per (segment, row) state of the split forward: m_a, s_a, m_b, s_b, w_ab, w_a
+MERGE_ROWS = 128  # rows per program of the merge
+
+
+@triton.jit
+def _kd_split_fwd(
+    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, part_ptr,
+    B, C, s_stride, t_stride, SEG_LEN,
+    HAS_SCALE: tl.constexpr, NEED_T_STATS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program (i, j): the online-KL state of rows i*ROWS.. over columns j*SEG_LEN.. only.
+
+    For few rows of many classes (128 rows of 131,072 on 132 SMs), where one program a row
+    leaves most of the GPU idle. Plain KD (no z-score); ``_kd_split_merge`` combines the parts.
+    """
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    seg = tl.program_id(1)
+    nseg = tl.num_programs(1)
+    col0 = seg * SEG_LEN
+    rmask = rows < B
+    s_off = rows.to(tl.int64) * s_stride
+    t_off = rows.to(tl.int64) * t_stride
+    sc, of = load_affine(scale_ptr, offset_ptr, rows, rmask, HAS_SCALE)
+    zero = tl.zeros([ROWS], tl.float32)
+    inv_t = 1.0 / tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    m_a = tl.full([ROWS], float("-inf"), tl.float32)
+    m_b = tl.full([ROWS], float("-inf"), tl.float32)
+    s_a, s_b, w_ab, w_a = zero, zero, zero, zero
+    for start in range(0, SEG_LEN, BLOCK):
+        cols = col0 + start + tl.arange(0, BLOCK)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        xs = tl.where(mask, load_tile(s_ptr, s_off, cols, mask, sc, of, False), 0.0)
+        xt = load_tile(t_ptr, t_off, cols, mask, sc, of, HAS_SCALE)
+        a = tl.where(mask, xt * inv_t[:, None], 0.0)
+        b = xs * inv_t[:, None]
+        m_a, s_a, m_b, s_b, w_ab, alpha_a, e_a, _, _ = online_kl(
+            m_a, s_a, m_b, s_b, w_ab, a, b, mask
+        )
+        if NEED_T_STATS:
+            w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
+    part = part_ptr + seg * B + rows  # part[k] at k * nseg * B
+    tl.store(part + 0 * nseg * B, m_a, mask=rmask)
+    tl.store(part + 1 * nseg * B, s_a, mask=rmask)
+    tl.store(part + 2 * nseg * B, m_b, mask=rmask)
+    tl.store(part + 3 * nseg * B, s_b, mask=rmask)
+    tl.store(part + 4 * nseg * B, w_ab, mask=rmask)
+    tl.store(part + 5 * nseg * B, w_a, mask=rmask)
+
+
+@triton.jit
+def _kd_split_merge(
+    part_ptr, temp_ptr, loss_ptr, stats_ptr, B, NSEG,
+    NEED_T_STATS: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The segments' states of each row merged as ``online_kl`` merges blocks; loss and the
+    same statistics ``_kd_rows_fwd`` leaves for backward (z-score ones 0)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    zero = tl.zeros([ROWS], tl.float32)
+    m_a = tl.full([ROWS], float("-inf"), tl.float32)
+    m_b = tl.full([ROWS], float("-inf"), tl.float32)
+    s_a, s_b, w_ab, w_a = zero, zero, zero, zero
+    for seg in range(0, NSEG):
+        part = part_ptr + seg * B + rows
+        pm_a = tl.load(part + 0 * NSEG * B, mask=rmask, other=float("-inf"))
+        ps_a = tl.load(part + 1 * NSEG * B, mask=rmask, other=0.0)
+        pm_b = tl.load(part + 2 * NSEG * B, mask=rmask, other=float("-inf"))
+        ps_b = tl.load(part + 3 * NSEG * B, mask=rmask, other=0.0)
+        pw_ab = tl.load(part + 4 * NSEG * B, mask=rmask, other=0.0)
+        pw_a = tl.load(part + 5 * NSEG * B, mask=rmask, other=0.0)
+        n_a = tl.maximum(m_a, pm_a)
+        n_b = tl.maximum(m_b, pm_b)
+        na_safe = tl.where(n_a == float("-inf"), 0.0, n_a)
+        nb_safe = tl.where(n_b == float("-inf"), 0.0, n_b)
+        # exp(-inf - finite) = 0: a side with nothing accumulated yet contributes nothing.
+        alpha = tl.exp(m_a - na_safe)
+        beta = tl.exp(pm_a - na_safe)
+        gamma = tl.exp(m_b - nb_safe)
+        delta = tl.exp(pm_b - nb_safe)
+        # Σ exp(a - n_a)·((a - n_a) - (b - n_b)) from each side's sum against its own maxes.
+        w_old = w_ab + s_a * (shift_of(m_a, n_a) - shift_of(m_b, n_b))
+        w_new = pw_ab + ps_a * (shift_of(pm_a, n_a) - shift_of(pm_b, n_b))
+        w_ab = alpha * w_old + beta * w_new
+        if NEED_T_STATS:
+            w_a = alpha * w_a + beta * pw_a
+        s_a = alpha * s_a + beta * ps_a
+        s_b = gamma * s_b + delta * ps_b
+        m_a, m_b = n_a, n_b
+    s_a = tl.where(rmask, s_a, 1.0)
+    s_b = tl.where(rmask, s_b, 1.0)
+    m_a = tl.where(rmask, m_a, 0.0)
+    m_b = tl.where(rmask, m_b, 0.0)
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    kl = w_ab / s_a - tl.log(s_a) + tl.log(s_b)
+    tl.store(loss_ptr + rows, temp * temp * kl, mask=rmask)
+    tl.store(stats_ptr + 0 * B + rows, m_a + tl.log(s_a), mask=rmask)  # lse_a
+    tl.store(stats_ptr + 1 * B + rows, m_b + tl.log(s_b), mask=rmask)  # lse_b
+    tl.store(stats_ptr + 2 * B + rows, w_ab / s_a + m_a - m_b, mask=rmask)  # E_p[a - b]
+    tl.store(stats_ptr + 3 * B + rows, w_a / s_a, mask=rmask)  # E_p[a]
+    tl.store(stats_ptr + 5 * B + rows, kl, mask=rmask)
+    tl.store(stats_ptr + 4 * B + rows, zero, mask=rmask)  # no z-score: its statistics are 0
+    tl.store(stats_ptr + 6 * B + rows, zero, mask=rmask)
+    tl.store(stats_ptr + 7 * B + rows, zero, mask=rmask)
+    tl.store(stats_ptr + 8 * B + rows, zero, mask=rmask)
+    tl.store(stats_ptr + 9 * B + rows, zero, mask=rmask)
+    tl.store(stats_ptr + 10 * B + rows, zero, mask=rmask)
+    tl.store(stats_ptr + 11 * B + rows, zero, mask=rmask)
+
+
 @triton.jit
 def _kd_rows_bwd(
     s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, stats_ptr, go_ptr, gs_ptr, gt_ptr,
-    B, C, s_stride, t_stride, eps,
+    B, C, s_stride, t_stride, eps, SEG_LEN,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, WRITE_GS: tl.constexpr,
-    NEED_T_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_T_GRAD: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    # Program (i, j): rows i*ROWS.., columns j*SEG_LEN.. (SEG_LEN = C: one program a row block).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    col0 = tl.program_id(1) * SEG_LEN
     rmask = rows < B
     s_off = rows.to(tl.int64) * s_stride
     t_off = rows.to(tl.int64) * t_stride
@@ -138,8 +253,8 @@ def _kd_rows_bwd(
     e_b = e_a - e_ab  # E_p[b]: (q - p)·b centred on it sums range-sized, not lse-sized, terms
     cov = zero
     qpb = zero
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    for start in range(0, SEG_LEN, BLOCK):
+        cols = col0 + start + tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < C)[None, :]
         xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
         xt = load_logits(
@@ -159,7 +274,10 @@ def _kd_rows_bwd(
             cov += tl.sum(p * (a - e_a[:, None]) * (a - b - e_ab[:, None]), axis=1)
             qpb += tl.sum((q - p) * (b - e_b[:, None]), axis=1)  # Σ(q-p) = 0: centre on E_p[b]
     if NEED_T_GRAD:
-        tl.store(gt_ptr + rows, go * (2.0 * temp * kl - temp * (cov + qpb)), mask=rmask)
+        if SPLIT:  # this segment's part of the sums: (segments, B), added up by the caller
+            tl.store(gt_ptr + tl.program_id(1) * B + rows, cov + qpb, mask=rmask)
+        else:
+            tl.store(gt_ptr + rows, go * (2.0 * temp * kl - temp * (cov + qpb)), mask=rmask)
 
 
 class KDRows(torch.autograd.Function):
@@ -178,17 +296,38 @@ class KDRows(torch.autograd.Function):
         config: tuple[int, ...] | None,
     ) -> torch.Tensor:
         batch, classes = student.shape
-        launch = launch_config(batch, classes, config)
-        loss = torch.empty(batch, dtype=torch.float32, device=student.device)  # (B,)
-        stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=student.device)
+        tile, segments = (config[:3], config[3]) if config and len(config) == 4 else (config, None)
+        launch = launch_config(batch, classes, tile)
+        if zscore and segments not in (None, 1):
+            raise MethodError("a row split among programs is for plain KD only, not z-score")
+        device = student.device
+        nseg, seg_len = segments_for(batch, classes, launch, device, segments)
+        if zscore:
+            nseg, seg_len = 1, classes
+        loss = torch.empty(batch, dtype=torch.float32, device=device)  # (B,)
+        stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=device)
+        need_t_stats = ctx.needs_input_grad[2] or zscore
         with on_device(student):
-            _kd_rows_fwd[launch.grid(batch)](
-                student, teacher, *affine(scale, offset, loss), temperature, loss, stats, batch,
-                classes, student.stride(0), teacher.stride(0), eps, HAS_SCALE=scale is not None,
-                ZSCORE=zscore, NEED_T_STATS=ctx.needs_input_grad[2] or zscore, **launch.meta(),
-            )  # fmt: skip
+            if nseg == 1:
+                _kd_rows_fwd[launch.grid(batch)](
+                    student, teacher, *affine(scale, offset, loss), temperature, loss, stats,
+                    batch, classes, student.stride(0), teacher.stride(0), eps,
+                    HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
+                    **launch.meta(),
+                )  # fmt: skip
+            else:
+                part = torch.empty((N_PARTS, nseg, batch), dtype=torch.float32, device=device)
+                _kd_split_fwd[(*launch.grid(batch), nseg)](
+                    student, teacher, *affine(scale, offset, loss), temperature, part, batch,
+                    classes, student.stride(0), teacher.stride(0), seg_len,
+                    HAS_SCALE=scale is not None, NEED_T_STATS=need_t_stats, **launch.meta(),
+                )  # fmt: skip
+                _kd_split_merge[(-(-batch // MERGE_ROWS),)](
+                    part, temperature, loss, stats, batch, nseg, NEED_T_STATS=need_t_stats,
+                    ROWS=MERGE_ROWS, num_warps=4,
+                )  # fmt: skip
         ctx.save_for_backward(student, teacher, temperature, scale, offset, stats)
-        ctx.zscore, ctx.eps, ctx.launch = zscore, eps, launch
+        ctx.zscore, ctx.eps, ctx.launch, ctx.split = zscore, eps, launch, (nseg, seg_len)
         return loss
 
     @staticmethod
@@ -199,15 +338,24 @@ class KDRows(torch.autograd.Function):
         write_gs, _, need_t = ctx.needs_input_grad[:3]
         grad_loss = grad_loss.to(torch.float32).contiguous()  # (B,)
         grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
-        grad_t = torch.empty_like(temperature) if need_t else None  # (B,)
-        launch = ctx.launch
+        launch, (nseg, seg_len) = ctx.launch, ctx.split
+        split = nseg > 1
+        # Split rows: each segment's part of the temperature sums, (segments, B), added below.
+        t_shape = (nseg, batch) if split else temperature.shape
+        grad_t = (
+            torch.empty(t_shape, dtype=torch.float32, device=student.device) if need_t else None
+        )
         with on_device(student):
-            _kd_rows_bwd[launch.grid(batch)](
+            _kd_rows_bwd[(*launch.grid(batch), nseg)](
                 student, teacher, *affine(scale, offset, stats), temperature, stats, grad_loss,
                 stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, batch,
-                classes, student.stride(0), teacher.stride(0), ctx.eps, HAS_SCALE=scale is not None,
-                ZSCORE=ctx.zscore, WRITE_GS=write_gs, NEED_T_GRAD=need_t, **launch.meta(),
+                classes, student.stride(0), teacher.stride(0), ctx.eps, seg_len,
+                HAS_SCALE=scale is not None, ZSCORE=ctx.zscore, WRITE_GS=write_gs,
+                NEED_T_GRAD=need_t, SPLIT=split, **launch.meta(),
             )  # fmt: skip
+        if need_t and split:  # dL/dT = go · (2T·KL - T·(Cov_p(a, a - b) + Σ (q - p)·b))
+            kl = stats[5]
+            grad_t = grad_loss * (2.0 * temperature * kl - temperature * grad_t.sum(dim=0))
         return grad_s, None, grad_t, None, None, None, None, None
 
 
@@ -230,7 +378,8 @@ def kd_rows(
         temperature: a float or a (B,) / 0-d tensor; gets a gradient when it requires one.
         zscore: standardize both rows first (unbiased std + eps), as logit standardization does.
         scale, offset: (B,) float32 affine code of an int8 teacher.
-        config: (rows, block[, num_warps]) tile override, for tests and the tile sweep.
+        config: (rows, block[, num_warps[, segments]]) tile override, for tests and the tile
+            sweep; segments > 1 splits each row's columns among programs (plain KD only).
     """
     student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
     batch, classes = student.shape

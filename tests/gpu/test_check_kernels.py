@@ -51,14 +51,16 @@ def test_tile_sweep_candidates_and_dry_run() -> None:
     from pipeline.kernels.triton_common import launch_config
     from tests.gpu import tile_sweep
 
-    for classes in tile_sweep.CLASSES:
-        tiles = tile_sweep.candidates(classes)
-        batch = tile_sweep.ELEMENTS // classes
-        assert tile_sweep.default_tile(batch, classes) in tiles
-        for tile in tiles:
-            launch = launch_config(batch, classes, tile)
-            assert 1 <= launch.rows * launch.block // (32 * launch.num_warps) <= 32
+    for method in ("kd", "dkd"):
+        for classes in tile_sweep.CLASSES:
+            tiles = tile_sweep.candidates(classes, method)
+            batch = tile_sweep.ELEMENTS // classes
+            assert tile_sweep.default_tile(batch, classes, method, "cpu") in tiles
+            assert any(len(t) == 4 for t in tiles) == (method == "kd" and classes >= 8192)
+            for tile in tiles:
+                launch = launch_config(batch, classes, tile[:3])
+                assert 1 <= launch.rows * launch.block // (32 * launch.num_warps) <= 32
     cmd = [sys.executable, "-m", "tests.gpu.tile_sweep", "--interpret"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert run.stdout.count("agree with the reference") == 2
+    assert run.stdout.count("agree with the reference") == 2, run.stdout

@@ -13,7 +13,8 @@ for each C, this script answers in one run:
   events around each group;
 - for every C, the default tile (``launch_config``) and candidates around it: (rows, block,
   num_warps) with 1-32 elements a thread, rows * block from 256 to 4096 elements for C <= 2048,
-  one row and blocks of 1024-8192 above;
+  one row and blocks of 1024-8192 above, and for KD from C = 8192 up 1, 2, 4, 8 or 16
+  segments a row (``segments_for``: the split kernels);
 - beside them, in the same run: eager PyTorch (``pipeline.kernels.reference``) in a CUDA graph
   too (its kernels alone), and the default tile and eager launched from Python as a training
   step does (the difference is host time);
@@ -44,8 +45,11 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def candidates(classes: int) -> list[tuple[int, int, int]]:
-    """(rows, block, num_warps) tiles to try for C = ``classes`` (the default among them)."""
+def candidates(classes: int, method: str = "kd") -> list[tuple[int, ...]]:
+    """(rows, block, num_warps[, segments]) tiles to try for C = ``classes``.
+
+    KD's rows of 8192 classes or more also try 1-16 column segments a row (the split kernels).
+    """
     whole = _next_power_of_2(classes)
     out: set[tuple[int, int, int]] = set()
     if whole <= 2048:
@@ -61,14 +65,22 @@ def candidates(classes: int) -> list[tuple[int, int, int]]:
             for warps in (4, 8, 16):
                 if 2 <= block // (32 * warps) <= 32:
                     out.add((1, block, warps))
+    if method == "kd" and classes >= 8192:
+        out = {(*tile, segments) for tile in out for segments in (1, 2, 4, 8, 16)}
     return sorted(out)
 
 
-def default_tile(batch: int, classes: int) -> tuple[int, int, int]:
-    from pipeline.kernels.triton_common import launch_config
+def default_tile(batch: int, classes: int, method: str = "kd", device: str = "cuda") -> tuple:
+    """The tile ``pipeline.kernels`` launches by default (with KD's segments where it splits)."""
+    import torch
+
+    from pipeline.kernels.triton_common import launch_config, segments_for
 
     launch = launch_config(batch, classes)
-    return launch.rows, launch.block, launch.num_warps
+    tile = (launch.rows, launch.block, launch.num_warps)
+    if method == "kd" and classes >= 8192:
+        return (*tile, segments_for(batch, classes, launch, torch.device(device))[0])
+    return tile
 
 
 def _inputs(method: str, batch: int, classes: int, device: str):
@@ -194,9 +206,12 @@ def _dry_run() -> int:
     for method in ("kd", "dkd"):
         inputs = _inputs(method, batch, classes, "cpu")
         want = grad(method, None, "reference", inputs)
-        for tile in candidates(classes):
+        tiles = candidates(classes, method)
+        if method == "kd":  # the split kernels, as the sweep runs them at C >= 8192
+            tiles += [(1, 16, 4, 2), (2, 16, 4, 3)]
+        for tile in tiles:
             torch.testing.assert_close(grad(method, tile, "triton", inputs), want)
-        print(f"{method}: {len(candidates(classes))} tiles of C={classes} agree with the reference")
+        print(f"{method}: {len(tiles)} tiles of C={classes} agree with the reference")
     return 0
 
 
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for classes in args.classes:
             batch = ELEMENTS // classes
-            tiles = sorted({*candidates(classes), default_tile(batch, classes)})
+            tiles = sorted({*candidates(classes, method), default_tile(batch, classes, method)})
             jobs.append((method, batch, classes, tiles))
     import multiprocessing
 
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         eager = _loss_fn(method, None, "reference")
         eager_graph = _graph_ms(eager, student, teacher, target)
         eager_launched = _launched_ms(eager, student, teacher, target)
-        default = default_tile(batch, classes)
+        default = default_tile(batch, classes, method)
         fused_launched = _launched_ms(_loss_fn(method, default, "triton"), student, teacher, target)
         rows = []
         for tile in tiles:
@@ -267,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         for r in rows:
             mark = " <- default" if r["default"] else ""
-            print(f"  rows {r['tile'][0]:4d} block {r['tile'][1]:5d} warps {r['tile'][2]:2d}  "
-                  f"{r['ms']:8.3f} ms  {r['ms'] / eager_graph:5.2f}x eager{mark}")  # fmt: skip
+            tile = r["tile"]
+            segments = f" segments {tile[3]:2d}" if len(tile) > 3 else ""
+            ratio = r["ms"] / eager_graph
+            print(f"  rows {tile[0]:4d} block {tile[1]:5d} warps {tile[2]:2d}{segments}  "
+                  f"{r['ms']:8.3f} ms  {ratio:5.2f}x eager{mark}")  # fmt: skip
         results.append(
             {
                 "method": method,

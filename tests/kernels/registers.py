@@ -48,8 +48,28 @@ VARIANTS = (
         "kd bwd",
         "triton_kd",
         "_kd_rows_bwd",
-        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": False},
+        {
+            "HAS_SCALE": False,
+            "ZSCORE": False,
+            "WRITE_GS": True,
+            "NEED_T_GRAD": False,
+            "SPLIT": False,
+        },
         True,
+    ),
+    Variant(
+        "kd split fwd",
+        "triton_kd",
+        "_kd_split_fwd",
+        {"HAS_SCALE": False, "NEED_T_STATS": False},
+        True,
+    ),
+    Variant(
+        "ctkd split bwd",
+        "triton_kd",
+        "_kd_rows_bwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": True, "SPLIT": True},
+        False,
     ),
     Variant("dkd fwd", "triton_dkd", "_dkd_rows_fwd", {"HAS_SCALE": False, "ZSCORE": False}, True),
     Variant(
@@ -73,7 +93,7 @@ VARIANTS = (
         "ctkd+ls int8 bwd",
         "triton_kd",
         "_kd_rows_bwd",
-        {"HAS_SCALE": True, "ZSCORE": True, "WRITE_GS": True, "NEED_T_GRAD": True},
+        {"HAS_SCALE": True, "ZSCORE": True, "WRITE_GS": True, "NEED_T_GRAD": True, "SPLIT": False},
         False,
     ),
     Variant(

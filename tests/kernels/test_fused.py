@@ -271,6 +271,83 @@ def test_bad_inputs_raise_method_error() -> None:
         fused_kd(student, teacher, torch.ones(3))
 
 
+# (classes, (rows, block, warps, segments)): rows split among programs (plain KD for few rows of
+# many classes): a partial last segment, several rows a program, a segment a column block, and
+# more segments asked for than there are blocks (capped).
+SPLITS = [(130, (1, 32, 4, 3)), (37, (2, 16, 4, 8)), (130, (4, 16, 2, 9)), (70, (1, 16, 1, 2))]
+
+
+@pytest.mark.parametrize("dtype", TEACHER_DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["T", "T_b"])
+@pytest.mark.parametrize(("classes", "config"), SPLITS)
+def test_kd_split_rows(classes: int, config, per_sample: bool, dtype: torch.dtype) -> None:
+    """Each row's online-KL state computed in column segments and merged equals the oracle;
+    so do the student's gradient (written segment by segment) and the temperature's (its sums
+    added over segments)."""
+    student, teacher, _, scale, offset = _case(classes, dtype)
+    student.requires_grad_()
+    temp = _temperature(per_sample)
+    loss = fused_kd(student, teacher, temp, config=config, scale=scale, offset=offset)
+    go = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    leaves = [student, temp] if per_sample else [student]
+    grads = torch.autograd.grad(loss, leaves, go)
+    unsplit = fused_kd(student, teacher, temp, config=config[:3], scale=scale, offset=offset)
+    grads_unsplit = torch.autograd.grad(unsplit, leaves, go)
+
+    decoded = oracle.decode(teacher, scale, offset)
+    leaves64 = [_leaf64(x) for x in leaves]
+    temp64 = leaves64[1] if per_sample else temp
+    ref = oracle.kd_rows(leaves64[0], decoded, temp64, False)
+    refs = torch.autograd.grad(ref, leaves64, go.double())
+    _check(loss, ref)
+    _check(grads[0], refs[0], _grad_floor(student, go, temp, False))
+    if per_sample:
+        _check(grads[1], refs[1], (2 * go * ref / temp64).abs().max().item())
+    for split, whole in zip([loss, *grads], [unsplit, *grads_unsplit]):
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_kd_split_extreme_and_zscore() -> None:
+    """±100 logits at T = 1 stay finite and right when split; z-score refuses a split (its row
+    statistics are not split) and takes one program a row by default."""
+    student, teacher, _ = _extreme(37)
+    student.requires_grad_()
+    kd = fused_kd(student, teacher, 1.0, config=(1, 16, 4, 3))
+    grad = torch.autograd.grad(kd.sum(), [student])[0]
+    s64 = _leaf64(student)
+    ref = oracle.kd_rows(s64, teacher.double(), 1.0, False)
+    _check(kd, ref)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), [s64])
+    _check(grad, ref_grad, _grad_floor(student, torch.ones(B), 1.0, False))
+    with pytest.raises(MethodError, match="plain KD only"):
+        fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 3))
+    fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 1))
+
+
+def test_segments_for(monkeypatch) -> None:
+    """Default: one program a row except long rows on CUDA with fewer rows than 4 programs an
+    SM; every segment whole column blocks, none empty."""
+    from pipeline.kernels import triton_common as common
+
+    cpu = torch.device("cpu")
+    launch = common.launch_config(128, 131072)
+    assert common.segments_for(128, 131072, launch, cpu) == (1, 131072 // 2048 * 2048)
+    assert common.segments_for(128, 131072, launch, cpu, 5) == (5, 13 * 2048)
+    assert common.segments_for(128, 131072, launch, cpu, 64) == (64, 2048)
+    assert common.segments_for(128, 131072, launch, cpu, 1000) == (64, 2048)  # capped
+    assert common.segments_for(128, 50257, launch, cpu, 4) == (4, 7 * 2048)  # 25 blocks
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(common, "_sm_count", lambda index: 132)  # an H100, without one
+    assert common.segments_for(128, 131072, launch, gpu) == (5, 13 * 2048)
+    assert common.segments_for(512, 32768, common.launch_config(512, 32768), gpu) == (2, 16384)
+    assert common.segments_for(4096, 32768, common.launch_config(4096, 32768), gpu)[0] == 1
+    assert common.segments_for(128, 4096, common.launch_config(128, 4096), gpu)[0] == 1
+    small = common.launch_config(1 << 17, 100)
+    assert common.segments_for(1 << 17, 100, small, gpu) == (1, 128)
+    with pytest.raises(MethodError, match="segments"):
+        common.segments_for(128, 131072, launch, cpu, 0)
+
+
 def test_launch_config_defaults_and_overrides() -> None:
     """The default tiles (BENCHMARKS.md, registers) and what an override may say."""
     from pipeline.kernels.triton_common import launch_config
