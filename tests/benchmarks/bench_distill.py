@@ -44,9 +44,9 @@ alone would take minutes; pass ``--teacher resnet56`` to measure it anyway).
     python -m tests.benchmarks.bench_distill [--rows N] [--student NAME] [--teacher NAME]
         [--batch 64] [--repeats 2] [--device auto|cpu|cuda] [--memory-budget-mb MB]
 
-``BENCH_DISTILL_PROFILE=DIR`` writes a cProfile of each mode's training (``DIR/profile_MODE.txt``,
-by own and by cumulative time): a diagnosis of where a step's host time goes, slower than the
-figures of the table, which it also prints.
+``BENCH_DISTILL_PROFILE=DIR`` profiles each mode's training into ``DIR/profile_MODE.txt``: on
+CUDA torch.profiler's ops by self CUDA and self CPU time (which side a step waits on), on the CPU
+a cProfile by own and cumulative time. A diagnosis: the table it also prints is slowed by it.
 """
 
 from __future__ import annotations
@@ -180,16 +180,31 @@ def _worker(spec: dict) -> dict:
     rss_before, _ = _memory_mb()
     profile_dir = os.environ.get("BENCH_DISTILL_PROFILE")  # a diagnosis, not a figure
     if profile_dir:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.runcall(distill.train_student, config, progress=False)
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(profile_dir) / f"profile_{spec['mode']}.txt", "w") as f:
-            stats = pstats.Stats(profiler, stream=f).sort_stats("tottime")
-            stats.print_stats(45)
-            stats.sort_stats("cumulative").print_stats(45)
+        out = Path(profile_dir) / f"profile_{spec['mode']}.txt"
+        if cuda:  # host and GPU time per op: which side the step waits on
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+            with profile(activities=activities) as prof:
+                distill.train_student(config, progress=False)
+            averages = prof.key_averages()
+            out.write_text(
+                "by self CUDA time:\n"
+                + averages.table(sort_by="self_cuda_time_total", row_limit=30)
+                + "\nby self CPU time:\n"
+                + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+            )
+        else:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(distill.train_student, config, progress=False)
+            with open(out, "w") as f:
+                stats = pstats.Stats(profiler, stream=f).sort_stats("tottime")
+                stats.print_stats(45)
+                stats.sort_stats("cumulative").print_stats(45)
     else:
         distill.train_student(config, progress=False)
     _, rss_peak = _memory_mb()
