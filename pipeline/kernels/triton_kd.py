@@ -12,6 +12,11 @@ what backward needs, so backward is one pass that writes only grad_student (B, C
 - E_q[z_s] - E_p[z_s]: the z-score chain rule. With g = dL/dz_s = T·(q - p) (Σ g = 0),
   dL/ds_j = g_j / (σ + eps) - (Σ_i g_i z_i) · z_j / ((C - 1) σ)   (σ = unbiased std; 0 if σ = 0).
 
+Few rows of many classes (plain KD, ``segments_for``): each row's columns are split among
+programs that each keep the online-KL state of their segment; ``_kd_split_merge`` combines the
+states as ``online_kl`` combines blocks (into the same loss and statistics), backward gives each
+program its segment's gradient, and the temperature gradient's two sums are added over segments.
+
 E_p[a] is summed only when the temperature gets a gradient (NEED_T_STATS) and the E[z_s] only
 under z-score: plain KD's forward keeps three running sums fewer (80 registers instead of 96 at
 C = 10 on sm_90, 64 instead of 80 at C = 100: tests/kernels/registers.py). Under z-score E_p[a]

@@ -78,9 +78,9 @@ class _FakeSession:
 
 
 def test_cuda_session_is_float32_unless_tf32_is_asked(teacher, monkeypatch) -> None:
-    """ORT's CUDA provider runs float32 convolutions in TF32 by default (its use_tf32 option):
-    on an H100 that put the logits ~1e-2 off torch's float32 ones. Sessions turn it off unless
-    ``tf32`` says otherwise; the CPU provider gets no options."""
+    """ORT's CUDA provider runs float32 convolutions in TF32 by default (its use_tf32 option),
+    the likely cause of float32 sessions ~1e-2 off torch's logits on an H100. Sessions turn it
+    off unless ``tf32`` says otherwise; the CPU provider gets no options."""
     from pipeline import ort as lb_ort
 
     _, path = teacher
