@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (H200/H100), from the repository root:
 #
-#     STEPS="kernels losses" bash tests/gpu/run_on_device.sh     # results under $OUT (./gpu_out)
+#     STEPS="kernels losses" bash tests/gpu/run_on_device.sh   # $OUT/results.tar.gz (./gpu_out)
 #
 # Steps (STEPS, in this order; default "kernels losses"):
 #   kernels  python -m tests.gpu.check_kernels: compiled fused kernels vs the float64 oracle, 8
@@ -16,19 +16,26 @@
 #   distill  the distill stage on CUDA: tests/distill/test_cuda.py (follows the CPU, fused kernels
 #            used), then bench_distill --device cuda --repeats 1 (CE / offline / online KD rows/s
 #            and GPU memory), killed at 100 s and 300 s                  -> distill.log
+#   profile  bench_distill with BENCH_DISTILL_PROFILE (torch.profiler, one epoch a mode, 8,192
+#            rows), killed at 200 s                                      -> profile_*.txt
 #   dask     precompute of the tiny config by a `dask scheduler` and one `dask worker --resources
 #            GPU=1` pinned to GPU 0, against one process; killed at 150 s -> dask.log
 # distill and dask need zarr and dask, which the image lacks: carry `.whl` (README of the device
 # tool; the wheels: zarr numcodecs donfig google_crc32c dask distributed tornado tblib zict locket
 # partd) and they are installed to /tmp/site first.
 # Expected (H100, 2026-11-26): kernels 35 s, losses 80 s, distill ~2 min, dask ~1, ort ~1 (plus
-# the wheel's 4 carries, ~6 s each onto a warm machine); tiles not yet run (~2-3 min estimated).
+# the wheel's 4 carries, ~6 s each onto a warm machine); tiles and profile not yet run (~2-3 min
+# and ~1.5 min estimated).
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
 # 3 a later step failed.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: every step writes into a work folder,
+# and on exit it goes back as one archive, results.tar.gz (plus the summary, run.log's tail).
+FINAL=${OUT:-$PWD/gpu_out}
+mkdir -p "$FINAL"
+OUT=$(mktemp -d /tmp/gpu_results.XXXXXX)
+trap 'tar -czf "$FINAL/results.tar.gz" -C "$OUT" . && ls -l "$OUT" >"$FINAL/files.txt"' EXIT
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not pip-installed there
 unset TRITON_INTERPRET LOGITBANK_KERNELS  # compiled kernels; impl="auto" as shipped
@@ -36,7 +43,7 @@ PY=${PYTHON:-python3}
 STEPS=" ${STEPS:-kernels losses} "
 start=$(date +%s)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
-if [ -d .whl ] && { has distill || has dask; }; then
+if [ -d .whl ] && { has distill || has dask || has profile; }; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" \
         && export PATH="/tmp/site/bin:$PATH"
@@ -104,6 +111,14 @@ if has distill; then
             || echo "bench_distill FAILED ($?)"
     } 2>&1 | tee "$OUT/distill.log"
     grep -q -E "FAILED|skipped" "$OUT/distill.log" && later_rc=3
+fi
+
+if has profile; then
+    echo "== profile of distill on CUDA ($(( $(date +%s) - start ))s)"
+    # torch.profiler over one epoch of each mode (slowed by it: the figures are bench_distill's)
+    BENCH_DISTILL_PROFILE="$OUT" timeout -k 10 200 "$PY" -m tests.benchmarks.bench_distill \
+        --device cuda --repeats 1 --rows 8192 >"$OUT/profile.log" 2>&1 || later_rc=3
+    tail -5 "$OUT/profile.log"
 fi
 
 if has dask; then
