@@ -175,6 +175,16 @@ def _launched_ms(fn, student, teacher, target, steps: int = 50) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in pairs)
 
 
+def timed(what: str, measure, fn, inputs) -> float:
+    """``measure(fn, *inputs)``, or NaN with a line saying why: one measurement that fails
+    (a graph capture, a launch) must not lose the others."""
+    try:
+        return measure(fn, *inputs)
+    except Exception as e:
+        print(f"  {what}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return float("nan")
+
+
 def _copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (the floor's bandwidth)."""
     import torch
@@ -256,19 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     for method, batch, classes, tiles in jobs:
         student, teacher, target = _inputs(method, batch, classes, "cuda")
         floor_ms = (2 * (4 + 2) + 4) * batch * classes / bandwidth * 1e3
+        inputs = (student, teacher, target)
         eager = _loss_fn(method, None, "reference")
-        eager_graph = _graph_ms(eager, student, teacher, target)
-        eager_launched = _launched_ms(eager, student, teacher, target)
+        eager_graph = timed("eager, graph", _graph_ms, eager, inputs)
+        eager_launched = timed("eager, launched", _launched_ms, eager, inputs)
         default = default_tile(batch, classes, method)
-        fused_launched = _launched_ms(_loss_fn(method, default, "triton"), student, teacher, target)
+        fused = _loss_fn(method, default, "triton")
+        fused_launched = timed("fused default, launched", _launched_ms, fused, inputs)
         rows = []
         for tile in tiles:
-            try:
-                ms = _graph_ms(_loss_fn(method, tile, "triton"), student, teacher, target)
-            except Exception as e:  # one tile that fails to run must not lose the others
-                print(f"  tile {tile}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            rows.append({"tile": list(tile), "ms": ms, "default": tile == default})
+            ms = timed(f"tile {tile}", _graph_ms, _loss_fn(method, tile, "triton"), inputs)
+            if ms == ms:  # not NaN
+                rows.append({"tile": list(tile), "ms": ms, "default": tile == default})
+        if not rows:
+            continue
         rows.sort(key=lambda r: r["ms"])
         best = rows[0]
         default_ms = next((r["ms"] for r in rows if r["default"]), float("nan"))
@@ -299,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tiles": rows,
             }
         )
-        del student, teacher, target
+        del student, teacher, target, inputs
         torch.cuda.empty_cache()
     print(f"\ntile_sweep: {time.perf_counter() - started:.0f}s on {name}")
     if args.out:
