@@ -72,14 +72,16 @@ def _session_options(threads: int | None) -> onnxruntime.SessionOptions:
 def _fp16_model_bytes(onnx_path: Path) -> bytes:
     """The model converted to float16 inside, float32 at its inputs and outputs.
 
-    Uses ``onnxconverter_common`` (not a dependency of logitbank): without it, fp16 is refused.
+    Uses ``onnxconverter_common`` (in the ``gpu`` extra, not a core dependency): without it,
+    fp16 is refused.
     """
     try:
         from onnxconverter_common import float16  # type: ignore[import-not-found]
     except ImportError:
         raise UserError(
             "fp16 inference needs the onnxconverter_common package, which is not installed; "
-            "set precompute.fp16=false (float32) or pip install onnxconverter-common"
+            "set precompute.fp16=false (float32) or pip install onnxconverter-common (the "
+            "gpu extra)"
         ) from None
     import onnx
 
