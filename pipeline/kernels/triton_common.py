@@ -32,7 +32,11 @@ from pipeline.kernels import FUSED_STUDENT_DTYPES, FUSED_TEACHER_DTYPES
 #: thread).
 MAX_BLOCK = 2048
 #: From this block width up a program takes one row (8 warps).
-ROW_BLOCK = 1024
+ROW_BLOCK = 2048
+#: Rows of 513-1024 classes: two a program, 8 warps (a 2x1024 tile). One a program (1x1024)
+#: measured 1.34x eager's time at C = 1000 on an H100, where 2x1024 had measured 0.95x on an
+#: H200 (ratios to eager on the same card; tests/gpu/results/).
+PAIR_BLOCK = 1024
 #: Narrower rows (C <= 512) share a program: a (ROWS, BLOCK) tile of this many elements at 4
 #: warps, one 4-wide vector per thread. Compiled for sm_90 (tests/kernels/registers.py), the
 #: old 2,048-element tiles, in which a thread holds parts of several rows, took 206-255
@@ -86,12 +90,12 @@ def _launch_config(batch: int, classes: int, override: tuple[int, ...] | None) -
         rows, block, *warps = override
     else:
         block = min(_next_power_of_2(classes), MAX_BLOCK)
-        wanted = 1 if block >= ROW_BLOCK else SMALL_TILE // block
+        wanted = 1 if block >= ROW_BLOCK else 2 if block == PAIR_BLOCK else SMALL_TILE // block
         rows = max(1, min(wanted, _next_power_of_2(batch)))
         warps = []
     if rows < 1 or block < 1 or block & (block - 1) or rows & (rows - 1):
         raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
-    num_warps = warps[0] if warps else (8 if rows == 1 and block >= ROW_BLOCK else 4)
+    num_warps = warps[0] if warps else (8 if block >= PAIR_BLOCK else 4)
     if len(warps) > 1 or num_warps not in (1, 2, 4, 8, 16, 32):
         raise MethodError(f"num_warps must be one of 1, 2, 4, 8, 16, 32, got {override}")
     return Launch(rows=rows, block=block, num_warps=num_warps)

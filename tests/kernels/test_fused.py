@@ -359,7 +359,8 @@ def test_launch_config_defaults_and_overrides() -> None:
     assert shape(launch_config(1 << 17, 100)) == (4, 128, 4)
     assert shape(launch_config(3, 100)) == (4, 128, 4)  # rows capped at the batch's power of 2
     assert shape(launch_config(1, 100)) == (1, 128, 4)
-    assert shape(launch_config(1 << 14, 1000)) == (1, 1024, 8)
+    assert shape(launch_config(1 << 14, 1000)) == (2, 1024, 8)
+    assert shape(launch_config(1, 1000)) == (1, 1024, 8)
     assert shape(launch_config(128, 131072)) == (1, 2048, 8)
     assert shape(launch_config(64, 100, (2, 64))) == (2, 64, 4)
     assert shape(launch_config(64, 100, (2, 64, 2))) == (2, 64, 2)
