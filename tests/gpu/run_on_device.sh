@@ -14,8 +14,8 @@
 #   ort      python -m tests.gpu.check_ort (CUDA provider, I/O binding, fp16 vs torch): needs
 #            onnxruntime-gpu at /tmp/ortsite (tests/gpu/ort_gpu_wheel.sh), killed at 150 s
 #   distill  the distill stage on CUDA: tests/distill/test_cuda.py (follows the CPU, fused kernels
-#            used), then bench_distill --device cuda --repeats 1 (CE / offline / online KD rows/s
-#            and GPU memory), killed at 100 s and 300 s                  -> distill.log
+#            used), then bench_distill --device cuda --repeats 2 (CE / offline / online KD rows/s
+#            and GPU memory) and again at batch 256, killed at 100, 300, 200 s -> distill.log
 #   profile  bench_distill with BENCH_DISTILL_PROFILE (torch.profiler, one epoch a mode, 8,192
 #            rows), killed at 200 s                                      -> profile_*.txt
 #   dask     precompute of the tiny config by a `dask scheduler` and one `dask worker --resources
@@ -107,8 +107,11 @@ if has distill; then
         # -rs lists skips: test_cuda.py skips without CUDA, which must not pass for a check.
         timeout -k 10 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/distill/test_cuda.py \
             || echo "test_cuda FAILED ($?)"
-        timeout -k 10 300 "$PY" -m tests.benchmarks.bench_distill --device cuda --repeats 1 \
+        timeout -k 10 300 "$PY" -m tests.benchmarks.bench_distill --device cuda --repeats 2 \
             || echo "bench_distill FAILED ($?)"
+        # Batch 256: a step with 4x the GPU work for about the same host work (is 64 host-bound?)
+        timeout -k 10 200 "$PY" -m tests.benchmarks.bench_distill --device cuda --repeats 1 \
+            --batch 256 || echo "bench_distill --batch 256 FAILED ($?)"
     } 2>&1 | tee "$OUT/distill.log"
     grep -q -E "FAILED|skipped" "$OUT/distill.log" && later_rc=3
 fi
