@@ -23,10 +23,9 @@
 # distill and dask need zarr and dask, which the image lacks: carry `.whl` (README of the device
 # tool; the wheels: zarr numcodecs donfig google_crc32c dask distributed tornado tblib zict locket
 # partd) and they are installed to /tmp/site first.
-# Expected (H100, 2026-11-26): kernels 35 s, losses 80 s, distill ~2 min (now ~3.5 with the repeat
-# and batch 256), dask ~1, ort ~1 (plus
-# the wheel's 4 carries, ~6 s each onto a warm machine); tiles and profile not yet run (~2-3 min
-# and ~1.5 min estimated).
+# Expected (H100, 2026-11-26): kernels 35 s, losses 80 s, distill ~2 min (~3.5 now, with a second
+# repeat and batch 256), dask ~1 min, ort ~1 min (plus the wheel's 4 carries, ~6 s each onto a
+# warm machine); tiles and profile not yet run (~2-3 min and ~1.5 min estimated).
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
 # 3 a later step failed.
 set -u -o pipefail
