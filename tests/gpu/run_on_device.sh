@@ -22,7 +22,8 @@
 #            GPU=1` pinned to GPU 0, against one process; killed at 150 s -> dask.log
 # distill and dask need zarr and dask, which the image lacks: carry `.whl` (README of the device
 # tool; the wheels: zarr numcodecs donfig google_crc32c dask distributed tornado tblib zict locket
-# partd) and they are installed to /tmp/site first.
+# partd, and onnxconverter_common for check_ort's fp16 row) and they are installed to /tmp/site
+# first; a later call on the same warm machine finds them there.
 # Expected (H100, 2026-11-26): kernels 35 s, losses 80 s, distill ~2 min (~3.5 now, with a second
 # repeat and batch 256), dask ~1 min, ort ~1 min (plus the wheel's 4 carries, ~6 s each onto a
 # warm machine); tiles and profile not yet run (~2-3 min and ~1.5 min estimated).
@@ -45,8 +46,10 @@ start=$(date +%s)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ -d .whl ] && { has distill || has dask || has profile; }; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" \
-        && export PATH="/tmp/site/bin:$PATH"
+        --target /tmp/site .whl/*.whl
+fi
+if [ -d /tmp/site ]; then  # installed by this call or an earlier one on the same warm machine
+    export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
 fi
 
 {
