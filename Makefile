@@ -28,13 +28,14 @@ help: ## list the targets (the default goal)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## create .venv and install logitbank (editable) with its test tools
+setup: $(STAMP) ## create .venv and install logitbank (editable) with its test tools (+ the gpu extra on a GPU machine)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU); fi
-	$(PY) -m pip install -q -e '.[test]'
+	extras=test; if command -v nvidia-smi >/dev/null 2>&1; then extras=test,gpu; fi; \
+	  $(PY) -m pip install -q -e ".[$$extras]"
 	touch $@
 
 data: ## install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is missing
