@@ -37,7 +37,6 @@ from pipeline.kernels.triton_common import (
     launch_config,
     load_affine,
     load_logits,
-    load_tile,
     on_device,
     online_kl,
     row_stats,
@@ -47,6 +46,55 @@ from pipeline.kernels.triton_common import (
 )
 
 N_STATS = 12  # rows of the (N_STATS, B) float32 buffer forward leaves for backward
+
+
+@triton.jit
+def _kd_block(
+    s_ptr, t_ptr, s_off, t_off, cols, mask, sc, of, k_s, mean_s, sd_s, k_t, mean_t, sd_t, eps,
+    inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz,
+    HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, NEED_T_STATS: tl.constexpr,
+):  # fmt: skip
+    """One column block of the forward's online sums (both forwards, split or not)."""
+    xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+    xt = load_logits(t_ptr, t_off, cols, mask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE)
+    xs = tl.where(mask, xs, 0.0)
+    a = tl.where(mask, xt * inv_t[:, None], 0.0)
+    b = xs * inv_t[:, None]
+    m_a, s_a, m_b, s_b, w_ab, alpha_a, e_a, alpha_b, e_b = online_kl(
+        m_a, s_a, m_b, s_b, w_ab, a, b, mask
+    )
+    if NEED_T_STATS:
+        w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
+    if ZSCORE:
+        w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
+        w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
+    return m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz
+
+
+@triton.jit
+def _kd_finish(
+    loss_ptr, stats_ptr, rows, rmask, B, temp, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz,
+    k_s, mean_s, sd_s, k_t, mean_t, sd_t,
+):  # fmt: skip
+    """Loss and the statistics backward reads, from a row's finished online sums."""
+    s_a = tl.where(rmask, s_a, 1.0)  # rows past B: keep them finite (and quiet)
+    s_b = tl.where(rmask, s_b, 1.0)
+    m_a = tl.where(rmask, m_a, 0.0)
+    m_b = tl.where(rmask, m_b, 0.0)
+    kl = w_ab / s_a - tl.log(s_a) + tl.log(s_b)
+    tl.store(loss_ptr + rows, temp * temp * kl, mask=rmask)
+    tl.store(stats_ptr + 0 * B + rows, m_a + tl.log(s_a), mask=rmask)  # lse_a
+    tl.store(stats_ptr + 1 * B + rows, m_b + tl.log(s_b), mask=rmask)  # lse_b
+    tl.store(stats_ptr + 2 * B + rows, w_ab / s_a + m_a - m_b, mask=rmask)  # E_p[a - b]
+    tl.store(stats_ptr + 3 * B + rows, w_a / s_a, mask=rmask)  # E_p[a]
+    tl.store(stats_ptr + 4 * B + rows, w_qz / s_b - w_pz / s_a, mask=rmask)  # E_q[z] - E_p[z]
+    tl.store(stats_ptr + 5 * B + rows, kl, mask=rmask)
+    tl.store(stats_ptr + 6 * B + rows, k_s, mask=rmask)
+    tl.store(stats_ptr + 7 * B + rows, mean_s, mask=rmask)
+    tl.store(stats_ptr + 8 * B + rows, sd_s, mask=rmask)
+    tl.store(stats_ptr + 9 * B + rows, k_t, mask=rmask)
+    tl.store(stats_ptr + 10 * B + rows, mean_t, mask=rmask)
+    tl.store(stats_ptr + 11 * B + rows, sd_t, mask=rmask)
 
 
 @triton.jit
@@ -74,39 +122,14 @@ def _kd_rows_fwd(
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < C)[None, :]
-        xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
-        xt = load_logits(
-            t_ptr, t_off, cols, mask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE
-        )
-        xs = tl.where(mask, xs, 0.0)
-        a = tl.where(mask, xt * inv_t[:, None], 0.0)
-        b = xs * inv_t[:, None]
-        m_a, s_a, m_b, s_b, w_ab, alpha_a, e_a, alpha_b, e_b = online_kl(
-            m_a, s_a, m_b, s_b, w_ab, a, b, mask
-        )
-        if NEED_T_STATS:
-            w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
-        if ZSCORE:
-            w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
-            w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
-    s_a = tl.where(rmask, s_a, 1.0)  # rows past B: keep them finite (and quiet)
-    s_b = tl.where(rmask, s_b, 1.0)
-    m_a = tl.where(rmask, m_a, 0.0)
-    m_b = tl.where(rmask, m_b, 0.0)
-    kl = w_ab / s_a - tl.log(s_a) + tl.log(s_b)
-    tl.store(loss_ptr + rows, temp * temp * kl, mask=rmask)
-    tl.store(stats_ptr + 0 * B + rows, m_a + tl.log(s_a), mask=rmask)  # lse_a
-    tl.store(stats_ptr + 1 * B + rows, m_b + tl.log(s_b), mask=rmask)  # lse_b
-    tl.store(stats_ptr + 2 * B + rows, w_ab / s_a + m_a - m_b, mask=rmask)  # E_p[a - b]
-    tl.store(stats_ptr + 3 * B + rows, w_a / s_a, mask=rmask)  # E_p[a]
-    tl.store(stats_ptr + 4 * B + rows, w_qz / s_b - w_pz / s_a, mask=rmask)  # E_q[z] - E_p[z]
-    tl.store(stats_ptr + 5 * B + rows, kl, mask=rmask)
-    tl.store(stats_ptr + 6 * B + rows, k_s, mask=rmask)
-    tl.store(stats_ptr + 7 * B + rows, mean_s, mask=rmask)
-    tl.store(stats_ptr + 8 * B + rows, sd_s, mask=rmask)
-    tl.store(stats_ptr + 9 * B + rows, k_t, mask=rmask)
-    tl.store(stats_ptr + 10 * B + rows, mean_t, mask=rmask)
-    tl.store(stats_ptr + 11 * B + rows, sd_t, mask=rmask)
+        m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz = _kd_block(
+            s_ptr, t_ptr, s_off, t_off, cols, mask, sc, of, k_s, mean_s, sd_s, k_t, mean_t, sd_t,
+            eps, inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, HAS_SCALE, ZSCORE, NEED_T_STATS
+        )  # fmt: skip
+    _kd_finish(
+        loss_ptr, stats_ptr, rows, rmask, B, temp, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, k_s,
+        mean_s, sd_s, k_t, mean_t, sd_t
+    )  # fmt: skip
 
 
 N_PARTS = 6  # per (segment, row) state of the split forward: m_a, s_a, m_b, s_b, w_ab, w_a
@@ -141,15 +164,10 @@ def _kd_split_fwd(
     for start in range(0, SEG_LEN, BLOCK):
         cols = col0 + start + tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < C)[None, :]
-        xs = tl.where(mask, load_tile(s_ptr, s_off, cols, mask, sc, of, False), 0.0)
-        xt = load_tile(t_ptr, t_off, cols, mask, sc, of, HAS_SCALE)
-        a = tl.where(mask, xt * inv_t[:, None], 0.0)
-        b = xs * inv_t[:, None]
-        m_a, s_a, m_b, s_b, w_ab, alpha_a, e_a, _, _ = online_kl(
-            m_a, s_a, m_b, s_b, w_ab, a, b, mask
-        )
-        if NEED_T_STATS:
-            w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
+        m_a, s_a, m_b, s_b, w_ab, w_a, _, _ = _kd_block(
+            s_ptr, t_ptr, s_off, t_off, cols, mask, sc, of, zero, zero, zero, zero, zero, zero,
+            0.0, inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, zero, zero, HAS_SCALE, False, NEED_T_STATS
+        )  # fmt: skip
     part = part_ptr + seg * B + rows  # part[k] at k * nseg * B
     tl.store(part + 0 * nseg * B, m_a, mask=rmask)
     tl.store(part + 1 * nseg * B, s_a, mask=rmask)
@@ -198,25 +216,11 @@ def _kd_split_merge(
         s_a = alpha * s_a + beta * ps_a
         s_b = gamma * s_b + delta * ps_b
         m_a, m_b = n_a, n_b
-    s_a = tl.where(rmask, s_a, 1.0)
-    s_b = tl.where(rmask, s_b, 1.0)
-    m_a = tl.where(rmask, m_a, 0.0)
-    m_b = tl.where(rmask, m_b, 0.0)
     temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
-    kl = w_ab / s_a - tl.log(s_a) + tl.log(s_b)
-    tl.store(loss_ptr + rows, temp * temp * kl, mask=rmask)
-    tl.store(stats_ptr + 0 * B + rows, m_a + tl.log(s_a), mask=rmask)  # lse_a
-    tl.store(stats_ptr + 1 * B + rows, m_b + tl.log(s_b), mask=rmask)  # lse_b
-    tl.store(stats_ptr + 2 * B + rows, w_ab / s_a + m_a - m_b, mask=rmask)  # E_p[a - b]
-    tl.store(stats_ptr + 3 * B + rows, w_a / s_a, mask=rmask)  # E_p[a]
-    tl.store(stats_ptr + 5 * B + rows, kl, mask=rmask)
-    tl.store(stats_ptr + 4 * B + rows, zero, mask=rmask)  # no z-score: its statistics are 0
-    tl.store(stats_ptr + 6 * B + rows, zero, mask=rmask)
-    tl.store(stats_ptr + 7 * B + rows, zero, mask=rmask)
-    tl.store(stats_ptr + 8 * B + rows, zero, mask=rmask)
-    tl.store(stats_ptr + 9 * B + rows, zero, mask=rmask)
-    tl.store(stats_ptr + 10 * B + rows, zero, mask=rmask)
-    tl.store(stats_ptr + 11 * B + rows, zero, mask=rmask)
+    _kd_finish(  # no z-score: its statistics are 0
+        loss_ptr, stats_ptr, rows, rmask, B, temp, m_a, s_a, m_b, s_b, w_ab, w_a, zero, zero,
+        zero, zero, zero, zero, zero, zero
+    )  # fmt: skip
 
 
 @triton.jit
