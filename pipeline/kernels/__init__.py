@@ -3,6 +3,8 @@
     from pipeline.kernels import decode_teacher, kd_rows, dkd_rows, ats_rows
     kd_rows(student, teacher, temperature, zscore=False, eps=1e-7, *, scale=None, offset=None,
             impl="auto")                                        -> (B,)
+    kd_ce(student, teacher, target, temperature, ce_weight, kd_weight, zscore=False, eps=1e-7,
+          ...)                                      -> (total, ce, kd) batch means, 0-d each
     dkd_rows(student, teacher, target, temperature, zscore=False, eps=1e-7, ...) -> (tckd, nckd)
     ats_rows(student, teacher, target, tau1, tau2, student_temperature, ...)     -> (B,)
     decode_teacher(teacher, scale=None, offset=None, *, impl="auto")            -> float32 (B, C)
@@ -45,6 +47,7 @@ __all__ = [
     "ats_rows",
     "decode_teacher",
     "dkd_rows",
+    "kd_ce",
     "kd_rows",
     "resolve_impl",
     "triton_available",
@@ -172,6 +175,41 @@ def kd_rows(
     return _fused("kd").kd_rows(
         student, teacher, temperature, zscore, eps, scale=scale, offset=offset
     )
+
+
+def kd_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    ce_weight: float,
+    kd_weight: float,
+    zscore: bool = False,
+    eps: float = 1e-7,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    impl: str = "auto",
+    target_checked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD with its cross-entropy term, as KD-style methods train: 0-d ``(total, ce, kd)``.
+
+    ``ce`` = CE(raw student logits, target) and ``kd`` = mean of ``kd_rows``, both batch means;
+    total = ce_weight · ce + kd_weight · kd. Fused, one kernel each way computes all three and
+    the whole gradient (no separate cross-entropy pass over the logits). ``target_checked``:
+    the caller already checked the targets' range (the methods' ``check_inputs`` does).
+    """
+    _check_temperature("temperature", temperature)
+    tensors = _tensors(student, teacher, target, temperature, scale, offset)
+    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
+        decoded = _decoded(teacher, scale, offset)
+        return _reference().kd_ce(
+            student, decoded, target, temperature, ce_weight, kd_weight, zscore=zscore, eps=eps
+        )
+    return _fused("kd").kd_ce(
+        student, teacher, target, temperature, ce_weight, kd_weight, zscore, eps,
+        scale=scale, offset=offset, target_checked=target_checked,
+    )  # fmt: skip
 
 
 def dkd_rows(

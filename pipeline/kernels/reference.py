@@ -6,6 +6,9 @@ names, argument order and returned shapes are the contract between the two:
     decode_teacher(teacher, scale=None, offset=None)                  -> (B, C) float32
     kd_rows(student, teacher, temperature, zscore=False, eps=1e-7)    -> (B,)
         T² · KL(softmax(t'/T) || softmax(s'/T)),  x' = standardize(x) if zscore else x
+    kd_ce(student, teacher, target, temperature, ce_weight, kd_weight, zscore, eps)
+                                                    -> (total, ce, kd), batch means, 0-d each
+        ce_weight · CE(s, y) + kd_weight · mean(kd_rows), the CE on the raw student logits
     dkd_rows(student, teacher, target, temperature, zscore, eps)      -> ((B,), (B,))
         (T² · KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),  T² · KL(p̂ || q̂) over the C - 1 other classes)
     ats_rows(student, teacher, target, tau1, tau2, student_temperature) -> (B,)
@@ -38,7 +41,7 @@ from pipeline.transforms import (
     standardize,
 )
 
-__all__ = ["ats_rows", "decode_teacher", "dkd_rows", "kd_rows", "nontarget_index"]
+__all__ = ["ats_rows", "decode_teacher", "dkd_rows", "kd_ce", "kd_rows", "nontarget_index"]
 
 _FLOAT_TEACHERS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -108,6 +111,28 @@ def kd_rows(
     log_p = torch.log_softmax(apply_temperature(t, temperature), dim=1)  # (B, C)
     log_q = torch.log_softmax(apply_temperature(s, temperature), dim=1)  # (B, C)
     return squared(temperature) * _kl_rows(log_p, log_q)
+
+
+def kd_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: Temperature,
+    ce_weight: float,
+    kd_weight: float,
+    zscore: bool = False,
+    eps: float = 1e-7,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD with its cross-entropy, batch means ``(total, ce, kd)``: 0-d each.
+
+    ``ce`` is the cross-entropy of the raw student logits (also under ``zscore``), ``kd`` the
+    mean of ``kd_rows``, total = ce_weight · ce + kd_weight · kd.
+    """
+    target = _check_target(target, student.shape[0])
+    kd = kd_rows(student, teacher, temperature, zscore, eps).mean()
+    wide = torch.promote_types(student.dtype, torch.float32)
+    ce = torch.nn.functional.cross_entropy(student.to(wide), target)
+    return ce_weight * ce + kd_weight * kd, ce, kd
 
 
 def nontarget_index(target: torch.Tensor, classes: int) -> torch.Tensor:

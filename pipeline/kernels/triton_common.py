@@ -254,8 +254,14 @@ def load_logits(
     """``load_tile``, z-scored with the rows' (shift, mean, std) from ``row_stats`` if ZSCORE."""
     x = load_tile(ptr, row_off, cols, mask, sc, of, HAS_SCALE)
     if ZSCORE:
-        x = (x - k[:, None] - mean[:, None]) / (sd[:, None] + eps)
+        x = zscored(x, k, mean, sd, eps)
     return x
+
+
+@triton.jit
+def zscored(x, k, mean, sd, eps):
+    """A (ROWS, BLOCK) tile standardized with its rows' (shift, mean, std) from ``row_stats``."""
+    return (x - k[:, None] - mean[:, None]) / (sd[:, None] + eps)
 
 
 @triton.jit

@@ -32,30 +32,42 @@ from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
 from pipeline.kernels.triton_common import (
+    Launch,
     affine,
     check_inputs,
+    check_target,
     launch_config,
     load_affine,
+    load_at,
     load_logits,
+    load_tile,
     on_device,
     online_kl,
+    online_step,
     row_stats,
     rows_vector,
     segments_for,
     shift_of,
+    zscored,
 )
 
-N_STATS = 12  # rows of the (N_STATS, B) float32 buffer forward leaves for backward
+N_STATS = 13  # rows of the (N_STATS, B) float32 buffer forward leaves for backward
 
 
 @triton.jit
 def _kd_block(
     s_ptr, t_ptr, s_off, t_off, cols, mask, sc, of, k_s, mean_s, sd_s, k_t, mean_t, sd_t, eps,
-    inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz,
+    inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, m_c, s_c,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, NEED_T_STATS: tl.constexpr,
+    WITH_CE: tl.constexpr,
 ):  # fmt: skip
     """One column block of the forward's online sums (both forwards, split or not)."""
-    xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+    xs = load_tile(s_ptr, s_off, cols, mask, sc, of, False)  # raw: cross-entropy reads it
+    if WITH_CE:  # online logsumexp of the raw student logits (T = 1)
+        m_c, alpha_c, e_c = online_step(m_c, tl.where(mask, xs, float("-inf")))
+        s_c = s_c * alpha_c + tl.sum(e_c, axis=1)
+    if ZSCORE:
+        xs = zscored(xs, k_s, mean_s, sd_s, eps)
     xt = load_logits(t_ptr, t_off, cols, mask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE)
     xs = tl.where(mask, xs, 0.0)
     a = tl.where(mask, xt * inv_t[:, None], 0.0)
@@ -68,21 +80,34 @@ def _kd_block(
     if ZSCORE:
         w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
         w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
-    return m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz
+    return m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, m_c, s_c
 
 
 @triton.jit
 def _kd_finish(
     loss_ptr, stats_ptr, rows, rmask, B, temp, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz,
-    k_s, mean_s, sd_s, k_t, mean_t, sd_t,
+    k_s, mean_s, sd_s, k_t, mean_t, sd_t, m_c, s_c, x_y, ce_w, kd_w, inv_b,
+    WITH_CE: tl.constexpr,
 ):  # fmt: skip
-    """Loss and the statistics backward reads, from a row's finished online sums."""
+    """Loss and the statistics backward reads, from a row's finished online sums.
+
+    With cross-entropy, ``loss_ptr`` is (3, B): rows of (ce_w·CE + kd_w·KD, CE, KD) / B, whose
+    column sums are the batch means."""
     s_a = tl.where(rmask, s_a, 1.0)  # rows past B: keep them finite (and quiet)
     s_b = tl.where(rmask, s_b, 1.0)
     m_a = tl.where(rmask, m_a, 0.0)
     m_b = tl.where(rmask, m_b, 0.0)
     kl = w_ab / s_a - tl.log(s_a) + tl.log(s_b)
-    tl.store(loss_ptr + rows, temp * temp * kl, mask=rmask)
+    if WITH_CE:
+        lse_c = tl.where(rmask, m_c, 0.0) + tl.log(tl.where(rmask, s_c, 1.0))
+        ce = lse_c - x_y
+        kd = temp * temp * kl
+        tl.store(loss_ptr + rows, (ce_w * ce + kd_w * kd) * inv_b, mask=rmask)
+        tl.store(loss_ptr + B + rows, ce * inv_b, mask=rmask)
+        tl.store(loss_ptr + 2 * B + rows, kd * inv_b, mask=rmask)
+        tl.store(stats_ptr + 12 * B + rows, lse_c, mask=rmask)
+    else:
+        tl.store(loss_ptr + rows, temp * temp * kl, mask=rmask)
     tl.store(stats_ptr + 0 * B + rows, m_a + tl.log(s_a), mask=rmask)  # lse_a
     tl.store(stats_ptr + 1 * B + rows, m_b + tl.log(s_b), mask=rmask)  # lse_b
     tl.store(stats_ptr + 2 * B + rows, w_ab / s_a + m_a - m_b, mask=rmask)  # E_p[a - b]
@@ -99,10 +124,10 @@ def _kd_finish(
 
 @triton.jit
 def _kd_rows_fwd(
-    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, loss_ptr, stats_ptr,
-    B, C, s_stride, t_stride, eps,
+    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, loss_ptr, stats_ptr, y_ptr,
+    B, C, s_stride, t_stride, eps, ce_w, kd_w, inv_b,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, NEED_T_STATS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    WITH_CE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
@@ -118,17 +143,22 @@ def _kd_rows_fwd(
         k_t, mean_t, sd_t = row_stats(t_ptr, t_off, rmask, C, sc, of, HAS_SCALE, ROWS, BLOCK)
     m_a = tl.full([ROWS], float("-inf"), tl.float32)
     m_b = tl.full([ROWS], float("-inf"), tl.float32)
-    s_a, w_ab, w_a, w_pz, s_b, w_qz = zero, zero, zero, zero, zero, zero
+    m_c = tl.full([ROWS], float("-inf"), tl.float32)
+    s_a, w_ab, w_a, w_pz, s_b, w_qz, s_c, x_y = zero, zero, zero, zero, zero, zero, zero, zero
+    if WITH_CE:
+        y = tl.load(y_ptr + rows, mask=rmask, other=0)
+        x_y = load_at(s_ptr, s_off, y, rmask, sc, of, False)  # the raw target logit
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < C)[None, :]
-        m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz = _kd_block(
+        m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, m_c, s_c = _kd_block(
             s_ptr, t_ptr, s_off, t_off, cols, mask, sc, of, k_s, mean_s, sd_s, k_t, mean_t, sd_t,
-            eps, inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, HAS_SCALE, ZSCORE, NEED_T_STATS
+            eps, inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, m_c, s_c, HAS_SCALE, ZSCORE,
+            NEED_T_STATS, WITH_CE
         )  # fmt: skip
     _kd_finish(
         loss_ptr, stats_ptr, rows, rmask, B, temp, m_a, s_a, m_b, s_b, w_ab, w_a, w_pz, w_qz, k_s,
-        mean_s, sd_s, k_t, mean_t, sd_t
+        mean_s, sd_s, k_t, mean_t, sd_t, m_c, s_c, x_y, ce_w, kd_w, inv_b, WITH_CE
     )  # fmt: skip
 
 
@@ -164,9 +194,10 @@ def _kd_split_fwd(
     for start in range(0, SEG_LEN, BLOCK):
         cols = col0 + start + tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < C)[None, :]
-        m_a, s_a, m_b, s_b, w_ab, w_a, _, _ = _kd_block(
+        m_a, s_a, m_b, s_b, w_ab, w_a, _, _, _, _ = _kd_block(
             s_ptr, t_ptr, s_off, t_off, cols, mask, sc, of, zero, zero, zero, zero, zero, zero,
-            0.0, inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, zero, zero, HAS_SCALE, False, NEED_T_STATS
+            0.0, inv_t, m_a, s_a, m_b, s_b, w_ab, w_a, zero, zero, zero, zero, HAS_SCALE, False,
+            NEED_T_STATS, False
         )  # fmt: skip
     part = part_ptr + seg * B + rows  # part[k] at k * nseg * B
     tl.store(part + 0 * nseg * B, m_a, mask=rmask)
@@ -219,18 +250,22 @@ def _kd_split_merge(
     temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
     _kd_finish(  # no z-score: its statistics are 0
         loss_ptr, stats_ptr, rows, rmask, B, temp, m_a, s_a, m_b, s_b, w_ab, w_a, zero, zero,
-        zero, zero, zero, zero, zero, zero
+        zero, zero, zero, zero, zero, zero, zero, zero, zero, 0.0, 0.0, 0.0, False
     )  # fmt: skip
 
 
 @triton.jit
 def _kd_rows_bwd(
     s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, stats_ptr, go_ptr, gs_ptr, gt_ptr,
-    B, C, s_stride, t_stride, eps, SEG_LEN,
+    y_ptr, gce_ptr, gkd_ptr, B, C, s_stride, t_stride, eps, SEG_LEN, ce_w, kd_w, inv_b,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, WRITE_GS: tl.constexpr,
-    NEED_T_GRAD: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_T_GRAD: tl.constexpr, SPLIT: tl.constexpr, WITH_CE: tl.constexpr,
+    EXTRA_GRADS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Program (i, j): rows i*ROWS.., columns j*SEG_LEN.. (SEG_LEN = C: one program a row block).
+    # WITH_CE: go_ptr holds the gradient of the mean total (0-d), and of the mean CE and KD at
+    # gce_ptr/gkd_ptr when EXTRA_GRADS; each row's KD gets (g_total·kd_w + g_kd) / B, its CE
+    # (g_total·ce_w + g_ce) / B.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     col0 = tl.program_id(1) * SEG_LEN
     rmask = rows < B
@@ -240,7 +275,22 @@ def _kd_rows_bwd(
     zero = tl.zeros([ROWS], tl.float32)
     temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
     inv_t = 1.0 / temp
-    go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
+    go_c = zero
+    lse_c = zero
+    y = tl.zeros([ROWS], tl.int64)
+    if WITH_CE:
+        g_total = tl.load(go_ptr)
+        g_kd = g_total * kd_w
+        g_ce = g_total * ce_w
+        if EXTRA_GRADS:
+            g_kd += tl.load(gkd_ptr)
+            g_ce += tl.load(gce_ptr)
+        go = zero + g_kd * inv_b
+        go_c = zero + g_ce * inv_b
+        lse_c = tl.load(stats_ptr + 12 * B + rows, mask=rmask, other=0.0)
+        y = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
     lse_a = tl.load(stats_ptr + 0 * B + rows, mask=rmask, other=0.0)
     lse_b = tl.load(stats_ptr + 1 * B + rows, mask=rmask, other=0.0)
     e_ab = tl.load(stats_ptr + 2 * B + rows, mask=rmask, other=0.0)
@@ -265,7 +315,10 @@ def _kd_rows_bwd(
     for start in range(0, SEG_LEN, BLOCK):
         cols = col0 + start + tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < C)[None, :]
-        xs = load_logits(s_ptr, s_off, cols, mask, sc, of, k_s, mean_s, sd_s, eps, False, ZSCORE)
+        raw = load_tile(s_ptr, s_off, cols, mask, sc, of, False)
+        xs = raw
+        if ZSCORE:
+            xs = zscored(raw, k_s, mean_s, sd_s, eps)
         xt = load_logits(
             t_ptr, t_off, cols, mask, sc, of, k_t, mean_t, sd_t, eps, HAS_SCALE, ZSCORE
         )
@@ -277,6 +330,10 @@ def _kd_rows_bwd(
         q = tl.exp(tl.where(mask, b - lse_b[:, None], float("-inf")))
         if WRITE_GS:
             g = g_scale[:, None] * (q - p) - coef[:, None] * xs
+            if WITH_CE:  # + d(mean CE)/ds = (softmax(s) - onehot(y)) / B, on the raw logits
+                c = tl.exp(tl.where(mask, raw - lse_c[:, None], float("-inf")))
+                hit = cols[None, :].to(tl.int64) == y[:, None]
+                g += go_c[:, None] * (c - tl.where(hit, 1.0, 0.0))
             gs = gs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
             tl.store(gs, g.to(gs_ptr.dtype.element_ty), mask=mask)
         if NEED_T_GRAD:
@@ -320,9 +377,9 @@ class KDRows(torch.autograd.Function):
             if nseg == 1:
                 _kd_rows_fwd[launch.grid(batch)](
                     student, teacher, *affine(scale, offset, loss), temperature, loss, stats,
-                    batch, classes, student.stride(0), teacher.stride(0), eps,
-                    HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
-                    **launch.meta(),
+                    loss, batch, classes, student.stride(0), teacher.stride(0), eps, 0.0, 0.0,
+                    0.0, HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
+                    WITH_CE=False, **launch.meta(),
                 )  # fmt: skip
             else:
                 part = torch.empty((N_PARTS, nseg, batch), dtype=torch.float32, device=device)
@@ -357,10 +414,11 @@ class KDRows(torch.autograd.Function):
         with on_device(student):
             _kd_rows_bwd[(*launch.grid(batch), nseg)](
                 student, teacher, *affine(scale, offset, stats), temperature, stats, grad_loss,
-                stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, batch,
-                classes, student.stride(0), teacher.stride(0), ctx.eps, seg_len,
-                HAS_SCALE=scale is not None, ZSCORE=ctx.zscore, WRITE_GS=write_gs,
-                NEED_T_GRAD=need_t, SPLIT=split, **launch.meta(),
+                stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, stats,
+                stats, stats, batch, classes, student.stride(0), teacher.stride(0), ctx.eps,
+                seg_len, 0.0, 0.0, 0.0, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
+                WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=split, WITH_CE=False,
+                EXTRA_GRADS=False, **launch.meta(),
             )  # fmt: skip
         if need_t and split:  # dL/dT = go · (2T·KL - T·(Cov_p(a, a - b) + Σ (q - p)·b))
             kl = stats[5]
@@ -398,3 +456,134 @@ def kd_rows(
     if batch == 0:
         return student.sum(dim=1, dtype=torch.float32) * 0.0 + temp * 0.0
     return KDRows.apply(student, teacher, temp, scale, offset, zscore, float(eps), config)
+
+
+class KDCE(torch.autograd.Function):
+    """Batch means (total, CE, KD) of KD with its cross-entropy term, in one kernel each way.
+
+    total = ce_w · mean_b CE(s_b, y_b) + kd_w · mean_b KD_b; the CE is on the raw student logits
+    (also under z-score, as logit standardization has it). Differentiable in the student and the
+    (B,) temperature; each of the three outputs may be backpropagated.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student: torch.Tensor,  # (B, C) float32/16, bfloat16
+        teacher: torch.Tensor,  # (B, C) stored dtype
+        target: torch.Tensor,  # (B,) int64
+        temperature: torch.Tensor,  # (B,) float32
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        weights: tuple[float, float],  # (ce_w, kd_w)
+        zscore: bool,
+        eps: float,
+        launch: Launch,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, classes = student.shape
+        device = student.device
+        rows = torch.empty((3, batch), dtype=torch.float32, device=device)  # (total, ce, kd) / B
+        stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=device)
+        need_t_stats = ctx.needs_input_grad[3] or zscore
+        ce_w, kd_w = weights
+        with on_device(student):
+            _kd_rows_fwd[launch.grid(batch)](
+                student, teacher, *affine(scale, offset, rows), temperature, rows, stats, target,
+                batch, classes, student.stride(0), teacher.stride(0), eps, ce_w, kd_w, 1.0 / batch,
+                HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
+                WITH_CE=True, **launch.meta(),
+            )  # fmt: skip
+        means = rows.sum(dim=1)  # (3,): a fixed-order reduction, the same on every run
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(student, teacher, target, temperature, scale, offset, stats)
+        ctx.weights, ctx.zscore, ctx.eps, ctx.launch = weights, zscore, eps, launch
+        return means[0], means[1], means[2]
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        g_total: torch.Tensor | None,
+        g_ce: torch.Tensor | None,
+        g_kd: torch.Tensor | None,
+    ) -> tuple:
+        student, teacher, target, temperature, scale, offset, stats = ctx.saved_tensors
+        batch, classes = student.shape
+        write_gs, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        extra = g_ce is not None or g_kd is not None  # the usual call backpropagates total only
+
+        def scalar(g: torch.Tensor | None) -> torch.Tensor:
+            return stats.new_zeros(()) if g is None else g.to(torch.float32).contiguous()
+
+        g_total, g_ce, g_kd = (
+            scalar(g_total),
+            *((scalar(g_ce), scalar(g_kd)) if extra else (g_total, g_total)),
+        )
+        grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
+        grad_t = torch.empty_like(temperature) if need_t else None  # (B,)
+        ce_w, kd_w = ctx.weights
+        launch = ctx.launch
+        with on_device(student):
+            _kd_rows_bwd[(*launch.grid(batch), 1)](
+                student, teacher, *affine(scale, offset, stats), temperature, stats, g_total,
+                stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, target,
+                g_ce, g_kd, batch, classes, student.stride(0), teacher.stride(0), ctx.eps,
+                classes, ce_w, kd_w, 1.0 / batch, HAS_SCALE=scale is not None,
+                ZSCORE=ctx.zscore, WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=False,
+                WITH_CE=True, EXTRA_GRADS=extra, **launch.meta(),
+            )  # fmt: skip
+        return grad_s, None, None, grad_t, None, None, None, None, None, None
+
+
+def kd_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    ce_weight: float,
+    kd_weight: float,
+    zscore: bool = False,
+    eps: float = 1e-7,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    target_checked: bool = False,
+    config: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused KD with its cross-entropy: 0-d float32 (total, ce, kd), batch means.
+
+    ``kd`` is the mean of ``kd_rows``; ``ce`` the mean cross-entropy of the raw student logits
+    with ``target``; total = ce_weight · ce + kd_weight · kd. One forward and one backward
+    kernel replace KD's two and cross-entropy's own (three passes over the student logits fewer,
+    and fewer launches: on a small student a training step is mostly launch time). Rows split
+    among programs (``segments_for``: few rows of many classes) keep the split KD kernels and
+    add PyTorch's cross-entropy.
+
+    Args:
+        target: (B,) integer classes; ``target_checked`` when the caller already checked that
+            they lie in [0, C) (the methods do), so the check is not paid twice a step.
+        Others: as ``kd_rows``.
+    """
+    student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
+    batch, classes = student.shape
+    if classes < (2 if zscore else 1):
+        raise MethodError(f"KD needs {2 if zscore else 1} classes or more, got {classes}")
+    if target_checked:
+        target = target.to(torch.int64).contiguous()
+    else:
+        target = check_target(target, batch, classes)
+    temp = rows_vector(temperature, batch, student.device, "temperature")
+    tile, segments = (config[:3], config[3]) if config and len(config) == 4 else (config, None)
+    if zscore and segments not in (None, 1):
+        raise MethodError("a row split among programs is for plain KD only, not z-score")
+    launch = launch_config(batch, classes, tile)
+    split = not zscore and segments_for(batch, classes, launch, student.device, segments)[0] > 1
+    if batch == 0 or split:
+        kd = KDRows.apply(student, teacher, temp, scale, offset, zscore, float(eps), config)
+        kd = kd.mean()
+        ce = torch.nn.functional.cross_entropy(student.float(), target)
+        return ce_weight * ce + kd_weight * kd, ce, kd
+    weights = (float(ce_weight), float(kd_weight))
+    return KDCE.apply(
+        student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch
+    )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.kernels import kd_rows
+from pipeline.kernels import kd_ce, kd_rows
 from pipeline.methods.base import (
     Method,
     MethodContext,
@@ -74,7 +74,11 @@ class KD(Method):
         check_inputs(student, teacher, target)
         tau = self.temperature(student, teacher, ctx)  # float, or (1,) / (B,) when learned
         s, t, zs, eps = zscore_inputs(self.zscore, student, teacher)
-        kd = kd_rows(s, t, tau, zscore=zs, eps=eps).mean()
-        ce = F.cross_entropy(student, target)  # on the raw student logits, also under LS
-        terms = {"ce": ce, "kd": kd, "total": self.ce_weight * ce + self.kd_weight * kd}
-        return tau_term(terms, tau)
+        weights = self.ce_weight, self.kd_weight
+        if s is student:  # raw logits in (z-score, if any, inside): one call, fused on CUDA
+            total, ce, kd = kd_ce(s, t, target, tau, *weights, zs, eps, target_checked=True)
+        else:  # the population-std z-score, done here: the cross-entropy takes the raw logits
+            kd = kd_rows(s, t, tau, zscore=zs, eps=eps).mean()
+            ce = F.cross_entropy(student, target)
+            total = self.ce_weight * ce + self.kd_weight * kd
+        return tau_term({"ce": ce, "kd": kd, "total": total}, tau)

@@ -4,7 +4,9 @@ For each class count C in {10, 100, 1000, 32768, 131072} with B = 2^24 // C rows
 2^24 logits per batch), one training-step's loss work is timed: ``loss = f(student, teacher)``,
 ``loss.backward()`` (gradient with respect to the student). All three run in the same process on
 the same inputs; the teacher is passed in the store's default float16 encoding, which the
-reference decodes to float32 first and the fused kernels read as stored.
+reference decodes to float32 first and the fused kernels read as stored. ``kd`` is the KD term
+alone; ``kd+ce`` is KD's training loss, 0.1 · CE + 0.9 · KD (``kd_ce``: the cross-entropy inside
+the fused kernel, beside PyTorch's ``cross_entropy`` plus the KD reference).
 
 - eager: ``pipeline.kernels.reference`` as written;
 - compile: ``torch.compile(dynamic=False)`` of the same reference function, one specialization
@@ -48,8 +50,8 @@ from tests.gpu.light_imports import heavy_modules, isolate_storage
 
 CLASSES = (10, 100, 1000, 32768, 131072)
 ELEMENTS = 2**24
-METHODS = ("kd", "dkd", "ls", "ats")
-QUICK_METHODS = ("kd", "dkd")
+METHODS = ("kd", "kd+ce", "dkd", "ls", "ats")
+QUICK_METHODS = ("kd", "kd+ce", "dkd")
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -59,6 +61,7 @@ def _reference_steps(ref: ModuleType) -> dict[str, Step]:
     """Scalar losses built from the reference module directly (what torch.compile traces)."""
     return {
         "kd": lambda s, t, y: ref.kd_rows(s, ref.decode_teacher(t), 4.0).mean(),
+        "kd+ce": lambda s, t, y: ref.kd_ce(s, ref.decode_teacher(t), y, 4.0, 0.1, 0.9)[0],
         "dkd": lambda s, t, y: _dkd_total(*ref.dkd_rows(s, ref.decode_teacher(t), y, 4.0)),
         "ls": lambda s, t, y: ref.kd_rows(s, ref.decode_teacher(t), 2.0, zscore=True).mean(),
         "ats": lambda s, t, y: ref.ats_rows(s, ref.decode_teacher(t), y, 4.0, 2.0, 1.0).mean(),
@@ -68,6 +71,7 @@ def _reference_steps(ref: ModuleType) -> dict[str, Step]:
 def _fused_steps(kernels: ModuleType) -> dict[str, Step]:
     return {
         "kd": lambda s, t, y: kernels.kd_rows(s, t, 4.0, impl="triton").mean(),
+        "kd+ce": lambda s, t, y: kernels.kd_ce(s, t, y, 4.0, 0.1, 0.9, impl="triton")[0],
         "dkd": lambda s, t, y: _dkd_total(*kernels.dkd_rows(s, t, y, 4.0, impl="triton")),
         "ls": lambda s, t, y: kernels.kd_rows(s, t, 2.0, zscore=True, impl="triton").mean(),
         "ats": lambda s, t, y: kernels.ats_rows(s, t, y, 4.0, 2.0, 1.0, impl="triton").mean(),

@@ -117,7 +117,8 @@ PROFILES = {
 @dataclass(frozen=True)
 class Case:
     group: str
-    method: str  # kd ls dkd dkd_ls ats decode ctkd_kd ctkd_dkd dispatch method:<name>
+    method: str  # kd ls dkd dkd_ls ats decode ctkd_kd ctkd_dkd kd_ce ls_ce ctkd_kd_ce dispatch
+    # method:<name>
     classes: int = 0
     batch: int = 0
     teacher: str = "f32"
@@ -380,6 +381,39 @@ def run_kd(env: Env, case: Case) -> list[Check]:
     return checks
 
 
+def run_kd_ce(env: Env, case: Case) -> list[Check]:
+    """KD with its cross-entropy in one kernel (``kd_ce``: what KD-based methods train with):
+    the three batch means and the gradients of the total, against the float64 oracle."""
+    k, o = env.kernels, env.oracle
+    g = _seed(env, case)
+    zs = case.method == "ls_ce"
+    student, teacher, target, scale, offset = make_inputs(env, case, g)
+    base = 1.0 if case.inputs != "randn" else (2.0 if zs else 4.0)
+    temp, extra, temp64, extra64 = _temperature(env, case, g, base)
+    ce_w, kd_w = (0.1, 9.0) if zs else (0.1, 0.9)  # the methods' defaults
+    total, ce, kd = k.kd_ce(
+        student, teacher, target, temp, ce_w, kd_w, zs, scale=scale, offset=offset, impl="triton"
+    )
+    grads = torch.autograd.grad(total, [student, *extra])
+    s64 = student.detach().double().requires_grad_()
+    rows64 = o.kd_rows(s64, o.decode(teacher, scale, offset), temp64, zs)
+    ce64 = torch.nn.functional.cross_entropy(s64, target)
+    total64 = ce_w * ce64 + kd_w * rows64.mean()
+    refs = torch.autograd.grad(total64, [s64, *extra64])
+    rows_t = _row_temps(temp64, case.batch)
+    go = torch.full((case.batch,), kd_w / case.batch, device=env.device)  # each KD row's weight
+    floor_s = max(_grad_floor(s64, go, rows_t, zs), ce_w / case.batch)
+    checks = [
+        flag("dtypes", total.dtype == torch.float32 and grads[0].dtype == student.dtype),
+        compare("total", total, total64, 0.0, RTOL),
+        compare("ce", ce, ce64, 0.0, RTOL),
+        compare("kd", kd, rows64.mean(), 0.1 * rows_t.max().item() ** 2, RTOL),
+        compare("grad_s", grads[0], refs[0], floor_s, _rtol_grad(case)),
+    ]
+    _temp_checks(checks, case, grads, refs, go, go * rows64.detach().float(), temp64, total64)
+    return checks
+
+
 def run_dkd(env: Env, case: Case) -> list[Check]:
     k, o = env.kernels, env.oracle
     g = _seed(env, case)
@@ -594,6 +628,9 @@ RUNNERS: dict[str, Callable[[Env, Case], list[Check]]] = {
     "kd": run_kd,
     "ls": run_kd,
     "ctkd_kd": run_kd,
+    "kd_ce": run_kd_ce,
+    "ls_ce": run_kd_ce,
+    "ctkd_kd_ce": run_kd_ce,
     "dkd": run_dkd,
     "dkd_ls": run_dkd,
     "ctkd_dkd": run_dkd,
@@ -636,6 +673,10 @@ def build_cases(profile: Profile) -> list[Case]:
             ("dkd_ls", "T_b"),
             ("ctkd_kd", "theta"),
             ("ctkd_dkd", "theta"),
+            ("kd_ce", "T"),
+            ("kd_ce", "T_b"),
+            ("ls_ce", "T"),
+            ("ctkd_kd_ce", "theta"),
             ("ats", "T"),
             ("ats", "T_vec"),
             ("decode", "T"),
@@ -644,23 +685,25 @@ def build_cases(profile: Profile) -> list[Case]:
     for teacher in ("f16", "bf16", "i8"):
         for c in profile.classes:
             b = profile.batch[c]
-            for method, temp in (("kd", "T"), ("ls", "T"), ("dkd", "T_b"), ("ats", "T")):
+            dtype_cases = (("kd", "T"), ("ls", "T"), ("dkd", "T_b"), ("ats", "T"), ("kd_ce", "T_b"))
+            for method, temp in dtype_cases:
                 cases.append(Case("dtype", method, c, b, teacher=teacher, temp=temp))
             cases.append(Case("dtype", "decode", c, b, teacher=teacher))
     for c in profile.classes:
         b = profile.batch[c]
-        for method in ("kd", "ls", "dkd", "dkd_ls", "ats"):
+        for method in ("kd", "ls", "dkd", "dkd_ls", "ats", "kd_ce", "ls_ce"):
             cases.append(Case("extreme", method, c, b, inputs="extreme"))
         cases.append(Case("extreme", "dkd", c, b, inputs="gap"))
     for c, b in profile.odd_batch.items():
-        for method, temp in (("kd", "T_b"), ("ls", "T"), ("dkd", "T_b"), ("dkd_ls", "T")):
+        odd_cases = (("kd", "T_b"), ("ls", "T"), ("dkd", "T_b"), ("dkd_ls", "T"), ("kd_ce", "T_b"))
+        for method, temp in odd_cases:
             cases.append(Case("odd_b", method, c, b, teacher="f16", temp=temp))
         cases.append(Case("odd_b", "ats", c, b, teacher="f16"))
         cases.append(Case("odd_b", "decode", c, b, teacher="i8"))
     for student in ("f16", "bf16"):
         for c in profile.student_classes:
             b = profile.batch[c]
-            for method in ("kd", "dkd", "ats"):
+            for method in ("kd", "dkd", "ats", "kd_ce"):
                 cases.append(Case("student", method, c, b, teacher="f16", student=student))
     for config in REGISTRY_CONFIGS:
         name = "method:" + json.dumps(config, separators=(",", ":"))

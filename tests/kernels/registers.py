@@ -41,7 +41,22 @@ VARIANTS = (
         "kd fwd",
         "triton_kd",
         "_kd_rows_fwd",
-        {"HAS_SCALE": False, "ZSCORE": False, "NEED_T_STATS": False},
+        {"HAS_SCALE": False, "ZSCORE": False, "NEED_T_STATS": False, "WITH_CE": False},
+        True,
+    ),
+    Variant(
+        "kd+ce fwd",
+        "triton_kd",
+        "_kd_rows_fwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "NEED_T_STATS": False, "WITH_CE": True},
+        True,
+    ),
+    Variant(
+        "kd+ce bwd",
+        "triton_kd",
+        "_kd_rows_bwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": False}
+        | {"SPLIT": False, "WITH_CE": True, "EXTRA_GRADS": False},
         True,
     ),
     Variant(
@@ -54,6 +69,8 @@ VARIANTS = (
             "WRITE_GS": True,
             "NEED_T_GRAD": False,
             "SPLIT": False,
+            "WITH_CE": False,
+            "EXTRA_GRADS": False,
         },
         True,
     ),
@@ -68,7 +85,8 @@ VARIANTS = (
         "ctkd split bwd",
         "triton_kd",
         "_kd_rows_bwd",
-        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": True, "SPLIT": True},
+        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": True, "SPLIT": True}
+        | {"WITH_CE": False, "EXTRA_GRADS": False},
         False,
     ),
     Variant("dkd fwd", "triton_dkd", "_dkd_rows_fwd", {"HAS_SCALE": False, "ZSCORE": False}, True),
@@ -86,14 +104,15 @@ VARIANTS = (
         "kd+ls fwd",
         "triton_kd",
         "_kd_rows_fwd",
-        {"HAS_SCALE": False, "ZSCORE": True, "NEED_T_STATS": True},  # as kd_rows launches it
+        {"HAS_SCALE": False, "ZSCORE": True, "NEED_T_STATS": True, "WITH_CE": True},  # ls+kd's
         False,
     ),
     Variant(
         "ctkd+ls int8 bwd",
         "triton_kd",
         "_kd_rows_bwd",
-        {"HAS_SCALE": True, "ZSCORE": True, "WRITE_GS": True, "NEED_T_GRAD": True, "SPLIT": False},
+        {"HAS_SCALE": True, "ZSCORE": True, "WRITE_GS": True, "NEED_T_GRAD": True, "SPLIT": False}
+        | {"WITH_CE": True, "EXTRA_GRADS": False},  # as training launches it (with its CE)
         False,
     ),
     Variant(
@@ -109,11 +128,11 @@ VARIANTS = (
 def _arg_type(name: str, int8: bool) -> str:
     if name == "t_ptr":
         return "*i8" if int8 else "*fp16"
-    if name == "target_ptr":
+    if name in ("target_ptr", "y_ptr"):
         return "*i64"
     if name.endswith("_ptr"):
         return "*fp32"
-    return "fp32" if name == "eps" else "i32"
+    return "fp32" if name in ("eps", "ce_w", "kd_w", "inv_b") else "i32"
 
 
 def usage(variant: Variant, rows: int, block: int, num_warps: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pipeline.kernels as kernels
 from pipeline.errors import MethodError
@@ -156,6 +157,17 @@ def test_reference_matches_oracle(dtype: torch.dtype) -> None:
             kernels.ats_rows(student, teacher, target, 4.0, 2.0, 1.0, **kw),
             oracle.ats_rows(s64, exact, target, 4.0, 2.0, 1.0),
         ),
+        (
+            torch.stack(kernels.kd_ce(student, teacher, target, temp, 0.1, 0.9, True, **kw)),
+            torch.stack(
+                [
+                    0.1 * F.cross_entropy(s64, target)
+                    + 0.9 * oracle.kd_rows(s64, exact, temp, True).mean(),
+                    F.cross_entropy(s64, target),
+                    oracle.kd_rows(s64, exact, temp, True).mean(),
+                ]
+            ),
+        ),
     ]
     for out, ref in checks:  # a float32 PyTorch reference: 1e-4, not the fused kernels' 1e-5
         torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-5)
@@ -172,8 +184,10 @@ def test_triton_matches_reference_with_grads(zs: bool) -> None:
         kd = kernels.kd_rows(student, teacher, temp, zscore=zs, impl=impl)
         tckd, nckd = kernels.dkd_rows(student, teacher, target, temp, zscore=zs, impl=impl)
         ats = kernels.ats_rows(student, teacher, target, 4.0, 2.0, 1.0, impl=impl)
-        total = kd.sum() + tckd.sum() + 8 * nckd.sum() + ats.sum()
-        results[impl] = (kd, tckd, nckd, ats, *torch.autograd.grad(total, [student, temp]))
+        with_ce = kernels.kd_ce(student, teacher, target, temp, 0.1, 0.9, zs, impl=impl)
+        total = kd.sum() + tckd.sum() + 8 * nckd.sum() + ats.sum() + 3 * with_ce[0]
+        grads = torch.autograd.grad(total, [student, temp])
+        results[impl] = (kd, tckd, nckd, ats, *with_ce, *grads)
     # Both are float32; dL/dT is a difference of O(1) terms, so its error is absolute.
     for ref, out in zip(results["reference"], results["triton"]):
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-4, atol=1e-4)

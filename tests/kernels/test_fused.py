@@ -23,6 +23,7 @@ from tests.kernels import oracle, require_interpreter
 
 require_interpreter()
 fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
+fused_kd_ce = importlib.import_module("pipeline.kernels.triton_kd").kd_ce
 fused_dkd = importlib.import_module("pipeline.kernels.triton_dkd").dkd_rows
 fused_ats = importlib.import_module("pipeline.kernels.triton_ats").ats_rows
 
@@ -322,6 +323,99 @@ def test_kd_split_extreme_and_zscore() -> None:
     with pytest.raises(MethodError, match="plain KD only"):
         fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 3))
     fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 1))
+
+
+def _kd_ce64(student, teacher, target, temp, zs: bool, ce_w=0.1, kd_w=0.9):
+    """Float64 (total, ce, kd) from the oracle: the CE on the raw student logits."""
+    kd = oracle.kd_rows(student, teacher, temp, zs).mean()
+    ce = torch.nn.functional.cross_entropy(student, target)
+    return ce_w * ce + kd_w * kd, ce, kd
+
+
+# (classes, config, teacher dtype): default and multi-block tiles (masked rows in the last
+# program), every stored dtype, and a split config, where the CE is PyTorch's beside split KD.
+KD_CE_CASES = [
+    (2, None, torch.float32),
+    (10, None, torch.float16),
+    (37, (2, 16), torch.bfloat16),
+    (130, (4, 32, 2), torch.int8),
+    (130, None, torch.float32),
+    (130, (1, 32, 4, 3), torch.float16),
+]
+
+
+@pytest.mark.parametrize("outputs", ["total", "all"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["T", "T_b"])
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+@pytest.mark.parametrize(("classes", "config", "dtype"), KD_CE_CASES)
+def test_kd_ce(classes: int, config, dtype, zs: bool, per_sample: bool, outputs: str) -> None:
+    """KD with its cross-entropy in one kernel each way: (total, ce, kd) and the gradients of
+    the student and the temperature equal the float64 oracle, whether only the total is
+    backpropagated (training) or each of the three outputs with its own weight."""
+    if zs and config is not None and len(config) == 4:
+        pytest.skip("z-score refuses a split (test_kd_split_extreme_and_zscore)")
+    student, teacher, target, scale, offset = _case(classes, dtype)
+    student.requires_grad_()
+    temp = _temperature(per_sample)
+    out = fused_kd_ce(
+        student, teacher, target, temp, 0.1, 0.9, zs, scale=scale, offset=offset, config=config
+    )
+    weights = (1.0,) if outputs == "total" else (1.0, 0.3, -0.7)
+    leaves = [student, temp] if per_sample else [student]
+    grads = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), leaves)
+
+    leaves64 = [_leaf64(x) for x in leaves]
+    temp64 = leaves64[1] if per_sample else temp
+    decoded = oracle.decode(teacher, scale, offset)
+    ref = _kd_ce64(leaves64[0], decoded, target, temp64, zs)
+    refs = torch.autograd.grad(sum(w * o for w, o in zip(weights, ref)), leaves64)
+    for value, expected in zip(out, ref):
+        assert value.shape == () and value.dtype == torch.float32
+        _check(value, expected)
+    # dL/ds: the KD part's scale (go = 0.9 / B... per row) and the CE part's (softmax - onehot) / B
+    go = torch.full((B,), max(abs(w) for w in weights) / B)
+    floor = max(_grad_floor(student, go, temp, zs), 1.0 / B)
+    _check(grads[0], refs[0], floor)
+    if per_sample:
+        _check(grads[1], refs[1], (2 * go * oracle.kd_rows(*leaves64[:1], decoded, temp64, zs)
+                                   / temp64).abs().max().item())  # fmt: skip
+
+
+def test_kd_ce_extreme_logits_and_weights() -> None:
+    """±100 logits at T = 1 (the student's target logit at -100: CE of 200) stay finite and
+    right; zero weights give exactly that part's gradient alone."""
+    student, teacher, target = _extreme(37)
+    student.requires_grad_()
+    s64 = _leaf64(student)
+    for ce_w, kd_w in [(0.1, 0.9), (1.0, 0.0), (0.0, 1.0)]:
+        total, ce, kd = fused_kd_ce(student, teacher, target, 1.0, ce_w, kd_w, config=(2, 16))
+        (grad,) = torch.autograd.grad(total, [student])
+        ref = _kd_ce64(s64, teacher.double(), target, 1.0, False, ce_w, kd_w)
+        (ref_grad,) = torch.autograd.grad(ref[0], [s64])
+        for value, expected in zip((total, ce, kd), ref):
+            _check(value, expected)
+        _check(grad, ref_grad, 1.0 / B)
+    with pytest.raises(MethodError, match="target"):
+        fused_kd_ce(student, teacher, target + 37, 1.0, 0.1, 0.9)
+    with pytest.raises(MethodError, match="plain KD only"):
+        fused_kd_ce(student, teacher, target, 1.0, 0.1, 0.9, True, config=(1, 16, 4, 3))
+
+
+def test_kd_ce_global_learned_temperature() -> None:
+    """CTKD+KD as trained: a 0-d learned tau broadcast to the rows gets the summed gradient."""
+    student, teacher, target, _, _ = _case(37, seed=11)
+    theta = torch.tensor(1.0, requires_grad=True)
+    tau = 1.0 + 20.0 * torch.sigmoid(theta)
+    total, _, _ = fused_kd_ce(student, teacher, target, tau, 0.1, 0.9, config=(2, 16))
+    (grad,) = torch.autograd.grad(total, [theta])
+    theta64 = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    tau64 = 1.0 + 20.0 * torch.sigmoid(theta64)
+    ref, _, kd = _kd_ce64(student.double(), teacher.double(), target, tau64, False)
+    (ref_grad,) = torch.autograd.grad(ref, [theta64])
+    floor = (
+        2 * 0.9 * kd.item() / tau64.item() * 20 * (torch.sigmoid(theta64) * torch.sigmoid(-theta64))
+    )
+    assert abs(grad.item() - ref_grad.item()) <= 1e-5 * max(abs(ref_grad.item()), floor.item())
 
 
 def test_segments_for(monkeypatch) -> None:

@@ -13,6 +13,7 @@ import pipeline.kernels as kernels
 from pipeline.errors import MethodError
 from pipeline.kernels import reference
 from pipeline.methods import COMPOSITIONS, METHODS, MethodContext, build_method, config_keys
+from tests.kernels import require_interpreter
 from tests.methods import golden
 from tests.methods.conftest import batch, teacher_for
 
@@ -46,6 +47,36 @@ def test_float32_total_matches_float64_golden(name: str) -> None:
     s64, t64 = student.double().numpy(), teacher.double().numpy()
     want = golden.total(name, s64, t64, target.numpy(), 4, 30)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_kernels_give_the_reference_terms_and_gradients(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What CUDA runs (the fused kernels, here in triton's interpreter; KD-based methods with
+    their cross-entropy inside the kernel) gives the float64 method's terms and gradients (the
+    student's and a learned temperature's) to float32 accuracy."""
+    require_interpreter()
+    results = {}
+    for impl, dtype in [("reference", torch.float64), ("triton", torch.float32)]:
+        monkeypatch.setenv(kernels.ENV_VAR, impl)
+        student, teacher, target = batch(dtype=dtype)
+        student.requires_grad_(True)
+        torch.manual_seed(0)  # instance-wise CTKD's MLP: the same weights each time
+        method = _build(name, dtype)
+        teacher = teacher_for(method, teacher)
+        terms = method(student, teacher, target, CTX)
+        leaves = [student, *(p for p in method.parameters() if p.requires_grad)]
+        results[impl] = (terms, torch.autograd.grad(terms["total"], leaves))
+    (exact_terms, exact), (terms, grads) = results["reference"], results["triton"]
+    assert terms.keys() == exact_terms.keys()
+    for key in terms:  # float32 against float64: the 1e-4 of the float32 golden test
+        torch.testing.assert_close(terms[key].double(), exact_terms[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), exact[0], rtol=1e-4, atol=1e-6)
+    # dL/dtheta of CTKD sums rows that pull tau both ways: judged against the loss's size.
+    scale = max(1.0, abs(exact_terms["total"].item()))
+    for grad, want in zip(grads[1:], exact[1:], strict=True):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -83,7 +114,7 @@ def test_every_method_has_a_golden_total() -> None:
         golden.total(name, *(x.numpy() for x in batch(rows=1, classes=3)), 0, 1)
 
 
-KERNEL_OF = {"kd": "kd_rows", "dkd": "dkd_rows", "ats": "ats_rows", "pskd": None}
+KERNEL_OF = {"kd": "kd_ce", "dkd": "dkd_rows", "ats": "ats_rows", "pskd": None}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,7 +131,7 @@ def test_methods_compute_through_the_shared_kernels(
 
         return call
 
-    names = ("decode_teacher", "kd_rows", "dkd_rows", "ats_rows")
+    names = ("decode_teacher", "kd_ce", "kd_rows", "dkd_rows", "ats_rows")
     fake = SimpleNamespace(**{n: logged(n) for n in names})
     monkeypatch.setattr(kernels, "_reference", lambda: fake)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
@@ -108,7 +139,7 @@ def test_methods_compute_through_the_shared_kernels(
     method = _build(name)
     method(student, teacher_for(method, teacher), target, CTX)
     base = name.split("+")[-1]
-    kernel = KERNEL_OF.get(base, "kd_rows")  # ls, ctkd alone are KD-based
+    kernel = KERNEL_OF.get(base, "kd_ce")  # ls, ctkd alone are KD-based (with their CE)
     assert calls == ([] if kernel is None else ["decode_teacher", kernel])
 
 
