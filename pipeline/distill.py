@@ -117,6 +117,46 @@ def evaluate(
     return 100.0 * int(world.sum_(correct)) / max(1, len(split))
 
 
+class TermSums:
+    """Σ term · rows of each named loss term over an epoch, kept on the device.
+
+    One ``stack`` and one ``add_`` a step whatever the number of terms (a method's terms do not
+    change within an epoch; if they do, the sums so far are set aside under their names): on a
+    GPU with a small student every launch a step saves is host time saved.
+    """
+
+    def __init__(self) -> None:
+        self.keys: tuple[str, ...] = ()
+        self.acc: torch.Tensor | None = None  # (len(keys),) float32
+        self.done: dict[str, torch.Tensor] = {}
+
+    def add(self, terms: dict[str, torch.Tensor], rows: int) -> None:
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.acc is not None and tuple(terms) == self.keys:
+            self.acc.add_(values, alpha=rows)
+            return
+        self._set_aside()
+        self.keys, self.acc = tuple(terms), values * rows
+
+    def _set_aside(self) -> None:
+        if self.acc is not None:
+            for key, value in zip(self.keys, self.acc, strict=True):
+                self.done[key] = self.done.get(key, 0) + value
+        self.acc = None
+
+    def total(self) -> float:
+        """The running Σ total · rows (waits for the device: for the progress bar, rarely)."""
+        done = float(self.done.get("total", 0.0))
+        if self.acc is None or "total" not in self.keys:
+            return done
+        return done + float(self.acc[self.keys.index("total")])
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        """Each term's sum; ends the accumulation."""
+        self._set_aside()
+        return self.done
+
+
 def _train_epoch(
     epoch: int,
     step: int,
@@ -151,7 +191,7 @@ def _train_epoch(
     step_total = plan.sum(axis=0)  # (steps,) rows of each step over all ranks
     learned = [p for p in method.parameters() if p.requires_grad]
     device = feeder.device
-    sums: dict[str, torch.Tensor] = {}  # loss terms × rows, summed on the device
+    sums = TermSums()  # loss terms × rows, summed on the device
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     t0 = time.perf_counter()
@@ -180,8 +220,7 @@ def _train_epoch(
         if writer is not None:  # PS-KD: this forward pass is the next epoch's teacher
             copies.add(batch.indices, logits.detach())
         n = len(batch.indices)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0) + v.detach().float() * n
+        sums.add(terms, n)
         correct += (logits.detach().argmax(1) == batch.y).sum()
         seen += n
         if on_step is not None:
@@ -191,7 +230,7 @@ def _train_epoch(
         every = 100 if device.type == "cuda" else 10
         if not bar.disable and (step % every == 0 or bar.n == bar.total):
             bar.set_postfix(  # under DDP: loss and accuracy of rank 0's rows
-                loss=f"{float(sums['total']) / seen:.3f}",
+                loss=f"{sums.total() / seen:.3f}",
                 acc=f"{100 * int(correct) / seen:.1f}",
                 rows_s=f"{bar.n / (time.perf_counter() - t0):.0f}",
             )
@@ -203,6 +242,7 @@ def _train_epoch(
     if writer is not None:
         copies.flush()
         writer.close()
+    sums = sums.totals()
     if world.distributed:  # every rank's sums, in one all_reduce
         keys = list(sums)
         counts = torch.tensor([seen], dtype=torch.float64, device=device)

@@ -60,10 +60,12 @@ FUSED_STUDENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
+@functools.cache  # import_module costs microseconds a call, and this is on every step's path
 def _reference() -> ModuleType:
     return importlib.import_module("pipeline.kernels.reference")
 
 
+@functools.cache
 def _fused(name: str) -> ModuleType:
     return importlib.import_module(f"pipeline.kernels.triton_{name}")
 

@@ -192,13 +192,20 @@ def rows_vector(
 ) -> torch.Tensor:
     """A float or a 0-d/(1,)/(B,) tensor as a contiguous float32 (B,) tensor (autograd kept)."""
     if not isinstance(value, torch.Tensor):
-        return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+        return _constant_rows(float(value), batch, device)
     if value.numel() not in (1, batch) or value.dim() > 1:
         raise MethodError(f"{name} must be a float or a ({batch},) tensor, not {value.shape}")
     if value.device != device:
         raise MethodError(f"{name} is on {value.device}, the logits on {device}")
     # expand + contiguous are differentiable: a global learnable temperature gets the sum.
     return value.reshape(-1).expand(batch).to(torch.float32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_rows(value: float, batch: int, device: torch.device) -> torch.Tensor:
+    """A fixed temperature as a (B,) tensor, made once per (value, B, device): the kernels only
+    read it, and a fill a step is a launch a step."""
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
 def check_target(target: torch.Tensor, batch: int, classes: int) -> torch.Tensor:

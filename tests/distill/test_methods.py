@@ -93,3 +93,18 @@ def test_config_key_ignores_device_and_loader_settings() -> None:
     )
     assert config_key(moved) == base
     assert config_key(load_config(tiny, ["distill.lr=0.5"])) != base
+
+
+def test_term_sums_add_each_term_times_its_rows() -> None:
+    """The epoch's loss sums: Σ term · rows per name, in one stack and add a step; terms that
+    change mid-epoch keep what was summed under their names."""
+    from pipeline.distill import TermSums
+
+    sums = TermSums()
+    steps = [({"ce": 1.5, "kd": 0.25, "total": 2.0}, 64), ({"ce": 0.5, "kd": 1.0, "total": 1.0}, 7)]
+    steps += [({"ce": 2.0, "total": 3.0}, 10)]  # e.g. another method's terms
+    for terms, rows in steps:
+        sums.add({k: torch.tensor(v) for k, v in terms.items()}, rows)
+    assert sums.total() == pytest.approx(2.0 * 64 + 1.0 * 7 + 3.0 * 10)
+    got = {k: float(v) for k, v in sums.totals().items()}
+    assert got == pytest.approx({"ce": 96 + 3.5 + 20, "kd": 16 + 7, "total": 128 + 7 + 30})

@@ -1,0 +1,41 @@
+"""What a method's loss adds to a training step on a GPU, counted where CI can: kernel launches.
+
+A small student on a GPU is host-bound, so a loss that launches more kernels slows the whole
+step (tests/benchmarks/bench_host.py times it). KD-based methods train through ``kd_ce``, one
+fused kernel each way with the cross-entropy inside: their loss launches no more kernels a step
+than plain cross-entropy does.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import kernels
+from tests.benchmarks.bench_host import Counter, step_fn, stubbed_launches
+from tests.kernels import require_interpreter
+
+
+def _kernels_a_step(name: str) -> tuple[int, int]:
+    with stubbed_launches() as launches:
+        step = step_fn(name)
+        step()  # first call: caches
+        counter = Counter()
+        before = launches[0]
+        with counter:
+            step()
+        counter.launches = launches[0] - before
+    return counter.kernels, counter.launches
+
+
+@pytest.mark.parametrize("name", ["kd", "ls"])
+def test_kd_losses_launch_no_more_kernels_than_cross_entropy(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_interpreter()
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    ce, _ = _kernels_a_step("ce")
+    apart, _ = _kernels_a_step("kd, CE apart")
+    count, launches = _kernels_a_step(name)
+    assert launches == 2  # the fused forward and backward
+    assert count <= ce, (count, ce)
+    assert apart > ce  # the count can tell: the unfused loss launches more
