@@ -17,6 +17,13 @@ programs that each keep the online-KL state of their segment; ``_kd_split_merge`
 states as ``online_kl`` combines blocks (into the same loss and statistics), backward gives each
 program its segment's gradient, and the temperature gradient's two sums are added over segments.
 
+KD's training loss (``kd_ce``, ``KDCE``): with WITH_CE the forward also keeps the online
+logsumexp of the raw student logits (T = 1) and reads the target logit, so each row gives its
+cross-entropy beside its KD; it writes (ce_w·CE + kd_w·KD, CE, KD) / B for the batch means, and
+backward adds (softmax(s) - onehot(y)) · (g_total·ce_w + g_ce) / B to the student's gradient in
+the same pass. The cross-entropy is on the raw logits, also under z-score (logit
+standardization's CE is): the raw tile is loaded once and standardized in registers.
+
 E_p[a] is summed only when the temperature gets a gradient (NEED_T_STATS) and the E[z_s] only
 under z-score: plain KD's forward keeps three running sums fewer (80 registers instead of 96 at
 C = 10 on sm_90, 64 instead of 80 at C = 100: tests/kernels/registers.py). Under z-score E_p[a]
