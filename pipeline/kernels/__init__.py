@@ -225,11 +225,13 @@ def dkd_rows(
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     impl: str = "auto",
+    target_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row DKD parts ``(tckd, nckd)``, each (B,) and scaled by T², in log space.
 
     TCKD is the binary KL of [p_y, 1 - p_y] (teacher || student); NCKD the KL over the C - 1
-    non-target classes, the target column dropped exactly. ``temperature`` as in ``kd_rows``.
+    non-target classes, the target column dropped exactly. ``temperature`` as in ``kd_rows``,
+    ``target_checked`` as in ``kd_ce``.
     """
     _check_temperature("temperature", temperature)
     tensors = _tensors(student, teacher, target, temperature, scale, offset)
@@ -237,8 +239,9 @@ def dkd_rows(
         decoded = _decoded(teacher, scale, offset)
         return _reference().dkd_rows(student, decoded, target, temperature, zscore=zscore, eps=eps)
     return _fused("dkd").dkd_rows(
-        student, teacher, target, temperature, zscore, eps, scale=scale, offset=offset
-    )
+        student, teacher, target, temperature, zscore, eps, scale=scale, offset=offset,
+        target_checked=target_checked,
+    )  # fmt: skip
 
 
 def ats_rows(
@@ -252,11 +255,13 @@ def ats_rows(
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     impl: str = "auto",
+    target_checked: bool = False,
 ) -> torch.Tensor:
     """Per-row ATS cross-entropy ``s_tau² · -Σ_c p_ats,c · log_softmax(s / s_tau)_c``: (B,).
 
     ``p_ats = softmax(t / tau_c)``, tau_c = tau1 on the target class and tau2 elsewhere, one
     softmax over all classes. Temperatures that require a gradient go to the reference.
+    ``target_checked`` as in ``kd_ce``.
     """
     temps = (("tau1", tau1), ("tau2", tau2), ("student_temperature", student_temperature))
     for name, value in temps:
@@ -269,5 +274,6 @@ def ats_rows(
         decoded = _decoded(teacher, scale, offset)
         return _reference().ats_rows(student, decoded, target, tau1, tau2, student_temperature)
     return _fused("ats").ats_rows(
-        student, teacher, target, tau1, tau2, student_temperature, scale=scale, offset=offset
-    )
+        student, teacher, target, tau1, tau2, student_temperature, scale=scale, offset=offset,
+        target_checked=target_checked,
+    )  # fmt: skip

@@ -175,20 +175,21 @@ def ats_rows(
     *,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    target_checked: bool = False,
     config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Fused per-row ATS cross-entropy, float32 (B,).
 
     Args:
         student, teacher, scale, offset, config: as ``triton_kd.kd_rows``.
-        target: (B,) integer classes in [0, C).
+        target: (B,) integer classes in [0, C); ``target_checked`` as in ``triton_kd.kd_ce``.
         tau1, tau2, student_temperature: floats or (B,) tensors that do not require grad.
     """
     student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
     batch, classes = student.shape
     if classes < 1:
         raise MethodError("ATS needs at least one class")
-    target = check_target(target, batch, classes)
+    target = check_target(target, batch, classes, target_checked)
     named = (("tau1", tau1), ("tau2", tau2), ("student_temperature", student_temperature))
     if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in named):
         raise MethodError("fused ATS has no temperature gradient: use impl='reference'")

@@ -208,8 +208,16 @@ def _constant_rows(value: float, batch: int, device: torch.device) -> torch.Tens
     return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
-def check_target(target: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
-    """Targets as contiguous int64 (B,); out-of-range classes are an error, not a stray read."""
+def check_target(
+    target: torch.Tensor, batch: int, classes: int, checked: bool = False
+) -> torch.Tensor:
+    """Targets as contiguous int64 (B,); out-of-range classes are an error, not a stray read.
+
+    ``checked``: the caller already checked shape and range (the methods' ``check_inputs``), so
+    a training step does not pay for the same check twice (four small launches on CUDA).
+    """
+    if checked:
+        return target.to(torch.int64).contiguous()
     if target.shape != (batch,):
         raise MethodError(f"target must be ({batch},), got {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:

@@ -287,17 +287,19 @@ def dkd_rows(
     *,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    target_checked: bool = False,
     config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-row ``(TCKD, NCKD)``, each float32 (B,) and scaled by T².
 
-    Args as ``triton_kd.kd_rows``, plus ``target``: (B,) integer classes in [0, C).
+    Args as ``triton_kd.kd_rows``, plus ``target``: (B,) integer classes in [0, C), and
+    ``target_checked`` as in ``triton_kd.kd_ce``.
     """
     student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
     batch, classes = student.shape
     if classes < 2:
         raise MethodError(f"DKD needs 2 classes or more (target and non-target), got {classes}")
-    target = check_target(target, batch, classes)
+    target = check_target(target, batch, classes, target_checked)
     temp = rows_vector(temperature, batch, student.device, "temperature")
     if batch == 0:
         empty = student.sum(dim=1, dtype=torch.float32) * 0.0 + temp * 0.0

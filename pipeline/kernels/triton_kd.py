@@ -575,10 +575,7 @@ def kd_ce(
     batch, classes = student.shape
     if classes < (2 if zscore else 1):
         raise MethodError(f"KD needs {2 if zscore else 1} classes or more, got {classes}")
-    if target_checked:
-        target = target.to(torch.int64).contiguous()
-    else:
-        target = check_target(target, batch, classes)
+    target = check_target(target, batch, classes, target_checked)
     temp = rows_vector(temperature, batch, student.device, "temperature")
     tile, segments = (config[:3], config[3]) if config and len(config) == 4 else (config, None)
     if zscore and segments not in (None, 1):

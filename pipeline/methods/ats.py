@@ -60,7 +60,7 @@ def ats_loss(
     _check(tau1, tau2, student_temperature, student.shape[0])
     if form not in FORMS:
         raise MethodError(f"ATS form must be one of {', '.join(FORMS)}, got {form!r}")
-    rows = ats_rows(student, teacher, target, tau1, tau2, student_temperature)  # (B,)
+    rows = ats_rows(student, teacher, target, tau1, tau2, student_temperature, target_checked=True)
     if form == "kl":
         # The entropy of p_ats depends on the teacher only: it changes the value, not the gradient.
         log_p = torch.log_softmax(

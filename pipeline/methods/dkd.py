@@ -49,7 +49,7 @@ def dkd_loss(
     """
     check_inputs(student, teacher, target, min_classes=2, who="DKD")
     check_temperatures(student.shape[0], temperature=temperature)
-    tckd, nckd = dkd_rows(student, teacher, target, temperature)
+    tckd, nckd = dkd_rows(student, teacher, target, temperature, target_checked=True)
     return (alpha * tckd + beta * nckd).mean()
 
 
@@ -102,7 +102,7 @@ class DKD(Method):
         check_inputs(student, teacher, target, min_classes=2, who="DKD")
         tau = self.temperature(student, teacher, ctx)  # float, or (1,) / (B,) when learned
         s, t, zs, eps = zscore_inputs(self.zscore, student, teacher)
-        tckd_rows, nckd_rows = dkd_rows(s, t, target, tau, zscore=zs, eps=eps)
+        tckd_rows, nckd_rows = dkd_rows(s, t, target, tau, zs, eps, target_checked=True)
         tckd, nckd = tckd_rows.mean(), nckd_rows.mean()
         ce = F.cross_entropy(student, target)
         dkd = self.alpha * tckd + self.beta * nckd

@@ -15,7 +15,7 @@ from tests.benchmarks.bench_host import Counter, step_fn, stubbed_launches
 from tests.kernels import require_interpreter
 
 
-def _kernels_a_step(name: str) -> tuple[int, int]:
+def _count_a_step(name: str) -> Counter:
     with stubbed_launches() as launches:
         step = step_fn(name)
         step()  # first call: caches
@@ -24,6 +24,11 @@ def _kernels_a_step(name: str) -> tuple[int, int]:
         with counter:
             step()
         counter.launches = launches[0] - before
+    return counter
+
+
+def _kernels_a_step(name: str) -> tuple[int, int]:
+    counter = _count_a_step(name)
     return counter.kernels, counter.launches
 
 
@@ -39,3 +44,12 @@ def test_kd_losses_launch_no_more_kernels_than_cross_entropy(
     assert launches == 2  # the fused forward and backward
     assert count <= ce, (count, ce)
     assert apart > ce  # the count can tell: the unfused loss launches more
+
+
+@pytest.mark.parametrize("name", ["ce", "kd", "dkd", "ats", "ls+dkd"])
+def test_targets_are_range_checked_once_a_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The method checks its targets (check_inputs); the fused kernels, told so, do not again."""
+    require_interpreter()
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    counter = _count_a_step(name)
+    assert counter.ops["ge"] == 1 and counter.ops["lt"] == 1, dict(counter.ops)
