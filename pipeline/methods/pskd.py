@@ -30,6 +30,7 @@ def soft_targets(
     num_epochs: int = 300,
     *,
     num_classes: int | None = None,
+    target_checked: bool = False,
 ) -> torch.Tensor:
     """PS-KD's targets q (B, C): one-hot at epoch 0, then mixed with the previous predictions.
 
@@ -39,6 +40,8 @@ def soft_targets(
         alpha_T: the final mixing weight (reached at the last epoch).
         epoch: 0-based epoch; num_epochs: the run's length E.
         num_classes: C when ``prev_probs`` is None.
+        target_checked: the caller already checked the targets (``pskd_loss`` does, against
+            the student's logits): not checked twice a training step.
     """
     alpha_T = check_number("alpha_T", alpha_T, 0.0)
     if alpha_T > 1:
@@ -60,7 +63,9 @@ def soft_targets(
                 f"prev_probs must be float (B, C), got {prev_probs.dtype} {tuple(prev_probs.shape)}"
             )
         classes, dtype = prev_probs.shape[1], torch.promote_types(prev_probs.dtype, torch.float32)
-    check_target(target, target.shape[0] if prev_probs is None else prev_probs.shape[0], classes)
+    if not target_checked:
+        batch = target.shape[0] if prev_probs is None else prev_probs.shape[0]
+        check_target(target, batch, classes)
     onehot = F.one_hot(target.long(), classes).to(dtype)  # (B, C)
     if epoch == 0 or prev_probs is None:
         return onehot  # the official code stores one-hot rows as the epoch-0 "predictions"
@@ -82,8 +87,9 @@ def pskd_loss(
     else:
         check_inputs(student, prev_probs, target)
     q = soft_targets(
-        prev_probs, target, alpha_T, epoch, num_epochs, num_classes=student.shape[1]
-    )  # (B, C)
+        prev_probs, target, alpha_T, epoch, num_epochs, num_classes=student.shape[1],
+        target_checked=True,
+    )  # (B, C)  # fmt: skip
     return -(q.to(student.dtype) * F.log_softmax(student, dim=1)).sum(dim=1).mean()
 
 

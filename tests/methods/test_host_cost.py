@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import kernels
+from pipeline.distill_inputs import method_names
 from tests.benchmarks.bench_host import Counter, step_fn, stubbed_launches
 from tests.kernels import require_interpreter
 
@@ -46,7 +47,7 @@ def test_kd_losses_launch_no_more_kernels_than_cross_entropy(
     assert apart > ce  # the count can tell: the unfused loss launches more
 
 
-@pytest.mark.parametrize("name", ["ce", "kd", "dkd", "ats", "ls+dkd"])
+@pytest.mark.parametrize("name", method_names())
 def test_targets_are_range_checked_once_a_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The method checks its targets (check_inputs); the fused kernels, told so, do not again."""
     require_interpreter()
