@@ -6,6 +6,8 @@
     kd_ce(student, teacher, target, temperature, ce_weight, kd_weight, zscore=False, eps=1e-7,
           ...)                                      -> (total, ce, kd) batch means, 0-d each
     dkd_rows(student, teacher, target, temperature, zscore=False, eps=1e-7, ...) -> (tckd, nckd)
+    dkd_ce(student, teacher, target, temperature, ce_weight, tckd_weight, nckd_weight, ...)
+                                                -> (total, ce, tckd, nckd) batch means, 0-d each
     ats_rows(student, teacher, target, tau1, tau2, student_temperature, ...)     -> (B,)
     decode_teacher(teacher, scale=None, offset=None, *, impl="auto")            -> float32 (B, C)
 
@@ -46,6 +48,7 @@ __all__ = [
     "IMPLS",
     "ats_rows",
     "decode_teacher",
+    "dkd_ce",
     "dkd_rows",
     "kd_ce",
     "kd_rows",
@@ -241,6 +244,41 @@ def dkd_rows(
     return _fused("dkd").dkd_rows(
         student, teacher, target, temperature, zscore, eps, scale=scale, offset=offset,
         target_checked=target_checked,
+    )  # fmt: skip
+
+
+def dkd_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    ce_weight: float,
+    tckd_weight: float,
+    nckd_weight: float,
+    zscore: bool = False,
+    eps: float = 1e-7,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    impl: str = "auto",
+    target_checked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DKD with its cross-entropy, as DKD trains: 0-d ``(total, ce, tckd, nckd)``.
+
+    Batch means of ``dkd_rows`` and of CE(raw student logits, target); total = ce_weight · ce +
+    tckd_weight · tckd + nckd_weight · nckd. Fused, one kernel each way (as ``kd_ce``).
+    """
+    _check_temperature("temperature", temperature)
+    tensors = _tensors(student, teacher, target, temperature, scale, offset)
+    weights = (ce_weight, tckd_weight, nckd_weight)
+    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
+        decoded = _decoded(teacher, scale, offset)
+        return _reference().dkd_ce(
+            student, decoded, target, temperature, *weights, zscore=zscore, eps=eps
+        )
+    return _fused("dkd").dkd_ce(
+        student, teacher, target, temperature, *weights, zscore, eps, scale=scale,
+        offset=offset, target_checked=target_checked,
     )  # fmt: skip
 
 

@@ -11,6 +11,8 @@ names, argument order and returned shapes are the contract between the two:
         ce_weight · CE(s, y) + kd_weight · mean(kd_rows), the CE on the raw student logits
     dkd_rows(student, teacher, target, temperature, zscore, eps)      -> ((B,), (B,))
         (T² · KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),  T² · KL(p̂ || q̂) over the C - 1 other classes)
+    dkd_ce(student, teacher, target, temperature, ce_weight, tckd_weight, nckd_weight, zscore, eps)
+                                              -> (total, ce, tckd, nckd), batch means, 0-d each
     ats_rows(student, teacher, target, tau1, tau2, student_temperature) -> (B,)
         s_tau² · (-Σ_c p_ats,c · log_softmax(s / s_tau)_c),  p_ats = softmax(t / tau_c)
 
@@ -41,7 +43,15 @@ from pipeline.transforms import (
     standardize,
 )
 
-__all__ = ["ats_rows", "decode_teacher", "dkd_rows", "kd_ce", "kd_rows", "nontarget_index"]
+__all__ = [
+    "ats_rows",
+    "decode_teacher",
+    "dkd_ce",
+    "dkd_rows",
+    "kd_ce",
+    "kd_rows",
+    "nontarget_index",
+]
 
 _FLOAT_TEACHERS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -180,6 +190,30 @@ def dkd_rows(
     nckd = _kl_rows(log_p_hat, log_q_hat)
     t2 = squared(temperature)
     return t2 * tckd, t2 * nckd
+
+
+def dkd_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: Temperature,
+    ce_weight: float,
+    tckd_weight: float,
+    nckd_weight: float,
+    zscore: bool = False,
+    eps: float = 1e-7,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DKD with its cross-entropy, batch means ``(total, ce, tckd, nckd)``: 0-d each.
+
+    total = ce_weight · ce + (tckd_weight · tckd + nckd_weight · nckd), the CE of the raw student
+    logits (also under ``zscore``).
+    """
+    target = _check_target(target, student.shape[0])
+    tckd, nckd = dkd_rows(student, teacher, target, temperature, zscore, eps)
+    tckd, nckd = tckd.mean(), nckd.mean()
+    wide = torch.promote_types(student.dtype, torch.float32)
+    ce = torch.nn.functional.cross_entropy(student.to(wide), target)
+    return ce_weight * ce + (tckd_weight * tckd + nckd_weight * nckd), ce, tckd, nckd
 
 
 def ats_rows(

@@ -138,6 +138,14 @@ def segments_for(
     return -(-blocks // per), per * launch.block
 
 
+def batch_means(parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """0-d batch means from the (K, B) parts a fused loss-with-CE forward writes (each part
+    already divided by B), total first: the total its own tensor (a training loop may add to it
+    in place), the terms views of one (K - 1,) sum. Fixed-order reductions: the same every run.
+    """
+    return parts[0].sum(), *parts[1:].sum(dim=1).unbind()
+
+
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU, not the current one (triton launches on the current device)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

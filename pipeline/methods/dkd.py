@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import MethodError
-from pipeline.kernels import dkd_rows
+from pipeline.kernels import dkd_ce, dkd_rows
 from pipeline.methods.base import (
     Method,
     MethodContext,
@@ -102,9 +102,15 @@ class DKD(Method):
         check_inputs(student, teacher, target, min_classes=2, who="DKD")
         tau = self.temperature(student, teacher, ctx)  # float, or (1,) / (B,) when learned
         s, t, zs, eps = zscore_inputs(self.zscore, student, teacher)
-        tckd_rows, nckd_rows = dkd_rows(s, t, target, tau, zs, eps, target_checked=True)
-        tckd, nckd = tckd_rows.mean(), nckd_rows.mean()
-        ce = F.cross_entropy(student, target)
-        dkd = self.alpha * tckd + self.beta * nckd
-        total = self.ce_weight * ce + self.warmup_factor(ctx) * dkd
+        warm = self.warmup_factor(ctx)
+        if s is student:  # raw logits in (z-score, if any, inside): one call, fused on CUDA
+            weights = self.ce_weight, warm * self.alpha, warm * self.beta
+            total, ce, tckd, nckd = dkd_ce(
+                s, t, target, tau, *weights, zs, eps, target_checked=True
+            )
+        else:  # the population-std z-score, done here: the cross-entropy takes the raw logits
+            tckd_rows, nckd_rows = dkd_rows(s, t, target, tau, zs, eps, target_checked=True)
+            tckd, nckd = tckd_rows.mean(), nckd_rows.mean()
+            ce = F.cross_entropy(student, target)
+            total = self.ce_weight * ce + warm * (self.alpha * tckd + self.beta * nckd)
         return tau_term({"ce": ce, "tckd": tckd, "nckd": nckd, "total": total}, tau)

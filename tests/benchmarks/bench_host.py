@@ -40,7 +40,7 @@ METHODS = ("ce", "kd", "kd, CE apart", "ls", "ctkd", "dkd", "ats", "pskd")
 #: Operators that launch nothing on a GPU (metadata, allocation, aliasing).
 NO_KERNEL = {
     "detach", "select", "view", "expand", "empty", "empty_like", "alias", "as_strided",
-    "unsqueeze", "squeeze", "_reshape_alias", "reshape", "t", "transpose", "slice",
+    "unsqueeze", "squeeze", "_reshape_alias", "reshape", "t", "transpose", "slice", "unbind",
     "_local_scalar_dense",  # CPU only: the CUDA path checks targets with _assert_async
 }  # fmt: skip
 FUSED_MODULES = ("kd", "dkd", "ats", "decode")

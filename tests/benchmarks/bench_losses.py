@@ -6,7 +6,8 @@ For each class count C in {10, 100, 1000, 32768, 131072} with B = 2^24 // C rows
 the same inputs; the teacher is passed in the store's default float16 encoding, which the
 reference decodes to float32 first and the fused kernels read as stored. ``kd`` is the KD term
 alone; ``kd+ce`` is KD's training loss, 0.1 · CE + 0.9 · KD (``kd_ce``: the cross-entropy inside
-the fused kernel, beside PyTorch's ``cross_entropy`` plus the KD reference).
+the fused kernel, beside PyTorch's ``cross_entropy`` plus the KD reference); ``dkd+ce`` likewise
+DKD's, CE + TCKD + 8 · NCKD (``dkd_ce``).
 
 - eager: ``pipeline.kernels.reference`` as written;
 - compile: ``torch.compile(dynamic=False)`` of the same reference function, one specialization
@@ -50,8 +51,8 @@ from tests.gpu.light_imports import heavy_modules, isolate_storage
 
 CLASSES = (10, 100, 1000, 32768, 131072)
 ELEMENTS = 2**24
-METHODS = ("kd", "kd+ce", "dkd", "ls", "ats")
-QUICK_METHODS = ("kd", "kd+ce", "dkd")
+METHODS = ("kd", "kd+ce", "dkd", "dkd+ce", "ls", "ats")
+QUICK_METHODS = ("kd", "kd+ce", "dkd", "dkd+ce")
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -63,6 +64,7 @@ def _reference_steps(ref: ModuleType) -> dict[str, Step]:
         "kd": lambda s, t, y: ref.kd_rows(s, ref.decode_teacher(t), 4.0).mean(),
         "kd+ce": lambda s, t, y: ref.kd_ce(s, ref.decode_teacher(t), y, 4.0, 0.1, 0.9)[0],
         "dkd": lambda s, t, y: _dkd_total(*ref.dkd_rows(s, ref.decode_teacher(t), y, 4.0)),
+        "dkd+ce": lambda s, t, y: ref.dkd_ce(s, ref.decode_teacher(t), y, 4.0, 1.0, 1.0, 8.0)[0],
         "ls": lambda s, t, y: ref.kd_rows(s, ref.decode_teacher(t), 2.0, zscore=True).mean(),
         "ats": lambda s, t, y: ref.ats_rows(s, ref.decode_teacher(t), y, 4.0, 2.0, 1.0).mean(),
     }
@@ -73,6 +75,7 @@ def _fused_steps(kernels: ModuleType) -> dict[str, Step]:
         "kd": lambda s, t, y: kernels.kd_rows(s, t, 4.0, impl="triton").mean(),
         "kd+ce": lambda s, t, y: kernels.kd_ce(s, t, y, 4.0, 0.1, 0.9, impl="triton")[0],
         "dkd": lambda s, t, y: _dkd_total(*kernels.dkd_rows(s, t, y, 4.0, impl="triton")),
+        "dkd+ce": lambda s, t, y: kernels.dkd_ce(s, t, y, 4.0, 1.0, 1.0, 8.0, impl="triton")[0],
         "ls": lambda s, t, y: kernels.kd_rows(s, t, 2.0, zscore=True, impl="triton").mean(),
         "ats": lambda s, t, y: kernels.ats_rows(s, t, y, 4.0, 2.0, 1.0, impl="triton").mean(),
     }

@@ -117,8 +117,8 @@ PROFILES = {
 @dataclass(frozen=True)
 class Case:
     group: str
-    method: str  # kd ls dkd dkd_ls ats decode ctkd_kd ctkd_dkd kd_ce ls_ce ctkd_kd_ce dispatch
-    # method:<name>
+    method: str  # kd ls dkd dkd_ls ats decode ctkd_kd ctkd_dkd kd_ce ls_ce ctkd_kd_ce dkd_ce
+    # dkd_ls_ce ctkd_dkd_ce dispatch method:<name>
     classes: int = 0
     batch: int = 0
     teacher: str = "f32"
@@ -450,6 +450,45 @@ def run_dkd(env: Env, case: Case) -> list[Check]:
     return checks
 
 
+def run_dkd_ce(env: Env, case: Case) -> list[Check]:
+    """DKD with its cross-entropy in one kernel (``dkd_ce``: what DKD trains with): the four
+    batch means and the gradients of the total, against the float64 oracle."""
+    k, o = env.kernels, env.oracle
+    g = _seed(env, case)
+    zs = case.method == "dkd_ls_ce"
+    student, teacher, target, scale, offset = make_inputs(env, case, g)
+    base = 1.0 if case.inputs != "randn" else (2.0 if zs else 4.0)
+    temp, extra, temp64, extra64 = _temperature(env, case, g, base)
+    weights = (1.0, 9.0, 72.0) if zs else (1.0, 1.0, 8.0)  # LS+DKD's and DKD's defaults
+    out = k.dkd_ce(
+        student, teacher, target, temp, *weights, zs, scale=scale, offset=offset, impl="triton"
+    )
+    grads = torch.autograd.grad(out[0], [student, *extra])
+    s64 = student.detach().double().requires_grad_()
+    ref_t, ref_n = o.dkd_rows(s64, o.decode(teacher, scale, offset), target, temp64, zs)
+    ce64 = torch.nn.functional.cross_entropy(s64, target)
+    total64 = weights[0] * ce64 + weights[1] * ref_t.mean() + weights[2] * ref_n.mean()
+    refs = torch.autograd.grad(total64, [s64, *extra64])
+    rows_t = _row_temps(temp64, case.batch)
+    b = case.batch
+    go = torch.full((b,), (weights[1] + weights[2]) / b, device=env.device)
+    floor = 0.1 * rows_t.max().item() ** 2
+    checks = [
+        flag("dtypes", out[0].dtype == torch.float32 and grads[0].dtype == student.dtype),
+        compare("total", out[0], total64, 0.0, RTOL),
+        compare("ce", out[1], ce64, 0.0, RTOL),
+        compare("tckd", out[2], ref_t.mean(), floor, RTOL),
+        compare("nckd", out[3], ref_n.mean(), floor, RTOL),
+        compare(
+            "grad_s", grads[0], refs[0], max(_grad_floor(s64, go, rows_t, zs), 1.0 / b),
+            _rtol_grad(case),
+        ),
+    ]  # fmt: skip
+    go_loss = (weights[1] * ref_t.detach().float() + weights[2] * ref_n.detach().float()) / b
+    _temp_checks(checks, case, grads, refs, go, go_loss, temp64, total64)
+    return checks
+
+
 def _ats_oracle(student, teacher, target, tau1, tau2, st) -> torch.Tensor:
     """Float64 ATS rows with per-sample (B,) temperatures (tests.kernels.oracle takes floats)."""
     tau = tau2[:, None].expand_as(teacher).clone()
@@ -631,6 +670,9 @@ RUNNERS: dict[str, Callable[[Env, Case], list[Check]]] = {
     "kd_ce": run_kd_ce,
     "ls_ce": run_kd_ce,
     "ctkd_kd_ce": run_kd_ce,
+    "dkd_ce": run_dkd_ce,
+    "dkd_ls_ce": run_dkd_ce,
+    "ctkd_dkd_ce": run_dkd_ce,
     "dkd": run_dkd,
     "dkd_ls": run_dkd,
     "ctkd_dkd": run_dkd,
@@ -677,6 +719,10 @@ def build_cases(profile: Profile) -> list[Case]:
             ("kd_ce", "T_b"),
             ("ls_ce", "T"),
             ("ctkd_kd_ce", "theta"),
+            ("dkd_ce", "T"),
+            ("dkd_ce", "T_b"),
+            ("dkd_ls_ce", "T"),
+            ("ctkd_dkd_ce", "theta"),
             ("ats", "T"),
             ("ats", "T_vec"),
             ("decode", "T"),
@@ -686,16 +732,19 @@ def build_cases(profile: Profile) -> list[Case]:
         for c in profile.classes:
             b = profile.batch[c]
             dtype_cases = (("kd", "T"), ("ls", "T"), ("dkd", "T_b"), ("ats", "T"), ("kd_ce", "T_b"))
+            dtype_cases += (("dkd_ce", "T_b"),)
             for method, temp in dtype_cases:
                 cases.append(Case("dtype", method, c, b, teacher=teacher, temp=temp))
             cases.append(Case("dtype", "decode", c, b, teacher=teacher))
     for c in profile.classes:
         b = profile.batch[c]
-        for method in ("kd", "ls", "dkd", "dkd_ls", "ats", "kd_ce", "ls_ce"):
+        for method in ("kd", "ls", "dkd", "dkd_ls", "ats", "kd_ce", "ls_ce", "dkd_ce"):
             cases.append(Case("extreme", method, c, b, inputs="extreme"))
         cases.append(Case("extreme", "dkd", c, b, inputs="gap"))
+        cases.append(Case("extreme", "dkd_ce", c, b, inputs="gap"))
     for c, b in profile.odd_batch.items():
         odd_cases = (("kd", "T_b"), ("ls", "T"), ("dkd", "T_b"), ("dkd_ls", "T"), ("kd_ce", "T_b"))
+        odd_cases += (("dkd_ce", "T_b"),)
         for method, temp in odd_cases:
             cases.append(Case("odd_b", method, c, b, teacher="f16", temp=temp))
         cases.append(Case("odd_b", "ats", c, b, teacher="f16"))
@@ -703,7 +752,7 @@ def build_cases(profile: Profile) -> list[Case]:
     for student in ("f16", "bf16"):
         for c in profile.student_classes:
             b = profile.batch[c]
-            for method in ("kd", "dkd", "ats", "kd_ce"):
+            for method in ("kd", "dkd", "ats", "kd_ce", "dkd_ce"):
                 cases.append(Case("student", method, c, b, teacher="f16", student=student))
     for config in REGISTRY_CONFIGS:
         name = "method:" + json.dumps(config, separators=(",", ":"))

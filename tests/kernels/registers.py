@@ -89,12 +89,34 @@ VARIANTS = (
         | {"WITH_CE": False, "EXTRA_GRADS": False},
         False,
     ),
-    Variant("dkd fwd", "triton_dkd", "_dkd_rows_fwd", {"HAS_SCALE": False, "ZSCORE": False}, True),
+    Variant(
+        "dkd fwd",
+        "triton_dkd",
+        "_dkd_rows_fwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "NEED_T_STATS": False, "WITH_CE": False},
+        True,
+    ),
     Variant(
         "dkd bwd",
         "triton_dkd",
         "_dkd_rows_bwd",
-        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": False},
+        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": False}
+        | {"WITH_CE": False, "EXTRA_GRADS": False},
+        True,
+    ),
+    Variant(
+        "dkd+ce fwd",
+        "triton_dkd",
+        "_dkd_rows_fwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "NEED_T_STATS": False, "WITH_CE": True},
+        True,
+    ),
+    Variant(
+        "dkd+ce bwd",
+        "triton_dkd",
+        "_dkd_rows_bwd",
+        {"HAS_SCALE": False, "ZSCORE": False, "WRITE_GS": True, "NEED_T_GRAD": False}
+        | {"WITH_CE": True, "EXTRA_GRADS": False},
         True,
     ),
     Variant("ats fwd", "triton_ats", "_ats_rows_fwd", {"HAS_SCALE": False}, True),
@@ -119,7 +141,8 @@ VARIANTS = (
         "ctkd+dkd+ls int8 bwd",
         "triton_dkd",
         "_dkd_rows_bwd",
-        {"HAS_SCALE": True, "ZSCORE": True, "WRITE_GS": True, "NEED_T_GRAD": True},
+        {"HAS_SCALE": True, "ZSCORE": True, "WRITE_GS": True, "NEED_T_GRAD": True}
+        | {"WITH_CE": True, "EXTRA_GRADS": False},  # as training launches it (with its CE)
         False,
     ),
 )
@@ -132,7 +155,7 @@ def _arg_type(name: str, int8: bool) -> str:
         return "*i64"
     if name.endswith("_ptr"):
         return "*fp32"
-    return "fp32" if name in ("eps", "ce_w", "kd_w", "inv_b") else "i32"
+    return "fp32" if name in ("eps", "ce_w", "kd_w", "w_t", "w_n", "inv_b") else "i32"
 
 
 def usage(variant: Variant, rows: int, block: int, num_warps: int) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from tests.kernels import oracle, require_interpreter
 require_interpreter()
 fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
 fused_kd_ce = importlib.import_module("pipeline.kernels.triton_kd").kd_ce
+fused_dkd_ce = importlib.import_module("pipeline.kernels.triton_dkd").dkd_ce
 fused_dkd = importlib.import_module("pipeline.kernels.triton_dkd").dkd_rows
 fused_ats = importlib.import_module("pipeline.kernels.triton_ats").ats_rows
 
@@ -421,6 +422,64 @@ def test_kd_ce_global_learned_temperature() -> None:
         2 * 0.9 * kd.item() / tau64.item() * 20 * (torch.sigmoid(theta64) * torch.sigmoid(-theta64))
     )
     assert abs(grad.item() - ref_grad.item()) <= 1e-5 * max(abs(ref_grad.item()), floor.item())
+
+
+def _dkd_ce64(student, teacher, target, temp, zs: bool, weights=(1.0, 0.5, 4.0)):
+    """Float64 (total, ce, tckd, nckd) batch means from the oracle, the CE on the raw logits."""
+    tckd, nckd = (x.mean() for x in oracle.dkd_rows(student, teacher, target, temp, zs))
+    ce = torch.nn.functional.cross_entropy(student, target)
+    return weights[0] * ce + weights[1] * tckd + weights[2] * nckd, ce, tckd, nckd
+
+
+@pytest.mark.parametrize("outputs", ["total", "all"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["T", "T_b"])
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+@pytest.mark.parametrize(("classes", "config", "dtype"), KD_CE_CASES[:-1])  # DKD has no split
+def test_dkd_ce(classes: int, config, dtype, zs: bool, per_sample: bool, outputs: str) -> None:
+    """DKD's training loss in one kernel each way: (total, ce, tckd, nckd) and the gradients of
+    the student and the temperature equal the float64 oracle, for the total alone (training)
+    and for the four outputs each with its own weight."""
+    student, teacher, target, scale, offset = _case(classes, dtype)
+    student.requires_grad_()
+    temp = _temperature(per_sample)
+    out = fused_dkd_ce(
+        student, teacher, target, temp, 1.0, 0.5, 4.0, zs, scale=scale, offset=offset,
+        config=config,
+    )  # fmt: skip
+    weights = (1.0,) if outputs == "total" else (1.0, 0.3, -0.7, 0.2)
+    leaves = [student, temp] if per_sample else [student]
+    grads = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), leaves)
+
+    leaves64 = [_leaf64(x) for x in leaves]
+    temp64 = leaves64[1] if per_sample else temp
+    decoded = oracle.decode(teacher, scale, offset)
+    ref = _dkd_ce64(leaves64[0], decoded, target, temp64, zs)
+    refs = torch.autograd.grad(sum(w * o for w, o in zip(weights, ref)), leaves64)
+    for value, expected in zip(out, ref):
+        assert value.shape == () and value.dtype == torch.float32
+        _check(value, expected)
+    go = torch.full((B,), 4.0 / B)  # the largest per-row weight of a DKD part
+    _check(grads[0], refs[0], max(_grad_floor(student, go, temp, zs), 1.0 / B))
+    if per_sample:
+        rows64 = sum(oracle.dkd_rows(leaves64[0], decoded, target, temp64, zs))
+        _check(grads[1], refs[1], (2 * go * rows64 / temp64).abs().max().item())
+
+
+def test_dkd_ce_extreme_logits_and_gaps() -> None:
+    """±100 logits at T = 1 and DKD's target gaps stay finite and right with the CE fused in
+    (the official DKD is inf/NaN there); a bad target is refused."""
+    student, teacher, target = _extreme(37)
+    student.requires_grad_()
+    s64 = _leaf64(student)
+    total, ce, tckd, nckd = fused_dkd_ce(student, teacher, target, 1.0, 1.0, 1.0, 8.0)
+    (grad,) = torch.autograd.grad(total, [student])
+    ref = _dkd_ce64(s64, teacher.double(), target, 1.0, False, (1.0, 1.0, 8.0))
+    (ref_grad,) = torch.autograd.grad(ref[0], [s64])
+    for value, expected in zip((total, ce, tckd, nckd), ref):
+        _check(value, expected)
+    _check(grad, ref_grad, 8.0 / B)
+    with pytest.raises(MethodError, match="target"):
+        fused_dkd_ce(student, teacher, target + 37, 1.0, 1.0, 1.0, 8.0)
 
 
 def test_segments_for(monkeypatch) -> None:
