@@ -146,6 +146,16 @@ def batch_means(parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return parts[0].sum(), *parts[1:].sum(dim=1).unbind()
 
 
+def mean_grads(grads: tuple[torch.Tensor | None, ...], like: torch.Tensor) -> torch.Tensor:
+    """The gradients of the means ``batch_means`` returned, as the float32 vector the backward
+    kernels read (``EXTRA_GRADS`` when it has more than one entry): (1,) when only the total
+    has one, as in training; else (K,), zeros where an output got none."""
+    if grads[0] is not None and all(g is None for g in grads[1:]):
+        return grads[0].to(torch.float32).reshape(1)
+    zero = torch.zeros((), dtype=torch.float32, device=like.device)
+    return torch.stack([zero if g is None else g.to(torch.float32) for g in grads])
+
+
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU, not the current one (triton launches on the current device)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -45,6 +45,7 @@ from pipeline.kernels.triton_common import (
     load_logit_at,
     load_logits,
     load_tile,
+    mean_grads,
     on_device,
     online_kl,
     online_step,
@@ -402,12 +403,7 @@ class DKDCE(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
     ) -> tuple:
-        if any(g is not None for g in grads[1:]) or grads[0] is None:
-            zero = torch.zeros((), dtype=torch.float32, device=ctx.saved_tensors[0].device)
-            g = torch.stack([zero if x is None else x.to(torch.float32) for x in grads])  # (4,)
-        else:  # training backpropagates the total only
-            g = grads[0].to(torch.float32).reshape(1)
-        grad_s, grad_t = _backward(ctx, None, g)
+        grad_s, grad_t = _backward(ctx, None, mean_grads(grads, ctx.saved_tensors[0]))
         return grad_s, None, None, grad_t, None, None, None, None, None, None
 
 

@@ -49,6 +49,7 @@ from pipeline.kernels.triton_common import (
     load_at,
     load_logits,
     load_tile,
+    mean_grads,
     on_device,
     online_kl,
     online_step,
@@ -265,14 +266,14 @@ def _kd_split_merge(
 @triton.jit
 def _kd_rows_bwd(
     s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, stats_ptr, go_ptr, gs_ptr, gt_ptr,
-    y_ptr, gce_ptr, gkd_ptr, B, C, s_stride, t_stride, eps, SEG_LEN, ce_w, kd_w, inv_b,
+    y_ptr, B, C, s_stride, t_stride, eps, SEG_LEN, ce_w, kd_w, inv_b,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, WRITE_GS: tl.constexpr,
     NEED_T_GRAD: tl.constexpr, SPLIT: tl.constexpr, WITH_CE: tl.constexpr,
     EXTRA_GRADS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Program (i, j): rows i*ROWS.., columns j*SEG_LEN.. (SEG_LEN = C: one program a row block).
-    # WITH_CE: go_ptr holds the gradient of the mean total (0-d), and of the mean CE and KD at
-    # gce_ptr/gkd_ptr when EXTRA_GRADS; each row's KD gets (g_total·kd_w + g_kd) / B, its CE
+    # WITH_CE: go_ptr holds the gradients of the means (total, CE, KD) (``mean_grads``: the
+    # total's alone unless EXTRA_GRADS); each row's KD gets (g_total·kd_w + g_kd) / B, its CE
     # (g_total·ce_w + g_ce) / B.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     col0 = tl.program_id(1) * SEG_LEN
@@ -291,8 +292,8 @@ def _kd_rows_bwd(
         g_kd = g_total * kd_w
         g_ce = g_total * ce_w
         if EXTRA_GRADS:
-            g_kd += tl.load(gkd_ptr)
-            g_ce += tl.load(gce_ptr)
+            g_ce += tl.load(go_ptr + 1)
+            g_kd += tl.load(go_ptr + 2)
         go = zero + g_kd * inv_b
         go_c = zero + g_ce * inv_b
         lse_c = tl.load(stats_ptr + 12 * B + rows, mask=rmask, other=0.0)
@@ -423,8 +424,8 @@ class KDRows(torch.autograd.Function):
             _kd_rows_bwd[(*launch.grid(batch), nseg)](
                 student, teacher, *affine(scale, offset, stats), temperature, stats, grad_loss,
                 stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, stats,
-                stats, stats, batch, classes, student.stride(0), teacher.stride(0), ctx.eps,
-                seg_len, 0.0, 0.0, 0.0, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
+                batch, classes, student.stride(0), teacher.stride(0), ctx.eps, seg_len, 0.0, 0.0,
+                0.0, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
                 WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=split, WITH_CE=False,
                 EXTRA_GRADS=False, **launch.meta(),
             )  # fmt: skip
@@ -509,35 +510,24 @@ class KDCE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        g_total: torch.Tensor | None,
-        g_ce: torch.Tensor | None,
-        g_kd: torch.Tensor | None,
+        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
     ) -> tuple:
         student, teacher, target, temperature, scale, offset, stats = ctx.saved_tensors
         batch, classes = student.shape
         write_gs, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        extra = g_ce is not None or g_kd is not None  # the usual call backpropagates total only
-
-        def scalar(g: torch.Tensor | None) -> torch.Tensor:
-            return stats.new_zeros(()) if g is None else g.to(torch.float32).contiguous()
-
-        g_total, g_ce, g_kd = (
-            scalar(g_total),
-            *((scalar(g_ce), scalar(g_kd)) if extra else (g_total, g_total)),
-        )
+        g = mean_grads(grads, stats)  # (1,) or (3,)
         grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
         grad_t = torch.empty_like(temperature) if need_t else None  # (B,)
         ce_w, kd_w = ctx.weights
         launch = ctx.launch
         with on_device(student):
             _kd_rows_bwd[(*launch.grid(batch), 1)](
-                student, teacher, *affine(scale, offset, stats), temperature, stats, g_total,
+                student, teacher, *affine(scale, offset, stats), temperature, stats, g,
                 stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, target,
-                g_ce, g_kd, batch, classes, student.stride(0), teacher.stride(0), ctx.eps,
-                classes, ce_w, kd_w, 1.0 / batch, HAS_SCALE=scale is not None,
-                ZSCORE=ctx.zscore, WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=False,
-                WITH_CE=True, EXTRA_GRADS=extra, **launch.meta(),
+                batch, classes, student.stride(0), teacher.stride(0), ctx.eps, classes, ce_w,
+                kd_w, 1.0 / batch, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
+                WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=False, WITH_CE=True,
+                EXTRA_GRADS=g.numel() > 1, **launch.meta(),
             )  # fmt: skip
         return grad_s, None, None, grad_t, None, None, None, None, None, None
 

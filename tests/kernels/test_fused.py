@@ -526,3 +526,20 @@ def test_launch_config_defaults_and_overrides() -> None:
     for bad in [(3, 64), (2, 48), (2, 64, 3), (2, 64, 64), (2, 64, 4, 1)]:
         with pytest.raises(MethodError, match="powers of two|num_warps"):
             launch_config(64, 100, bad)
+
+
+def test_fused_losses_may_be_added_to_in_place() -> None:
+    """A training loop may do ``total += aux`` (or scale DKD's rows in place): the totals and
+    DKD's rows are tensors of their own, not views that autograd refuses to modify."""
+    student, teacher, target, _, _ = _case(10)
+    student.requires_grad_()
+    for out in (
+        fused_kd_ce(student, teacher, target, 4.0, 0.1, 0.9),
+        fused_dkd_ce(student, teacher, target, 4.0, 1.0, 1.0, 8.0),
+        fused_dkd(student, teacher, target, 4.0),
+    ):
+        first = out[0]
+        expected = torch.autograd.grad(first.sum(), [student], retain_graph=True)[0]
+        first *= 2.0
+        (grad,) = torch.autograd.grad(first.sum(), [student])
+        torch.testing.assert_close(grad, 2.0 * expected)
