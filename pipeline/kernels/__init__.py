@@ -9,6 +9,8 @@
     dkd_ce(student, teacher, target, temperature, ce_weight, tckd_weight, nckd_weight, ...)
                                                 -> (total, ce, tckd, nckd) batch means, 0-d each
     ats_rows(student, teacher, target, tau1, tau2, student_temperature, ...)     -> (B,)
+    ats_ce(student, teacher, target, tau1, tau2, student_temperature, ce_weight, ats_weight,
+           ...)                                     -> (total, ce, ats) batch means, 0-d each
     decode_teacher(teacher, scale=None, offset=None, *, impl="auto")            -> float32 (B, C)
 
 The formulas and signatures are those of ``pipeline.kernels.reference``; this module only picks
@@ -46,6 +48,7 @@ from pipeline.errors import MethodError
 __all__ = [
     "ENV_VAR",
     "IMPLS",
+    "ats_ce",
     "ats_rows",
     "decode_teacher",
     "dkd_ce",
@@ -313,5 +316,41 @@ def ats_rows(
         return _reference().ats_rows(student, decoded, target, tau1, tau2, student_temperature)
     return _fused("ats").ats_rows(
         student, teacher, target, tau1, tau2, student_temperature, scale=scale, offset=offset,
+        target_checked=target_checked,
+    )  # fmt: skip
+
+
+def ats_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    tau1: float | torch.Tensor,
+    tau2: float | torch.Tensor,
+    student_temperature: float | torch.Tensor,
+    ce_weight: float,
+    ats_weight: float,
+    *,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    impl: str = "auto",
+    target_checked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATS with its cross-entropy, as ATS trains: 0-d ``(total, ce, ats)``.
+
+    Batch means of ``ats_rows`` and of CE(raw student logits, target); total = ce_weight · ce +
+    ats_weight · ats. Fused, one kernel each way (as ``kd_ce``).
+    """
+    temps = (tau1, tau2, student_temperature)
+    for name, value in zip(("tau1", "tau2", "student_temperature"), temps, strict=True):
+        _check_temperature(name, value)
+    why = _why_unsupported(student, teacher)
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in temps):
+        why = why or "ATS temperatures that require a gradient"
+    tensors = _tensors(student, teacher, target, *temps, scale, offset)
+    if resolve_impl(impl, tensors, why) == "reference":
+        decoded = _decoded(teacher, scale, offset)
+        return _reference().ats_ce(student, decoded, target, *temps, ce_weight, ats_weight)
+    return _fused("ats").ats_ce(
+        student, teacher, target, *temps, ce_weight, ats_weight, scale=scale, offset=offset,
         target_checked=target_checked,
     )  # fmt: skip

@@ -14,6 +14,8 @@ names, argument order and returned shapes are the contract between the two:
     dkd_ce(student, teacher, target, temperature, ce_weight, tckd_weight, nckd_weight, zscore, eps)
                                               -> (total, ce, tckd, nckd), batch means, 0-d each
     ats_rows(student, teacher, target, tau1, tau2, student_temperature) -> (B,)
+    ats_ce(student, teacher, target, tau1, tau2, student_temperature, ce_weight, ats_weight)
+                                                    -> (total, ce, ats), batch means, 0-d each
         s_tau² · (-Σ_c p_ats,c · log_softmax(s / s_tau)_c),  p_ats = softmax(t / tau_c)
 
 Everything is in log space (``log_softmax``, ``logsumexp``): DKD's binary split is
@@ -44,6 +46,7 @@ from pipeline.transforms import (
 )
 
 __all__ = [
+    "ats_ce",
     "ats_rows",
     "decode_teacher",
     "dkd_ce",
@@ -143,6 +146,26 @@ def kd_ce(
     wide = torch.promote_types(student.dtype, torch.float32)
     ce = torch.nn.functional.cross_entropy(student.to(wide), target)
     return ce_weight * ce + kd_weight * kd, ce, kd
+
+
+def ats_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    tau1: Temperature,
+    tau2: Temperature,
+    student_temperature: Temperature,
+    ce_weight: float,
+    ats_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATS with its cross-entropy, batch means ``(total, ce, ats)``: 0-d each.
+
+    total = ce_weight · ce + ats_weight · ats, the CE of the raw student logits.
+    """
+    ats = ats_rows(student, teacher, target, tau1, tau2, student_temperature).mean()
+    wide = torch.promote_types(student.dtype, torch.float32)
+    ce = torch.nn.functional.cross_entropy(student.to(wide), _check_target(target, len(student)))
+    return ce_weight * ce + ats_weight * ats, ce, ats
 
 
 def nontarget_index(target: torch.Tensor, classes: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import MethodError
-from pipeline.kernels import ats_rows
+from pipeline.kernels import ats_ce, ats_rows
 from pipeline.methods.base import Method, MethodContext, check_inputs, check_number
 from pipeline.transforms import Temperature, asymmetric_temperature, check_temperature, squared
 
@@ -107,8 +107,13 @@ class ATS(Method):
         target: torch.Tensor,
         ctx: MethodContext,
     ) -> dict[str, torch.Tensor]:
-        ats = ats_loss(
-            student, teacher, target, self.tau1, self.tau2, self.student_temperature, form=self.form
-        )
-        ce = F.cross_entropy(student, target)
-        return {"ce": ce, "ats": ats, "total": (1 - self.lamb) * ce + self.lamb * ats}
+        temps = self.tau1, self.tau2, self.student_temperature
+        if self.form == "ce":  # one call, fused on CUDA with the cross-entropy
+            check_inputs(student, teacher, target)
+            weights = 1 - self.lamb, self.lamb
+            total, ce, ats = ats_ce(student, teacher, target, *temps, *weights, target_checked=True)
+        else:  # the KL form's entropy term is computed here, beside the kernel
+            ats = ats_loss(student, teacher, target, *temps, form=self.form)
+            ce = F.cross_entropy(student, target)
+            total = (1 - self.lamb) * ce + self.lamb * ats
+        return {"ce": ce, "ats": ats, "total": total}

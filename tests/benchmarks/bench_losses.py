@@ -7,7 +7,7 @@ the same inputs; the teacher is passed in the store's default float16 encoding, 
 reference decodes to float32 first and the fused kernels read as stored. ``kd`` is the KD term
 alone; ``kd+ce`` is KD's training loss, 0.1 · CE + 0.9 · KD (``kd_ce``: the cross-entropy inside
 the fused kernel, beside PyTorch's ``cross_entropy`` plus the KD reference); ``dkd+ce`` likewise
-DKD's, CE + TCKD + 8 · NCKD (``dkd_ce``).
+DKD's, CE + TCKD + 8 · NCKD (``dkd_ce``), and ``ats+ce`` ATS's, 0.5 · CE + 0.5 · ATS (``ats_ce``).
 
 - eager: ``pipeline.kernels.reference`` as written;
 - compile: ``torch.compile(dynamic=False)`` of the same reference function, one specialization
@@ -51,7 +51,7 @@ from tests.gpu.light_imports import heavy_modules, isolate_storage
 
 CLASSES = (10, 100, 1000, 32768, 131072)
 ELEMENTS = 2**24
-METHODS = ("kd", "kd+ce", "dkd", "dkd+ce", "ls", "ats")
+METHODS = ("kd", "kd+ce", "dkd", "dkd+ce", "ls", "ats", "ats+ce")
 QUICK_METHODS = ("kd", "kd+ce", "dkd", "dkd+ce")
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,6 +67,9 @@ def _reference_steps(ref: ModuleType) -> dict[str, Step]:
         "dkd+ce": lambda s, t, y: ref.dkd_ce(s, ref.decode_teacher(t), y, 4.0, 1.0, 1.0, 8.0)[0],
         "ls": lambda s, t, y: ref.kd_rows(s, ref.decode_teacher(t), 2.0, zscore=True).mean(),
         "ats": lambda s, t, y: ref.ats_rows(s, ref.decode_teacher(t), y, 4.0, 2.0, 1.0).mean(),
+        "ats+ce": lambda s, t, y: ref.ats_ce(s, ref.decode_teacher(t), y, 4.0, 2.0, 1.0, 0.5, 0.5)[
+            0
+        ],
     }
 
 
@@ -78,6 +81,9 @@ def _fused_steps(kernels: ModuleType) -> dict[str, Step]:
         "dkd+ce": lambda s, t, y: kernels.dkd_ce(s, t, y, 4.0, 1.0, 1.0, 8.0, impl="triton")[0],
         "ls": lambda s, t, y: kernels.kd_rows(s, t, 2.0, zscore=True, impl="triton").mean(),
         "ats": lambda s, t, y: kernels.ats_rows(s, t, y, 4.0, 2.0, 1.0, impl="triton").mean(),
+        "ats+ce": lambda s, t, y: kernels.ats_ce(s, t, y, 4.0, 2.0, 1.0, 0.5, 0.5, impl="triton")[
+            0
+        ],
     }
 
 

@@ -118,7 +118,7 @@ PROFILES = {
 class Case:
     group: str
     method: str  # kd ls dkd dkd_ls ats decode ctkd_kd ctkd_dkd kd_ce ls_ce ctkd_kd_ce dkd_ce
-    # dkd_ls_ce ctkd_dkd_ce dispatch method:<name>
+    # dkd_ls_ce ctkd_dkd_ce ats_ce dispatch method:<name>
     classes: int = 0
     batch: int = 0
     teacher: str = "f32"
@@ -529,6 +529,32 @@ def run_ats(env: Env, case: Case) -> list[Check]:
     ]
 
 
+def run_ats_ce(env: Env, case: Case) -> list[Check]:
+    """ATS with its cross-entropy in one kernel (``ats_ce``: what ATS trains with): the three
+    batch means and the student's gradient of the total, against the float64 oracle."""
+    k, o = env.kernels, env.oracle
+    g = _seed(env, case)
+    student, teacher, target, scale, offset = make_inputs(env, case, g)
+    b = case.batch
+    temps = (1.0, 1.0, 1.0) if case.inputs != "randn" else (4.0, 2.0, 1.5)
+    out = k.ats_ce(
+        student, teacher, target, *temps, 0.5, 0.5, scale=scale, offset=offset, impl="triton"
+    )
+    (grad,) = torch.autograd.grad(out[0], [student])
+    s64 = student.detach().double().requires_grad_()
+    rows = o.ats_rows(s64, o.decode(teacher, scale, offset), target, *temps)
+    ce64 = torch.nn.functional.cross_entropy(s64, target)
+    total64 = 0.5 * ce64 + 0.5 * rows.mean()
+    (ref_grad,) = torch.autograd.grad(total64, [s64])
+    return [
+        flag("dtypes", out[0].dtype == torch.float32 and grad.dtype == student.dtype),
+        compare("total", out[0], total64, 0.0, RTOL),
+        compare("ce", out[1], ce64, 0.0, RTOL),
+        compare("ats", out[2], rows.mean(), 0.1 * temps[2] ** 2, RTOL),
+        compare("grad_s", grad, ref_grad, temps[2] / b, _rtol_grad(case)),
+    ]
+
+
 def run_decode(env: Env, case: Case) -> list[Check]:
     g = _seed(env, case)
     _, teacher, _, scale, offset = make_inputs(env, case, g)
@@ -673,6 +699,7 @@ RUNNERS: dict[str, Callable[[Env, Case], list[Check]]] = {
     "dkd_ce": run_dkd_ce,
     "dkd_ls_ce": run_dkd_ce,
     "ctkd_dkd_ce": run_dkd_ce,
+    "ats_ce": run_ats_ce,
     "dkd": run_dkd,
     "dkd_ls": run_dkd,
     "ctkd_dkd": run_dkd,
@@ -723,6 +750,7 @@ def build_cases(profile: Profile) -> list[Case]:
             ("dkd_ce", "T_b"),
             ("dkd_ls_ce", "T"),
             ("ctkd_dkd_ce", "theta"),
+            ("ats_ce", "T"),
             ("ats", "T"),
             ("ats", "T_vec"),
             ("decode", "T"),
@@ -732,13 +760,13 @@ def build_cases(profile: Profile) -> list[Case]:
         for c in profile.classes:
             b = profile.batch[c]
             dtype_cases = (("kd", "T"), ("ls", "T"), ("dkd", "T_b"), ("ats", "T"), ("kd_ce", "T_b"))
-            dtype_cases += (("dkd_ce", "T_b"),)
+            dtype_cases += (("dkd_ce", "T_b"), ("ats_ce", "T"))
             for method, temp in dtype_cases:
                 cases.append(Case("dtype", method, c, b, teacher=teacher, temp=temp))
             cases.append(Case("dtype", "decode", c, b, teacher=teacher))
     for c in profile.classes:
         b = profile.batch[c]
-        for method in ("kd", "ls", "dkd", "dkd_ls", "ats", "kd_ce", "ls_ce", "dkd_ce"):
+        for method in ("kd", "ls", "dkd", "dkd_ls", "ats", "kd_ce", "ls_ce", "dkd_ce", "ats_ce"):
             cases.append(Case("extreme", method, c, b, inputs="extreme"))
         cases.append(Case("extreme", "dkd", c, b, inputs="gap"))
         cases.append(Case("extreme", "dkd_ce", c, b, inputs="gap"))
@@ -748,11 +776,12 @@ def build_cases(profile: Profile) -> list[Case]:
         for method, temp in odd_cases:
             cases.append(Case("odd_b", method, c, b, teacher="f16", temp=temp))
         cases.append(Case("odd_b", "ats", c, b, teacher="f16"))
+        cases.append(Case("odd_b", "ats_ce", c, b, teacher="f16"))
         cases.append(Case("odd_b", "decode", c, b, teacher="i8"))
     for student in ("f16", "bf16"):
         for c in profile.student_classes:
             b = profile.batch[c]
-            for method in ("kd", "dkd", "ats", "kd_ce", "dkd_ce"):
+            for method in ("kd", "dkd", "ats", "kd_ce", "dkd_ce", "ats_ce"):
                 cases.append(Case("student", method, c, b, teacher="f16", student=student))
     for config in REGISTRY_CONFIGS:
         name = "method:" + json.dumps(config, separators=(",", ":"))

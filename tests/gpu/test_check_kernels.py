@@ -20,7 +20,15 @@ def test_cases_cover_every_kernel_and_partition_once() -> None:
     cases = check_kernels.build_cases(check_kernels.PROFILES["full"])
     methods = {c.method for c in cases}
     assert {"kd", "ls", "dkd", "dkd_ls", "ats", "decode", "ctkd_kd", "ctkd_dkd"} <= methods
-    assert {"kd_ce", "ls_ce", "ctkd_kd_ce", "dkd_ce", "dkd_ls_ce", "ctkd_dkd_ce"} <= methods
+    assert {
+        "kd_ce",
+        "ls_ce",
+        "ctkd_kd_ce",
+        "dkd_ce",
+        "dkd_ls_ce",
+        "ctkd_dkd_ce",
+        "ats_ce",
+    } <= methods
     assert {c.teacher for c in cases} == set(check_kernels.TEACHERS)
     assert {2, 10, 100, 1000, 32768, 131072} <= {c.classes for c in cases}
     assert all(c.batch * c.classes <= 2**22 for c in cases)

@@ -119,8 +119,24 @@ VARIANTS = (
         | {"WITH_CE": True, "EXTRA_GRADS": False},
         True,
     ),
-    Variant("ats fwd", "triton_ats", "_ats_rows_fwd", {"HAS_SCALE": False}, True),
-    Variant("ats bwd", "triton_ats", "_ats_rows_bwd", {"HAS_SCALE": False}, True),
+    Variant("ats fwd", "triton_ats", "_ats_rows_fwd", {"HAS_SCALE": False, "WITH_CE": False}, True),
+    Variant(
+        "ats bwd",
+        "triton_ats",
+        "_ats_rows_bwd",
+        {"HAS_SCALE": False, "WITH_CE": False, "EXTRA_GRADS": False},
+        True,
+    ),
+    Variant(
+        "ats+ce fwd", "triton_ats", "_ats_rows_fwd", {"HAS_SCALE": False, "WITH_CE": True}, True
+    ),
+    Variant(
+        "ats+ce bwd",
+        "triton_ats",
+        "_ats_rows_bwd",
+        {"HAS_SCALE": False, "WITH_CE": True, "EXTRA_GRADS": False},
+        True,
+    ),
     Variant("decode int8", "triton_decode", "_decode_kernel", {"HAS_SCALE": True}, True),
     Variant(
         "kd+ls fwd",
@@ -155,7 +171,7 @@ def _arg_type(name: str, int8: bool) -> str:
         return "*i64"
     if name.endswith("_ptr"):
         return "*fp32"
-    return "fp32" if name in ("eps", "ce_w", "kd_w", "w_t", "w_n", "inv_b") else "i32"
+    return "fp32" if name in ("eps", "ce_w", "kd_w", "w_t", "w_n", "ats_w", "inv_b") else "i32"
 
 
 def usage(variant: Variant, rows: int, block: int, num_warps: int) -> tuple[int, int]:

@@ -186,9 +186,10 @@ def test_triton_matches_reference_with_grads(zs: bool) -> None:
         ats = kernels.ats_rows(student, teacher, target, 4.0, 2.0, 1.0, impl=impl)
         with_ce = kernels.kd_ce(student, teacher, target, temp, 0.1, 0.9, zs, impl=impl)
         dkd_ce = kernels.dkd_ce(student, teacher, target, temp, 1.0, 0.5, 4.0, zs, impl=impl)
+        ats_ce = kernels.ats_ce(student, teacher, target, 4.0, 2.0, 1.0, 0.5, 0.5, impl=impl)
         total = kd.sum() + tckd.sum() + 8 * nckd.sum() + ats.sum() + 3 * with_ce[0] + dkd_ce[0]
-        grads = torch.autograd.grad(total, [student, temp])
-        results[impl] = (kd, tckd, nckd, ats, *with_ce, *dkd_ce, *grads)
+        grads = torch.autograd.grad(total + ats_ce[0], [student, temp])
+        results[impl] = (kd, tckd, nckd, ats, *with_ce, *dkd_ce, *ats_ce, *grads)
     # Both are float32; dL/dT is a difference of O(1) terms, so its error is absolute.
     for ref, out in zip(results["reference"], results["triton"]):
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-4, atol=1e-4)

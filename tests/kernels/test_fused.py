@@ -25,6 +25,7 @@ require_interpreter()
 fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
 fused_kd_ce = importlib.import_module("pipeline.kernels.triton_kd").kd_ce
 fused_dkd_ce = importlib.import_module("pipeline.kernels.triton_dkd").dkd_ce
+fused_ats_ce = importlib.import_module("pipeline.kernels.triton_ats").ats_ce
 fused_dkd = importlib.import_module("pipeline.kernels.triton_dkd").dkd_rows
 fused_ats = importlib.import_module("pipeline.kernels.triton_ats").ats_rows
 
@@ -528,6 +529,32 @@ def test_launch_config_defaults_and_overrides() -> None:
             launch_config(64, 100, bad)
 
 
+@pytest.mark.parametrize("outputs", ["total", "all"])
+@pytest.mark.parametrize("student_temperature", [1.0, 2.0])
+@pytest.mark.parametrize(("classes", "config", "dtype"), KD_CE_CASES[:-1])
+def test_ats_ce(classes: int, config, dtype, student_temperature: float, outputs: str) -> None:
+    """ATS's training loss in one kernel each way: (total, ce, ats) and the student's gradient
+    equal the float64 oracle, for the total alone and for each output with its own weight."""
+    student, teacher, target, scale, offset = _case(classes, dtype)
+    student.requires_grad_()
+    out = fused_ats_ce(
+        student, teacher, target, 4.0, 2.0, student_temperature, 0.5, 0.5, scale=scale,
+        offset=offset, config=config,
+    )  # fmt: skip
+    weights = (1.0,) if outputs == "total" else (1.0, 0.3, -0.7)
+    (grad,) = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), [student])
+    s64 = _leaf64(student)
+    rows = oracle.ats_rows(s64, oracle.decode(teacher, scale, offset), target, 4.0, 2.0,
+                           student_temperature)  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(s64, target)
+    ref = (0.5 * ce + 0.5 * rows.mean(), ce, rows.mean())
+    (ref_grad,) = torch.autograd.grad(sum(w * o for w, o in zip(weights, ref)), [s64])
+    for value, expected in zip(out, ref):
+        assert value.shape == () and value.dtype == torch.float32
+        _check(value, expected)
+    _check(grad, ref_grad, student_temperature / B)
+
+
 def test_fused_losses_may_be_added_to_in_place() -> None:
     """A training loop may do ``total += aux`` (or scale DKD's rows in place): the totals and
     DKD's rows are tensors of their own, not views that autograd refuses to modify."""
@@ -536,6 +563,7 @@ def test_fused_losses_may_be_added_to_in_place() -> None:
     for out in (
         fused_kd_ce(student, teacher, target, 4.0, 0.1, 0.9),
         fused_dkd_ce(student, teacher, target, 4.0, 1.0, 1.0, 8.0),
+        fused_ats_ce(student, teacher, target, 4.0, 2.0, 1.0, 0.5, 0.5),
         fused_dkd(student, teacher, target, 4.0),
     ):
         first = out[0]

@@ -1,9 +1,9 @@
 """What a method's loss adds to a training step on a GPU, counted where CI can: kernel launches.
 
 A small student on a GPU is host-bound, so a loss that launches more kernels slows the whole
-step (tests/benchmarks/bench_host.py times it). KD- and DKD-based methods train through
-``kd_ce`` / ``dkd_ce``, one fused kernel each way with the cross-entropy inside: their loss
-launches no more kernels a step than plain cross-entropy does.
+step (tests/benchmarks/bench_host.py times it). KD-, DKD-based methods and ATS train through
+``kd_ce`` / ``dkd_ce`` / ``ats_ce``, one fused kernel each way with the cross-entropy inside:
+their loss launches no more kernels a step than plain cross-entropy does.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _kernels_a_step(name: str) -> tuple[int, int]:
     return counter.kernels, counter.launches
 
 
-@pytest.mark.parametrize("name", ["kd", "ls", "dkd", "ls+dkd"])
-def test_kd_and_dkd_losses_launch_no_more_kernels_than_cross_entropy(
+@pytest.mark.parametrize("name", ["kd", "ls", "dkd", "ls+dkd", "ats"])
+def test_fused_losses_launch_no_more_kernels_than_cross_entropy(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_interpreter()

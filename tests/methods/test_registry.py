@@ -114,7 +114,7 @@ def test_every_method_has_a_golden_total() -> None:
         golden.total(name, *(x.numpy() for x in batch(rows=1, classes=3)), 0, 1)
 
 
-KERNEL_OF = {"kd": "kd_ce", "dkd": "dkd_ce", "ats": "ats_rows", "pskd": None}
+KERNEL_OF = {"kd": "kd_ce", "dkd": "dkd_ce", "ats": "ats_ce", "pskd": None}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,7 +131,7 @@ def test_methods_compute_through_the_shared_kernels(
 
         return call
 
-    names = ("decode_teacher", "kd_ce", "kd_rows", "dkd_ce", "dkd_rows", "ats_rows")
+    names = ("decode_teacher", "kd_ce", "kd_rows", "dkd_ce", "dkd_rows", "ats_ce", "ats_rows")
     fake = SimpleNamespace(**{n: logged(n) for n in names})
     monkeypatch.setattr(kernels, "_reference", lambda: fake)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
