@@ -9,6 +9,8 @@ names, argument order and returned shapes are the contract between the two:
     kd_ce(student, teacher, target, temperature, ce_weight, kd_weight, zscore, eps)
                                                     -> (total, ce, kd), batch means, 0-d each
         ce_weight · CE(s, y) + kd_weight · mean(kd_rows), the CE on the raw student logits
+    with_ce(student, target, ce_weight, *(weight, term))  -> (total, ce, *terms): what the
+        *_ce functions share (the fused kernels' fallbacks use it too)
     dkd_rows(student, teacher, target, temperature, zscore, eps)      -> ((B,), (B,))
         (T² · KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),  T² · KL(p̂ || q̂) over the C - 1 other classes)
     dkd_ce(student, teacher, target, temperature, ce_weight, tckd_weight, nckd_weight, zscore, eps)
@@ -54,6 +56,7 @@ __all__ = [
     "kd_ce",
     "kd_rows",
     "nontarget_index",
+    "with_ce",
 ]
 
 _FLOAT_TEACHERS = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,11 +144,25 @@ def kd_ce(
     ``ce`` is the cross-entropy of the raw student logits (also under ``zscore``), ``kd`` the
     mean of ``kd_rows``, total = ce_weight · ce + kd_weight · kd.
     """
-    target = _check_target(target, student.shape[0])
     kd = kd_rows(student, teacher, temperature, zscore, eps).mean()
+    return with_ce(student, target, ce_weight, (kd_weight, kd))
+
+
+def with_ce(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    ce_weight: float,
+    *terms: tuple[float, torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """``(total, ce, *terms)`` of a method's training loss: ce the cross-entropy of the raw
+    student logits (in the wider of their dtype and float32), total = ce_weight · ce + Σ w · term
+    over the (weight, batch-mean term) pairs."""
     wide = torch.promote_types(student.dtype, torch.float32)
-    ce = torch.nn.functional.cross_entropy(student.to(wide), target)
-    return ce_weight * ce + kd_weight * kd, ce, kd
+    ce = torch.nn.functional.cross_entropy(student.to(wide), _check_target(target, len(student)))
+    weighted = terms[0][0] * terms[0][1]
+    for weight, term in terms[1:]:
+        weighted = weighted + weight * term
+    return ce_weight * ce + weighted, ce, *(term for _, term in terms)
 
 
 def ats_ce(
@@ -163,9 +180,7 @@ def ats_ce(
     total = ce_weight · ce + ats_weight · ats, the CE of the raw student logits.
     """
     ats = ats_rows(student, teacher, target, tau1, tau2, student_temperature).mean()
-    wide = torch.promote_types(student.dtype, torch.float32)
-    ce = torch.nn.functional.cross_entropy(student.to(wide), _check_target(target, len(student)))
-    return ce_weight * ce + ats_weight * ats, ce, ats
+    return with_ce(student, target, ce_weight, (ats_weight, ats))
 
 
 def nontarget_index(target: torch.Tensor, classes: int) -> torch.Tensor:
@@ -231,12 +246,10 @@ def dkd_ce(
     total = ce_weight · ce + (tckd_weight · tckd + nckd_weight · nckd), the CE of the raw student
     logits (also under ``zscore``).
     """
-    target = _check_target(target, student.shape[0])
     tckd, nckd = dkd_rows(student, teacher, target, temperature, zscore, eps)
-    tckd, nckd = tckd.mean(), nckd.mean()
-    wide = torch.promote_types(student.dtype, torch.float32)
-    ce = torch.nn.functional.cross_entropy(student.to(wide), target)
-    return ce_weight * ce + (tckd_weight * tckd + nckd_weight * nckd), ce, tckd, nckd
+    return with_ce(
+        student, target, ce_weight, (tckd_weight, tckd.mean()), (nckd_weight, nckd.mean())
+    )
 
 
 def ats_rows(

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
+from pipeline.kernels import reference
 from pipeline.kernels.triton_common import (
     Launch,
     affine,
@@ -351,11 +352,10 @@ def ats_ce(
         student, teacher, target, (tau1, tau2, student_temperature), scale, offset,
         target_checked,
     )  # fmt: skip
-    batch, classes = student.shape
-    if batch == 0:  # means of nothing: NaN, as the reference gives
-        ats = student.sum(dim=1, dtype=torch.float32).mean()
-        ce = torch.nn.functional.cross_entropy(student.float(), target)
-        return ce_weight * ce + ats_weight * ats, ce, ats
     weights = (float(ce_weight), float(ats_weight))
-    launch = launch_config(batch, classes, config)
+    if student.shape[0] == 0:  # means of nothing: the reference's NaN
+        teacher = reference.decode_teacher(teacher, scale, offset)
+        temps = (tau1, tau2, student_temperature)
+        return reference.ats_ce(student, teacher, target, *temps, *weights)
+    launch = launch_config(*student.shape, config)
     return ATSCE.apply(student, teacher, target, temps, scale, offset, weights, launch)

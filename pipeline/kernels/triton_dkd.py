@@ -33,6 +33,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
+from pipeline.kernels import reference
 from pipeline.kernels.triton_common import (
     Launch,
     affine,
@@ -425,13 +426,10 @@ def dkd_rows(
     Args as ``triton_kd.kd_rows``, plus ``target``: (B,) integer classes in [0, C), and
     ``target_checked`` as in ``triton_kd.kd_ce``.
     """
-    student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
-    batch, classes = student.shape
-    if classes < 2:
-        raise MethodError(f"DKD needs 2 classes or more (target and non-target), got {classes}")
-    target = check_target(target, batch, classes, target_checked)
-    temp = rows_vector(temperature, batch, student.device, "temperature")
-    if batch == 0:
+    student, teacher, target, temp, scale, offset = _inputs(
+        student, teacher, target, temperature, scale, offset, target_checked
+    )
+    if student.shape[0] == 0:
         empty = student.sum(dim=1, dtype=torch.float32) * 0.0 + temp * 0.0
         return empty, empty.clone()
     return DKDRows.apply(student, teacher, target, temp, scale, offset, zscore, float(eps), config)
@@ -459,19 +457,33 @@ def dkd_ce(
     times its warm-up factor); ce is the cross-entropy of the raw student logits. One forward
     and one backward kernel, as ``triton_kd.kd_ce``. Other args as ``dkd_rows``.
     """
+    student, teacher, target, temp, scale, offset = _inputs(
+        student, teacher, target, temperature, scale, offset, target_checked
+    )
+    weights = (float(ce_weight), float(tckd_weight), float(nckd_weight))
+    if student.shape[0] == 0:  # means of nothing: the reference's NaN
+        teacher = reference.decode_teacher(teacher, scale, offset)
+        return reference.dkd_ce(student, teacher, target, temp, *weights, zscore, eps)
+    launch = launch_config(*student.shape, config)
+    return DKDCE.apply(
+        student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch
+    )
+
+
+def _inputs(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    target_checked: bool,
+) -> tuple:
+    """Checked (student, teacher, int64 target, (B,) temperature, scale, offset)."""
     student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
     batch, classes = student.shape
     if classes < 2:
         raise MethodError(f"DKD needs 2 classes or more (target and non-target), got {classes}")
     target = check_target(target, batch, classes, target_checked)
     temp = rows_vector(temperature, batch, student.device, "temperature")
-    if batch == 0:  # means of nothing: NaN, as the reference gives
-        rows = dkd_rows(student, teacher, target, temp, zscore, eps, scale=scale, offset=offset)
-        tckd, nckd = rows[0].mean(), rows[1].mean()
-        ce = torch.nn.functional.cross_entropy(student.float(), target)
-        return ce_weight * ce + tckd_weight * tckd + nckd_weight * nckd, ce, tckd, nckd
-    weights = (float(ce_weight), float(tckd_weight), float(nckd_weight))
-    launch = launch_config(batch, classes, config)
-    return DKDCE.apply(
-        student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch
-    )
+    return student, teacher, target, temp, scale, offset

@@ -38,6 +38,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
+from pipeline.kernels import reference
 from pipeline.kernels.triton_common import (
     Launch,
     affine,
@@ -355,6 +356,62 @@ def _kd_rows_bwd(
             tl.store(gt_ptr + rows, go * (2.0 * temp * kl - temp * (cov + qpb)), mask=rmask)
 
 
+def _launch_fwd(
+    inputs: tuple,  # (student, teacher, temperature, scale, offset)
+    out: torch.Tensor,  # (B,) per-row KD, or (3, B) with the cross-entropy: the means' parts
+    stats: torch.Tensor,  # (N_STATS, B): what backward reads
+    ce: tuple | None,  # (target, (ce_w, kd_w)): KD with its cross-entropy
+    zscore: bool,
+    eps: float,
+    need_t_stats: bool,
+    launch: Launch,
+) -> None:
+    """The one-program-a-row-block forward of both Functions."""
+    student, teacher, temperature, scale, offset = inputs
+    batch, classes = student.shape
+    target, weights = ce or (out, (0.0, 0.0))
+    with on_device(student):
+        _kd_rows_fwd[launch.grid(batch)](
+            student, teacher, *affine(scale, offset, out), temperature, out, stats, target,
+            batch, classes, student.stride(0), teacher.stride(0), eps, *weights, 1.0 / batch,
+            HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
+            WITH_CE=ce is not None, **launch.meta(),
+        )  # fmt: skip
+
+
+def _launch_bwd(
+    inputs: tuple,  # (student, teacher, temperature, scale, offset)
+    stats: torch.Tensor,
+    go: torch.Tensor,  # (B,) per-row gradients, or with the CE the means' (``mean_grads``)
+    ce: tuple | None,  # (target, (ce_w, kd_w))
+    zscore: bool,
+    eps: float,
+    launch: Launch,
+    write_gs: bool,
+    need_t: bool,
+    split: tuple[int, int],  # (segments, columns a segment)
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of both Functions: (grad_student, grad_temperature); split rows give each
+    segment's part of the temperature sums, (segments, B), for the caller to add."""
+    student, teacher, temperature, scale, offset = inputs
+    batch, classes = student.shape
+    nseg, seg_len = split
+    grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
+    t_shape = (nseg, batch) if nseg > 1 else temperature.shape
+    grad_t = torch.empty(t_shape, dtype=torch.float32, device=student.device) if need_t else None
+    target, weights = ce or (stats, (0.0, 0.0))
+    with on_device(student):
+        _kd_rows_bwd[(*launch.grid(batch), nseg)](
+            student, teacher, *affine(scale, offset, stats), temperature, stats, go,
+            stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, target,
+            batch, classes, student.stride(0), teacher.stride(0), eps, seg_len, *weights,
+            1.0 / batch, HAS_SCALE=scale is not None, ZSCORE=zscore, WRITE_GS=write_gs,
+            NEED_T_GRAD=need_t, SPLIT=nseg > 1, WITH_CE=ce is not None,
+            EXTRA_GRADS=ce is not None and go.numel() > 1, **launch.meta(),
+        )  # fmt: skip
+    return grad_s, grad_t
+
+
 class KDRows(torch.autograd.Function):
     """Per-row KD loss (B,) float32; differentiable in the student and the (B,) temperature."""
 
@@ -382,16 +439,12 @@ class KDRows(torch.autograd.Function):
         loss = torch.empty(batch, dtype=torch.float32, device=device)  # (B,)
         stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=device)
         need_t_stats = ctx.needs_input_grad[2] or zscore
-        with on_device(student):
-            if nseg == 1:
-                _kd_rows_fwd[launch.grid(batch)](
-                    student, teacher, *affine(scale, offset, loss), temperature, loss, stats,
-                    loss, batch, classes, student.stride(0), teacher.stride(0), eps, 0.0, 0.0,
-                    0.0, HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
-                    WITH_CE=False, **launch.meta(),
-                )  # fmt: skip
-            else:
-                part = torch.empty((N_PARTS, nseg, batch), dtype=torch.float32, device=device)
+        inputs = (student, teacher, temperature, scale, offset)
+        if nseg == 1:
+            _launch_fwd(inputs, loss, stats, None, zscore, eps, need_t_stats, launch)
+        else:
+            part = torch.empty((N_PARTS, nseg, batch), dtype=torch.float32, device=device)
+            with on_device(student):
                 _kd_split_fwd[(*launch.grid(batch), nseg)](
                     student, teacher, *affine(scale, offset, loss), temperature, part, batch,
                     classes, student.stride(0), teacher.stride(0), seg_len,
@@ -408,29 +461,15 @@ class KDRows(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # type: ignore[override]
-        student, teacher, temperature, scale, offset, stats = ctx.saved_tensors
-        batch, classes = student.shape
+        *inputs, stats = ctx.saved_tensors
         write_gs, _, need_t = ctx.needs_input_grad[:3]
         grad_loss = grad_loss.to(torch.float32).contiguous()  # (B,)
-        grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
-        launch, (nseg, seg_len) = ctx.launch, ctx.split
-        split = nseg > 1
-        # Split rows: each segment's part of the temperature sums, (segments, B), added below.
-        t_shape = (nseg, batch) if split else temperature.shape
-        grad_t = (
-            torch.empty(t_shape, dtype=torch.float32, device=student.device) if need_t else None
-        )
-        with on_device(student):
-            _kd_rows_bwd[(*launch.grid(batch), nseg)](
-                student, teacher, *affine(scale, offset, stats), temperature, stats, grad_loss,
-                stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, stats,
-                batch, classes, student.stride(0), teacher.stride(0), ctx.eps, seg_len, 0.0, 0.0,
-                0.0, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
-                WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=split, WITH_CE=False,
-                EXTRA_GRADS=False, **launch.meta(),
-            )  # fmt: skip
-        if need_t and split:  # dL/dT = go · (2T·KL - T·(Cov_p(a, a - b) + Σ (q - p)·b))
-            kl = stats[5]
+        grad_s, grad_t = _launch_bwd(
+            tuple(inputs), stats, grad_loss, None, ctx.zscore, ctx.eps, ctx.launch, write_gs,
+            need_t, ctx.split,
+        )  # fmt: skip
+        if need_t and ctx.split[0] > 1:  # dL/dT = go · (2T·KL - T·(Cov_p(a, a - b) + Σ(q - p)·b))
+            temperature, kl = inputs[2], stats[5]
             grad_t = grad_loss * (2.0 * temperature * kl - temperature * grad_t.sum(dim=0))
         return grad_s, None, grad_t, None, None, None, None, None
 
@@ -489,46 +528,28 @@ class KDCE(torch.autograd.Function):
         eps: float,
         launch: Launch,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, classes = student.shape
-        device = student.device
-        rows = torch.empty((3, batch), dtype=torch.float32, device=device)  # (total, ce, kd) / B
-        stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=device)
+        batch = student.shape[0]
+        parts = torch.empty((3, batch), dtype=torch.float32, device=student.device)
+        stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=student.device)
+        inputs = (student, teacher, temperature, scale, offset)
         need_t_stats = ctx.needs_input_grad[3] or zscore
-        ce_w, kd_w = weights
-        with on_device(student):
-            _kd_rows_fwd[launch.grid(batch)](
-                student, teacher, *affine(scale, offset, rows), temperature, rows, stats, target,
-                batch, classes, student.stride(0), teacher.stride(0), eps, ce_w, kd_w, 1.0 / batch,
-                HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
-                WITH_CE=True, **launch.meta(),
-            )  # fmt: skip
+        _launch_fwd(inputs, parts, stats, (target, weights), zscore, eps, need_t_stats, launch)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student, teacher, target, temperature, scale, offset, stats)
+        ctx.save_for_backward(student, teacher, temperature, scale, offset, target, stats)
         ctx.weights, ctx.zscore, ctx.eps, ctx.launch = weights, zscore, eps, launch
-        return batch_means(rows)
+        return batch_means(parts)
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
     ) -> tuple:
-        student, teacher, target, temperature, scale, offset, stats = ctx.saved_tensors
-        batch, classes = student.shape
-        write_gs, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        g = mean_grads(grads, stats)  # (1,) or (3,)
-        grad_s = torch.empty_like(student) if write_gs else None  # (B, C)
-        grad_t = torch.empty_like(temperature) if need_t else None  # (B,)
-        ce_w, kd_w = ctx.weights
-        launch = ctx.launch
-        with on_device(student):
-            _kd_rows_bwd[(*launch.grid(batch), 1)](
-                student, teacher, *affine(scale, offset, stats), temperature, stats, g,
-                stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, target,
-                batch, classes, student.stride(0), teacher.stride(0), ctx.eps, classes, ce_w,
-                kd_w, 1.0 / batch, HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
-                WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=False, WITH_CE=True,
-                EXTRA_GRADS=g.numel() > 1, **launch.meta(),
-            )  # fmt: skip
+        *inputs, target, stats = ctx.saved_tensors
+        go = mean_grads(grads, stats)  # (1,) or (3,)
+        grad_s, grad_t = _launch_bwd(
+            tuple(inputs), stats, go, (target, ctx.weights), ctx.zscore, ctx.eps, ctx.launch,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[3], (1, inputs[0].shape[1]),
+        )  # fmt: skip
         return grad_s, None, None, grad_t, None, None, None, None, None, None
 
 
@@ -572,11 +593,12 @@ def kd_ce(
         raise MethodError("a row split among programs is for plain KD only, not z-score")
     launch = launch_config(batch, classes, tile)
     split = not zscore and segments_for(batch, classes, launch, student.device, segments)[0] > 1
-    if batch == 0 or split:
+    if batch == 0:  # means of nothing: the reference's NaN
+        teacher = reference.decode_teacher(teacher, scale, offset)
+        return reference.kd_ce(student, teacher, target, temp, ce_weight, kd_weight, zscore, eps)
+    if split:  # the split KD kernels, PyTorch's cross-entropy beside them
         kd = KDRows.apply(student, teacher, temp, scale, offset, zscore, float(eps), config)
-        kd = kd.mean()
-        ce = torch.nn.functional.cross_entropy(student.float(), target)
-        return ce_weight * ce + kd_weight * kd, ce, kd
+        return reference.with_ce(student, target, ce_weight, (kd_weight, kd.mean()))
     weights = (float(ce_weight), float(kd_weight))
     return KDCE.apply(
         student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch

@@ -327,6 +327,18 @@ def test_kd_split_extreme_and_zscore() -> None:
     fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 1))
 
 
+def _backprop(outputs, weights, leaves) -> tuple[torch.Tensor, ...]:
+    """Gradients of Σ weight · output (the fused losses' means, or the oracle's)."""
+    return torch.autograd.grad(sum(w * o for w, o in zip(weights, outputs)), leaves)
+
+
+def _check_means(out, ref) -> None:
+    """A fused loss's 0-d float32 batch means against the oracle's."""
+    for value, expected in zip(out, ref, strict=True):
+        assert value.shape == () and value.dtype == torch.float32
+        _check(value, expected)
+
+
 def _kd_ce64(student, teacher, target, temp, zs: bool, ce_w=0.1, kd_w=0.9):
     """Float64 (total, ce, kd) from the oracle: the CE on the raw student logits."""
     kd = oracle.kd_rows(student, teacher, temp, zs).mean()
@@ -369,16 +381,14 @@ def test_kd_ce(classes: int, config, dtype, zs: bool, per_sample: bool, outputs:
     )
     weights = (1.0,) if outputs == "total" else (1.0, 0.3, -0.7)
     leaves = [student, temp] if per_sample else [student]
-    grads = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), leaves)
+    grads = _backprop(out, weights, leaves)
 
     leaves64 = [_leaf64(x) for x in leaves]
     temp64 = leaves64[1] if per_sample else temp
     decoded = oracle.decode(teacher, scale, offset)
     ref = _kd_ce64(leaves64[0], decoded, target, temp64, zs)
-    refs = torch.autograd.grad(sum(w * o for w, o in zip(weights, ref)), leaves64)
-    for value, expected in zip(out, ref):
-        assert value.shape == () and value.dtype == torch.float32
-        _check(value, expected)
+    refs = _backprop(ref, weights, leaves64)
+    _check_means(out, ref)
     # dL/ds: the KD part's scale (go = 0.9 / B... per row) and the CE part's (softmax - onehot) / B
     go = torch.full((B,), max(abs(w) for w in weights) / B)
     floor = max(_grad_floor(student, go, temp, zs), 1.0 / B)
@@ -449,16 +459,14 @@ def test_dkd_ce(classes: int, config, dtype, zs: bool, per_sample: bool, outputs
     )  # fmt: skip
     weights = (1.0,) if outputs == "total" else (1.0, 0.3, -0.7, 0.2)
     leaves = [student, temp] if per_sample else [student]
-    grads = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), leaves)
+    grads = _backprop(out, weights, leaves)
 
     leaves64 = [_leaf64(x) for x in leaves]
     temp64 = leaves64[1] if per_sample else temp
     decoded = oracle.decode(teacher, scale, offset)
     ref = _dkd_ce64(leaves64[0], decoded, target, temp64, zs)
-    refs = torch.autograd.grad(sum(w * o for w, o in zip(weights, ref)), leaves64)
-    for value, expected in zip(out, ref):
-        assert value.shape == () and value.dtype == torch.float32
-        _check(value, expected)
+    refs = _backprop(ref, weights, leaves64)
+    _check_means(out, ref)
     go = torch.full((B,), 4.0 / B)  # the largest per-row weight of a DKD part
     _check(grads[0], refs[0], max(_grad_floor(student, go, temp, zs), 1.0 / B))
     if per_sample:
@@ -542,16 +550,14 @@ def test_ats_ce(classes: int, config, dtype, student_temperature: float, outputs
         offset=offset, config=config,
     )  # fmt: skip
     weights = (1.0,) if outputs == "total" else (1.0, 0.3, -0.7)
-    (grad,) = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), [student])
+    (grad,) = _backprop(out, weights, [student])
     s64 = _leaf64(student)
     rows = oracle.ats_rows(s64, oracle.decode(teacher, scale, offset), target, 4.0, 2.0,
                            student_temperature)  # fmt: skip
     ce = torch.nn.functional.cross_entropy(s64, target)
     ref = (0.5 * ce + 0.5 * rows.mean(), ce, rows.mean())
-    (ref_grad,) = torch.autograd.grad(sum(w * o for w, o in zip(weights, ref)), [s64])
-    for value, expected in zip(out, ref):
-        assert value.shape == () and value.dtype == torch.float32
-        _check(value, expected)
+    (ref_grad,) = _backprop(ref, weights, [s64])
+    _check_means(out, ref)
     _check(grad, ref_grad, student_temperature / B)
 
 
@@ -571,3 +577,15 @@ def test_fused_losses_may_be_added_to_in_place() -> None:
         first *= 2.0
         (grad,) = torch.autograd.grad(first.sum(), [student])
         torch.testing.assert_close(grad, 2.0 * expected)
+
+
+def test_fused_losses_of_an_empty_batch_are_nan_like_the_reference() -> None:
+    """B = 0: no kernel is launched; the means of nothing are NaN, as PyTorch's mean gives."""
+    student = torch.zeros(0, 10, requires_grad=True)
+    teacher, target = torch.zeros(0, 10), torch.zeros(0, dtype=torch.int64)
+    for out in (
+        fused_kd_ce(student, teacher, target, 4.0, 0.1, 0.9),
+        fused_dkd_ce(student, teacher, target, 4.0, 1.0, 1.0, 8.0),
+        fused_ats_ce(student, teacher, target, 4.0, 2.0, 1.0, 0.5, 0.5),
+    ):
+        assert all(value.shape == () and torch.isnan(value) for value in out)
