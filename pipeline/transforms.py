@@ -14,6 +14,7 @@ non-positive temperature with the same one-line ``MethodError``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ Temperature = float | torch.Tensor
 
 
 def check_temperature(name: str, value: Temperature, batch: int | None = None) -> None:
-    """Refuse a temperature that is not > 0, or a tensor that is not 0-d, (1,) or (batch,).
+    """Refuse a temperature that is not finite and > 0, or a tensor not 0-d, (1,) or (batch,).
 
     Tensor values are checked only on the CPU: on CUDA that would cost a host sync per step (the
     learned CTKD temperature is > 1 by construction).
@@ -32,8 +33,8 @@ def check_temperature(name: str, value: Temperature, batch: int | None = None) -
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MethodError(f"{name} must be a number > 0 or a tensor, got {value!r}")
-        if not value > 0:  # also refuses NaN
-            raise MethodError(f"{name} must be > 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):  # also refuses NaN
+            raise MethodError(f"{name} must be a finite number > 0, got {value}")
         return
     if not value.dtype.is_floating_point:
         raise MethodError(f"{name} must be a floating-point tensor, got {value.dtype}")
@@ -41,8 +42,11 @@ def check_temperature(name: str, value: Temperature, batch: int | None = None) -
     if value.dim() > 1 or value.numel() not in sizes:
         want = "a 0-d or (1,) tensor" if batch is None else f"a 0-d, (1,) or ({batch},) tensor"
         raise MethodError(f"{name} must be a float or {want}, got shape {tuple(value.shape)}")
-    if not value.is_cuda and not bool((value.detach() > 0).all()):
-        raise MethodError(f"{name} must be > 0, got min {value.detach().min().item():.6g}")
+    if not value.is_cuda:
+        ok = (value.detach() > 0) & torch.isfinite(value.detach())
+        if not bool(ok.all()):
+            bad = value.detach().reshape(-1)[~ok.reshape(-1)][0].item()
+            raise MethodError(f"{name} must be finite and > 0, got {bad:.6g}")
 
 
 def temperature_column(temperature: Temperature) -> Temperature:
@@ -82,6 +86,11 @@ def asymmetric_temperature(
     return torch.where(is_target, logits / col1, logits / col2)
 
 
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise MethodError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
 def standardize(logits: torch.Tensor, eps: float = 1e-7, *, unbiased: bool = True) -> torch.Tensor:
     """Z-score per row: ``(z - mean(z)) / (std(z) + eps)``: (B, C).
 
@@ -94,8 +103,7 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7, *, unbiased: bool = Tru
     A constant row gives zeros (a uniform softmax), never NaN, with a zero gradient: the std's
     square root is taken only where the variance is positive (torch.std's gradient at 0 is NaN).
     """
-    if eps < 0:
-        raise MethodError(f"eps must be >= 0, got {eps}")
+    _check_eps(eps)
     classes = logits.shape[-1]
     if classes < 2:
         raise MethodError(f"standardization needs 2 classes or more, got {classes}")
@@ -121,8 +129,7 @@ class ZScore:
     unbiased: bool = True
 
     def __post_init__(self) -> None:
-        if not self.eps >= 0:
-            raise MethodError(f"eps must be >= 0, got {self.eps}")
+        _check_eps(self.eps)
 
     def kernel_inputs(
         self, student: torch.Tensor, teacher: torch.Tensor

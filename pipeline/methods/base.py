@@ -8,6 +8,7 @@ module lets learned parts (CTKD's temperature) reach the student's optimizer thr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,22 +102,24 @@ def check_inputs(
     *,
     min_classes: int = 1,
     who: str = "this method",
+    teacher_name: str = "teacher",
 ) -> None:
-    """Shapes, dtypes and (on CPU) target range of a method's inputs; MethodError otherwise."""
+    """Shapes, dtypes and (on CPU) target range of a method's inputs; MethodError otherwise.
+    ``teacher_name`` names the second tensor in the messages (PS-KD's is ``prev_probs``)."""
     classes = check_student(student)
     if classes < min_classes:
         raise MethodError(f"{who} needs C >= {min_classes} classes, got C = {classes}")
     if not isinstance(teacher, torch.Tensor) or teacher.shape != student.shape:
         shape = tuple(teacher.shape) if isinstance(teacher, torch.Tensor) else type(teacher)
         raise MethodError(
-            f"teacher must have the student's shape {tuple(student.shape)}, got {shape}"
+            f"{teacher_name} must have the student's shape {tuple(student.shape)}, got {shape}"
         )
     if teacher.dtype not in TEACHER_DTYPES:
         hint = " (decode int8 first: pipeline.kernels.decode_teacher)" * (
             teacher.dtype == torch.int8
         )
         raise MethodError(
-            f"teacher logits must be float16/bf16/float32/64, not {teacher.dtype}{hint}"
+            f"{teacher_name} must be float16/bf16/float32/64, not {teacher.dtype}{hint}"
         )
     if target is not None:
         check_target(target, student.shape[0], classes)
@@ -137,12 +140,22 @@ def check_target(target: torch.Tensor, batch: int, classes: int) -> None:
         raise MethodError(f"target class {bad} is out of range: classes are 0..{classes - 1}")
 
 
-def check_number(name: str, value: object, low: float, *, strict: bool = False) -> float:
-    """``value`` as a float, refused unless it is a number >= low (> low when ``strict``)."""
+def check_number(
+    name: str, value: object, low: float, *, strict: bool = False, high: float | None = None
+) -> float:
+    """``value`` as a float, refused unless it is a finite number >= low (> low when ``strict``)
+    and, with ``high``, <= high."""
+    if high is not None:
+        want = f"a number in {'(' if strict else '['}{low:g}, {high:g}]"
+    elif low == -math.inf:
+        want = "a finite number"
+    else:
+        want = f"a finite number {'>' if strict else '>='} {low:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MethodError(f"{name} must be a number, got {value!r}")
-    if not (value > low if strict else value >= low):  # also refuses NaN
-        raise MethodError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+        raise MethodError(f"{name} must be {want}, got {value!r}")
+    above = value > low if strict else value >= low  # False for NaN
+    if not (above and math.isfinite(value) and (high is None or value <= high)):
+        raise MethodError(f"{name} must be {want}, got {value}")
     return float(value)
 
 

@@ -49,6 +49,7 @@ def dkd_loss(
     """
     check_inputs(student, teacher, target, min_classes=2, who="DKD")
     check_temperatures(student.shape[0], temperature=temperature)
+    alpha, beta = check_number("alpha", alpha, 0.0), check_number("beta", beta, 0.0)
     tckd, nckd = dkd_rows(student, teacher, target, temperature, target_checked=True)
     return (alpha * tckd + beta * nckd).mean()
 

@@ -43,9 +43,7 @@ def soft_targets(
         target_checked: the caller already checked the targets (``pskd_loss`` does, against
             the student's logits): not checked twice a training step.
     """
-    alpha_T = check_number("alpha_T", alpha_T, 0.0)
-    if alpha_T > 1:
-        raise MethodError(f"alpha_T must be in [0, 1], got {alpha_T}")
+    alpha_T = check_number("alpha_T", alpha_T, 0.0, high=1.0)
     if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
         raise MethodError(f"num_epochs must be a whole number >= 1, got {num_epochs!r}")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < num_epochs:
@@ -85,7 +83,7 @@ def pskd_loss(
     if prev_probs is None:
         check_inputs(student, student, target)
     else:
-        check_inputs(student, prev_probs, target)
+        check_inputs(student, prev_probs, target, teacher_name="prev_probs")
     q = soft_targets(
         prev_probs, target, alpha_T, epoch, num_epochs, num_classes=student.shape[1],
         target_checked=True,
@@ -100,9 +98,7 @@ class PSKD(Method):
 
     def __init__(self, *, alpha_T: float = 0.8) -> None:
         super().__init__()
-        self.alpha_T = check_number("alpha_T", alpha_T, 0.0)
-        if self.alpha_T > 1:
-            raise MethodError(f"alpha_T must be in [0, 1], got {alpha_T}")
+        self.alpha_T = check_number("alpha_T", alpha_T, 0.0, high=1.0)
 
     def forward(
         self,

@@ -19,23 +19,29 @@ S, T, Y = batch(4, 6, dtype=torch.float32)
 CTX = MethodContext(epoch=1, num_epochs=10)
 
 CASES = {
-    "zero temperature": (lambda: kd_loss(S, T, 0.0), r"temperature must be > 0, got 0.0"),
+    "zero temperature": (
+        lambda: kd_loss(S, T, 0.0),
+        r"temperature must be a finite number > 0, got 0.0",
+    ),
     "negative temperature": (lambda: dkd_loss(S, T, Y, temperature=-2.0), r"> 0, got -2.0"),
     "nan temperature": (lambda: ls_kd_loss(S, T, float("nan")), r"> 0, got nan"),
     "tensor temperature <= 0": (
         lambda: kd_loss(S, T, torch.tensor([1.0, 2.0, 0.0, 1.0])),
-        r"temperature must be > 0, got min 0",
+        r"temperature must be finite and > 0, got 0$",
     ),
     "temperature shape": (
         lambda: kd_loss(S, T, torch.ones(3)),
         r"temperature must be a float or a 0-d, \(1,\) or \(4,\) tensor, got shape \(3,\)",
     ),
     "string temperature": (lambda: kd_loss(S, T, "4"), r"temperature must be a number"),
-    "ats tau2 <= 0": (lambda: ats_loss(S, T, Y, 4.0, 0.0), r"tau2 must be > 0, got 0.0"),
+    "ats tau2 <= 0": (
+        lambda: ats_loss(S, T, Y, 4.0, 0.0),
+        r"tau2 must be a finite number > 0, got 0.0",
+    ),
     "ats tau1 < tau2": (lambda: ats_loss(S, T, Y, 1.0, 2.0), r"tau1 >= tau2.*1.0 < 2.0"),
     "ats student temperature": (
         lambda: ats_loss(S, T, Y, 4.0, 2.0, -1.0),
-        r"student_temperature must be > 0",
+        r"student_temperature must be a finite number > 0, got -1.0",
     ),
     "ats form": (lambda: ats_loss(S, T, Y, form="js"), r"form must be one of ce, kl, got 'js'"),
     "shapes disagree": (
@@ -68,7 +74,35 @@ CASES = {
         r"DKD needs 2 classes or more",
     ),
     "1-d student": (lambda: kd_loss(S[0], T[0]), r"student logits must be a \(B, C\) tensor"),
-    "negative eps": (lambda: standardize(S, -1.0), r"eps must be >= 0, got -1.0"),
+    "negative eps": (lambda: standardize(S, -1.0), r"eps must be a finite number >= 0, got -1.0"),
+    "infinite temperature": (lambda: kd_loss(S, T, float("inf")), r"finite number > 0, got inf"),
+    "tensor temperature inf": (
+        lambda: kd_loss(S, T, torch.tensor([1.0, float("inf"), 2.0, 1.0])),
+        r"temperature must be finite and > 0, got inf",
+    ),
+    "tensor temperature nan": (
+        lambda: dkd_loss(S, T, Y, temperature=torch.tensor([float("nan")])),
+        r"temperature must be finite and > 0, got nan",
+    ),
+    "ats tensor tau1 < tau2": (
+        lambda: ats_loss(S, T, Y, torch.tensor([4.0, 1.0, 4.0, 4.0]), torch.tensor([2.0])),
+        r"tau1 >= tau2 \(tau1 on the target class\), got 1.0 < 2.0",
+    ),
+    "dkd infinite beta": (lambda: dkd_loss(S, T, Y, 1.0, float("inf")), r"beta must be a finite"),
+    "ats infinite student temperature": (
+        lambda: ats_loss(S, T, Y, 4.0, 2.0, float("inf")),
+        r"student_temperature must be a finite number > 0, got inf",
+    ),
+    "infinite eps": (lambda: standardize(S, float("inf")), r"eps must be a finite number >= 0"),
+    "nan eps": (lambda: standardize(S, float("nan")), r"eps must be a finite number >= 0, got nan"),
+    "pskd negative alpha_T": (
+        lambda: soft_targets(T, Y, -0.5, 1, 10),
+        r"alpha_T must be a number in \[0, 1\], got -0.5",
+    ),
+    "pskd prev_probs shape": (
+        lambda: build_method("pskd")(S, torch.softmax(T[:, :5], 1), Y, CTX),
+        r"prev_probs must have the student's shape \(4, 6\), got \(4, 5\)",
+    ),
     "int8 without scale": (
         lambda: reference.decode_teacher(T.to(torch.int8)),
         r"int8 teacher needs its per-row scale and offset",
@@ -81,7 +115,10 @@ CASES = {
         lambda: soft_targets(None, Y, 0.8, 3, 10),
         r"needs the previous epoch's probabilities",
     ),
-    "pskd alpha_T": (lambda: soft_targets(T, Y, 1.5, 1, 10), r"alpha_T must be in \[0, 1\]"),
+    "pskd alpha_T": (
+        lambda: soft_targets(T, Y, 1.5, 1, 10),
+        r"alpha_T must be a number in \[0, 1\], got 1.5",
+    ),
     "context epoch": (lambda: MethodContext(epoch=-1), r"epoch must be >= 0"),
     "context num_epochs": (lambda: MethodContext(num_epochs=0), r"num_epochs must be >= 1"),
     "module target": (
@@ -101,6 +138,29 @@ def test_bad_input_raises_method_error(case: str) -> None:
     call, message = CASES[case]
     with pytest.raises(MethodError, match=message) as err:
         call()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"name": "kd", "temperature": float("inf")}, r"temperature must be a finite number > 0"),
+        ({"name": "kd", "ce_weight": float("inf")}, r"ce_weight must be a finite number >= 0"),
+        ({"name": "dkd", "alpha": float("inf")}, r"alpha must be a finite number >= 0, got inf"),
+        ({"name": "dkd", "beta": float("nan")}, r"beta must be a finite number >= 0, got nan"),
+        ({"name": "ctkd", "t_range": float("inf")}, r"t_range must be a finite number >= 0"),
+        ({"name": "ctkd", "t_start": float("inf")}, r"t_start must be a finite number > 0"),
+        ({"name": "ctkd", "theta0": float("-inf")}, r"theta0 must be a finite number, got -inf"),
+        ({"name": "ats", "student_temperature": float("inf")}, r"student_temperature must be a"),
+        ({"name": "ats", "lamb": -0.5}, r"lamb must be a number in \[0, 1\], got -0.5"),
+        ({"name": "ls", "eps": float("inf")}, r"eps must be a finite number >= 0, got inf"),
+        ({"name": "ls", "temperature": float("inf")}, r"temperature must be a finite number > 0"),
+    ],
+)
+def test_non_finite_options_are_refused(options: dict, message: str) -> None:
+    """An infinite or NaN hyper-parameter would make every loss NaN, inf or silently 0."""
+    with pytest.raises(MethodError, match=message) as err:
+        build_method(options, num_classes=6)
     assert "\n" not in str(err.value)
 
 
