@@ -10,8 +10,11 @@ A store's location is a local path or, for the zarr backend, an fsspec URL (``s3
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import json
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -135,6 +138,8 @@ def create_store(
     """
     cls = get_backend(backend)
     path = os.fspath(path)
+    if not urls.is_url(path):
+        path = path.rstrip("/" + os.sep) or path  # "x.zarr/" names x.zarr
     _refuse_url(path, backend)
     layout = make_layout(
         num_samples,
@@ -146,6 +151,10 @@ def create_store(
         topk,
         view_param_width,
     )
+    labels = _checked_labels(labels, layout)
+    fingerprint = plain_fingerprint(fingerprint or {})
+    cls.check_compressor(compressor)
+    aside = None  # the store being replaced, moved aside until the new one is whole
     if _exists(path):
         existing = _read_attrs_any(path)
         if existing is None:
@@ -157,36 +166,74 @@ def create_store(
                 f"a store already exists at {path}: pass --overwrite to replace "
                 f"it, or choose another path"
             )
-        old = open_store(path, mode="a")  # refuses if someone is writing it
-        old.close()
-        BACKENDS[existing[0]].remove(path)
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (layout.num_samples,) or labels.dtype.kind not in "iu":
-            raise StoreError(
-                f"labels must be integers of shape ({layout.num_samples},), got "
-                f"{labels.dtype} {labels.shape}"
-            )
+        old = open_store(path, mode="a")  # refuses if someone is writing it; held till moved
+        try:
+            if urls.is_url(path):  # no rename on object stores
+                BACKENDS[existing[0]].remove(path)
+            else:
+                aside = f"{path}.replaced-{uuid.uuid4().hex[:12]}"
+                os.rename(path, aside)
+        finally:
+            old.close()
     store_attrs = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
         **layout.to_attrs(),
         "stats_fields": ["max", "logsumexp", "mean", "std"],
-        "fingerprint": dict(fingerprint or {}),
+        "fingerprint": fingerprint,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "bfloat16_storage": "uint16 bit patterns: float32 = bits << 16",
         **(attrs or {}),
     }
-    int_labels = None if labels is None else labels.astype(np.int64)
     try:
-        return cls.create(path, layout, store_attrs, compressor, int_labels)
+        store = cls.create(path, layout, store_attrs, compressor, labels)
     except BaseException as exc:
-        # A store cut short while being made (a full disk) would block every rerun as "not a
-        # store"; it holds nothing yet, so it goes.
-        if not isinstance(exc, (FileExistsError, StoreError)) and _exists(path):
+        if aside is not None:  # the old store goes back, untouched
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)
+        elif urls.is_url(path) and not isinstance(exc, (FileExistsError, StoreError)):
+            # Built in place (no rename on object stores): one cut short (a full disk) would
+            # block every rerun as "not a store"; it holds nothing yet, so it goes. A local
+            # store is built under a temporary name, which its backend removes: never `path`,
+            # which may be another process's store, created since the check above.
             with contextlib.suppress(OSError):
                 cls.remove(path)
         raise
+    if aside is not None:
+        BACKENDS[existing[0]].remove(aside)
+    return store
+
+
+def _checked_labels(labels: Any, layout: Layout) -> np.ndarray | None:
+    """Labels (N,) as int64, each a class of the store; refused before anything is changed."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (layout.num_samples,) or labels.dtype.kind not in "iu":
+        raise StoreError(
+            f"labels must be integers of shape ({layout.num_samples},), got "
+            f"{labels.dtype} {labels.shape}"
+        )
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= layout.num_classes:
+        raise StoreError(f"labels must lie in [0, {layout.num_classes - 1}]")
+    return labels.astype(np.int64)
+
+
+def plain_fingerprint(fingerprint: dict) -> dict:
+    """``fingerprint`` as the store's JSON attributes give it back (tuples become lists, numpy
+    scalars numbers), so a store compares equal to the fingerprint it was made with."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (np.generic, np.ndarray)):
+            return value.tolist()
+        raise StoreError(
+            f"fingerprint values must be strings, numbers, lists or mappings, got "
+            f"{type(value).__name__}: {value!r}"[:200]
+        )
+
+    if not isinstance(fingerprint, dict):
+        raise StoreError(f"fingerprint must be a mapping, got {type(fingerprint).__name__}")
+    return json.loads(json.dumps(fingerprint, default=plain))
 
 
 def open_store(
@@ -215,12 +262,18 @@ def open_store(
         )
     backend, attrs = found
     version = attrs.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise NotAStoreError(
+            f"store {path} has no valid schema_version (got {version!r}): its metadata is "
+            f"damaged; run precompute again into a new path"
+        )
+    if version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"store {path} has schema version {version}, newer than this "
             f"logitbank reads ({SCHEMA_VERSION}): upgrade logitbank"
         )
-    lacking = [k for k in ("num_samples", "num_classes", "num_views", "encoding") if k not in attrs]
+    required = [f.name for f in dataclasses.fields(Layout) if f.default is dataclasses.MISSING]
+    lacking = [k for k in required if k not in attrs]
     if lacking:  # Layout checks the types of those that are there
         raise NotAStoreError(
             f"store {path} lacks the attribute(s) {', '.join(lacking)}: its metadata is damaged; "
@@ -234,6 +287,7 @@ def open_store(
 
 def check_fingerprint(path: str, stored: dict, expected: dict) -> None:
     """Refuse a store made from other inputs than ``expected`` (keys it does not name are free)."""
+    expected = plain_fingerprint(expected)
     diff = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
     if diff:
         shown = "; ".join(f"{k}: store {a!r} vs expected {b!r}" for k, (a, b) in diff.items())

@@ -88,6 +88,16 @@ class LogitStore(abc.ABC):
     #: Whether worker processes may write whole shards of one store at once (zarr: yes, each shard
     #: is its own file; HDF5: no, its single file has one writer).
     supports_parallel_write: ClassVar[bool] = False
+    #: Compressor names this backend takes (``create_store(compressor=...)``).
+    compressors: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_compressor(cls, compressor: str | None) -> None:
+        if compressor is not None and compressor not in cls.compressors:
+            raise StoreError(
+                f"unknown compressor {compressor!r} for {cls.backend}: choose one of "
+                f"{', '.join(cls.compressors)} or none"
+            )
 
     def __init__(self, path: str, mode: str, layout: Layout, attrs: dict) -> None:
         self.path = str(path)
@@ -253,6 +263,10 @@ class LogitStore(abc.ABC):
             )
         if logits.dtype.kind != "f":
             raise BadWriteError(f"logits must be floating point, got dtype {logits.dtype}")
+        for name, value in (("view", view), ("start", start)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise BadWriteError(f"{name} must be an integer, got {value!r}")
+        view, start = int(view), int(start)
         if not 0 <= view < lay.num_views:
             raise BadWriteError(
                 f"view {view} out of range: the store has views 0..{lay.num_views - 1}"
@@ -263,6 +277,10 @@ class LogitStore(abc.ABC):
                 f"rows {start}..{stop - 1} out of range: the store has rows "
                 f"0..{lay.num_samples - 1}"
             )
+        if len(logits) == 0:
+            if view_params is not None and lay.view_param_width:
+                self._check_view_params(view_params, 0)
+            return  # nothing to write (wherever it starts)
         parts = encode(lay.encoding, logits.astype(np.float32, copy=False), lay.topk, start)
         if lay.view_param_width:
             parts["view_params"] = self._check_view_params(view_params, len(logits))
@@ -344,6 +362,8 @@ class LogitStore(abc.ABC):
             self._store_done(view, self.done[view])
 
     def write_labels(self, labels: Any) -> None:
+        if self.mode == "r":
+            raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
         labels = np.asarray(labels)
         if labels.shape != (self.num_samples,) or labels.dtype.kind not in "iu":
             raise BadWriteError(
@@ -465,6 +485,11 @@ class LogitStore(abc.ABC):
 
     def read_array(self, name: str, indices: Any, view: int = 0) -> np.ndarray:
         """Rows of any row array as stored (``stats``, ``view_params``, ``scale`` ...)."""
+        held = dict(self.layout.arrays())
+        if name not in held:
+            raise StoreError(
+                f"store {self.path} has no row array {name!r}: it holds {', '.join(held)}"
+            )
         idx = self._check_indices(indices, view)
         uniq, inverse = np.unique(idx, return_inverse=True)
         self._require_done(view, np.unique(idx // self.layout.chunk_rows))

@@ -118,6 +118,19 @@ def check_finite(logits: np.ndarray, first_row: int) -> None:
         )
 
 
+def _refuse_rows(bad: np.ndarray, dtype: str, first_row: int, note: str = "") -> None:
+    """Refuse rows whose logits a ``dtype`` cannot hold (they would be stored as inf)."""
+    if bad.any():
+        rows = np.flatnonzero(bad) + first_row
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        limit = "3.39e38" if dtype == "bfloat16" else "65504"
+        fix = "float32" if dtype == "bfloat16" else "float32 or bfloat16"
+        raise BadWriteError(
+            f"logits beyond {dtype}'s range (|x| > {limit}) in rows {shown}{note}: use encoding "
+            f"{fix}; nothing was written"
+        )
+
+
 def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> dict:
     """float32 (B, C) raw logits → the arrays of ``name`` plus ``stats``."""
     stats, row_min = _row_stats64(logits)
@@ -127,17 +140,13 @@ def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> 
     if name == "float32":
         out["logits"] = logits.astype(np.float32, copy=False)
     elif name == "float16":
-        big = np.maximum(stats[:, 0], -row_min) > FLOAT16_MAX
-        if big.any():
-            rows = np.flatnonzero(big)[:10] + first_row
-            raise BadWriteError(
-                f"logits beyond float16's range (|x| > 65504) in rows {', '.join(map(str, rows))}:"
-                f" use encoding float32 or bfloat16"
-            )
+        _refuse_rows(np.maximum(stats[:, 0], -row_min) > FLOAT16_MAX, "float16", first_row)
         out["logits"] = np.empty(logits.shape, np.float16)
         convert_into(out["logits"], logits)
     elif name == "bfloat16":
         out["logits"] = float32_to_bfloat16_bits(logits)
+        # Within a float32's range, only values past bfloat16's largest (3.39e38) round to inf.
+        _refuse_rows((out["logits"] & 0x7FFF == 0x7F80).any(axis=1), "bfloat16", first_row)
     elif name == "int8":
         lo, hi = row_min, stats[:, 0]  # the float32 values, exactly
         offset = (hi + lo) / 2
@@ -153,7 +162,10 @@ def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> 
         vals = np.take_along_axis(logits, idx, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")  # largest first, for readers
         out["topk_indices"] = np.take_along_axis(idx, order, axis=1).astype(np.int32)
-        out["topk_values"] = np.take_along_axis(vals, order, axis=1).astype(np.float16)
+        kept = np.take_along_axis(vals, order, axis=1)
+        bad = np.abs(kept).max(axis=1) > FLOAT16_MAX
+        _refuse_rows(bad, "float16", first_row, " (topk keeps its values in float16)")
+        out["topk_values"] = kept.astype(np.float16)
     else:
         row_arrays(name, logits.shape[1])  # raises: unknown encoding
     return out

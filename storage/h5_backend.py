@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from storage.base import LogitStore, name_final
-from storage.errors import StoreCorruptError, StoreError
+from storage.errors import StoreCorruptError, StoreError, StoreExistsError
 from storage.h5_recover import clear_status_flags, lookup3
 from storage.layout import Layout
 from storage.locking import WriterLock, remove_abandoned
@@ -45,6 +45,7 @@ def _lock_path(path: str) -> Path:
 
 class H5LogitStore(LogitStore):
     backend = "hdf5"
+    compressors = tuple(COMPRESSORS)
     supports_parallel_write = False
 
     def __init__(
@@ -78,13 +79,15 @@ class H5LogitStore(LogitStore):
         compressor: str | None,
         labels: np.ndarray | None,
     ) -> H5LogitStore:
-        if compressor is not None and compressor not in COMPRESSORS:
-            raise StoreError(
-                f"unknown compressor {compressor!r} for hdf5: choose one of "
-                f"{', '.join(COMPRESSORS)} or none"
-            )
+        cls.check_compressor(compressor)
         lock = WriterLock(_lock_path(path), path)
         lock.acquire()
+        if os.path.lexists(path):  # made since create_store looked (creators share this lock)
+            lock.release()
+            raise StoreExistsError(
+                f"a store was created at {path} by another process meanwhile: choose another "
+                f"path; nothing was changed"
+            )
         # Built under a temporary name and renamed into place when whole: a creation killed
         # half-way leaves no half-made file at `path` for a rerun to trip over.
         remove_abandoned(path, None)  # earlier creations killed half-way (we hold the lock)

@@ -24,6 +24,7 @@ LOGIT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 # a ~32 MiB shard keeps file counts low and the writer's buffer modest.
 TARGET_CHUNK_BYTES = 1 << 20
 TARGET_SHARD_BYTES = 32 << 20
+MIN_SHARDS = 8  # per view, when it has that many chunks
 MIN_CHUNK_ROWS = 64
 MAX_CHUNK_ROWS = 8192
 DEFAULT_TOPK = 32
@@ -134,10 +135,14 @@ def auto_chunk_rows(num_samples: int, num_classes: int, encoding: str, topk: int
 def auto_chunks_per_shard(
     chunk_rows: int, num_samples: int, num_classes: int, encoding: str, topk: int = 0
 ) -> int:
-    """Chunks per shard so that a shard is about 32 MiB, and never more than the view holds."""
+    """Chunks per shard so that a shard is about 32 MiB, and a view at least ``MIN_SHARDS``
+    shards when it has that many chunks: the shard is the unit of writing, resume and dask tasks,
+    so a killed precompute loses at most about 1/MIN_SHARDS of a view, and a small store still
+    gives a dask cluster MIN_SHARDS tasks a view."""
     chunk_bytes = chunk_rows * max(1, row_bytes(num_classes, encoding, topk))
     per_shard = max(1, TARGET_SHARD_BYTES // chunk_bytes)
-    return max(1, min(per_shard, -(-num_samples // chunk_rows)))
+    chunks = -(-num_samples // chunk_rows)  # a view's
+    return max(1, min(per_shard, -(-chunks // MIN_SHARDS)))
 
 
 def row_bytes(num_classes: int, encoding: str, topk: int = 0) -> int:

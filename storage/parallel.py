@@ -44,6 +44,18 @@ def _split(result: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return result, None
 
 
+def _produced(produce: Producer, view: int, start: int, stop: int) -> tuple[Any, Any]:
+    """(logits, view_params) of ``produce(view, start, stop)``, refused unless it gave exactly
+    the task's rows (a short block would be dropped at close, and the task reported done)."""
+    logits, params = _split(produce(view, start, stop))
+    if len(logits) != stop - start:
+        raise StoreError(
+            f"the producer returned {len(logits)} row(s) for view {view} rows {start}..{stop - 1}"
+            f" ({stop - start} expected): it must return exactly the rows it is asked for"
+        )
+    return logits, params
+
+
 class WorkerTaskError(StoreError):
     """A task failed on a dask worker (or the workers died running it): one line that names the
     task's rows, the worker and the cause."""
@@ -95,7 +107,7 @@ def produce_and_write(path: str, produce: Producer, view: int, start: int, stop:
     """Task body for backends that take parallel writes: compute one shard and write it."""
 
     def body() -> dict:
-        logits, params = _split(produce(view, start, stop))
+        logits, params = _produced(produce, view, start, stop)
         with open_store(path, mode="task") as store:
             store.write(view, start, logits, params)
             return {"shards": store.written_shards}
@@ -107,7 +119,7 @@ def produce_only(produce: Producer, view: int, start: int, stop: int) -> dict:
     """Task body for single-writer backends: compute one shard, hand it to the coordinator."""
 
     def body() -> dict:
-        logits, params = _split(produce(view, start, stop))
+        logits, params = _produced(produce, view, start, stop)
         return {"start": start, "logits": np.asarray(logits, np.float32), "params": params}
 
     return _run_task(produce, view, start, stop, body)

@@ -16,6 +16,7 @@ writer of a store is the coordinator by contract (see :class:`ZarrLogitStore`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -29,7 +30,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from storage import urls
 from storage.base import LogitStore, name_final
-from storage.errors import StoreError, StoreExistsError
+from storage.errors import StoreExistsError
 from storage.layout import Layout
 from storage.locking import WriterLock, remove_abandoned
 from storage.shard_reader import ShardReader, supports_fast_path, write_shard
@@ -61,6 +62,19 @@ def _writer_lock(path: str) -> WriterLock | None:
     return lock
 
 
+def _rename_new(building: str, final: str) -> None:
+    """Move the store built at ``building`` to ``final``, which must not have been made since."""
+    try:
+        os.rename(building, final)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise StoreExistsError(
+                f"a store was created at {final} by another process meanwhile: choose another "
+                f"path; nothing was changed"
+            ) from None
+        raise
+
+
 class ZarrLogitStore(LogitStore):
     """The zarr backend. On object storage (a non-``file://`` URL) there is no writer lock:
     ``flock`` needs a local file, and an object store offers no lock that a killed writer would
@@ -69,6 +83,7 @@ class ZarrLogitStore(LogitStore):
     starting two precomputes on one store URL at once is the user's mistake to avoid."""
 
     backend = "zarr"
+    compressors = tuple(COMPRESSORS)
     supports_parallel_write = True
 
     def __init__(
@@ -97,11 +112,7 @@ class ZarrLogitStore(LogitStore):
         compressor: str | None,
         labels: np.ndarray | None,
     ) -> ZarrLogitStore:
-        if compressor is not None and compressor not in COMPRESSORS:
-            raise StoreError(
-                f"unknown compressor {compressor!r} for zarr: choose one of "
-                f"{', '.join(COMPRESSORS)} or none"
-            )
+        cls.check_compressor(compressor)
         if urls.is_url(path):
             fs, root = urls.filesystem(path)
             if fs.exists(root) and fs.ls(root):
@@ -122,7 +133,7 @@ class ZarrLogitStore(LogitStore):
             lock = _writer_lock(path)
             group = cls._build(path, layout, attrs, compressor, labels)
             if path != final:  # the lock's flock follows the renamed file
-                os.rename(path, final)
+                _rename_new(path, final)
                 group = zarr.open_group(final, mode="r+", zarr_format=3)
         except BaseException as exc:
             if lock is not None:
