@@ -29,7 +29,12 @@ Per mode:
 - data path alone: the same ``EpochBatches`` + prefetch + ``ToDevice`` iterator (same config,
   same epoch, built afresh for each pass) drained with no training, passes repeated until a second
   is timed, in rows/s; "data / step" = training rows/s ÷ data rows/s, the share of a step's time
-  the data path would cost if nothing overlapped it.
+  the data path would cost if nothing overlapped it;
+- step alone: a fresh student trained one epoch by the same loop on the epoch's first batch,
+  prepared once and yielded again at every step (only its copy to the device is repeated), so no
+  store read, replay or prefetch thread runs beside the step: rows/s, its ratio to CE's step alone
+  (what the method itself costs a step), and "loop / step alone" = training rows/s ÷ step-alone
+  rows/s (what the data path costs the loop, overlap, GIL and cores included).
 
 Before the baseline each subprocess also runs a few untimed steps of its method's loss on random
 logits, so CUDA's fused kernels are compiled before the epoch rather than inside its timing.
@@ -54,6 +59,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -62,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,7 +247,15 @@ def _worker(spec: dict) -> dict:
         if data_s >= DATA_SECONDS:
             break
     loop_s = len(train) / rows_per_s
+    distill.prefetch = _one_batch(original, math.ceil(len(train) / cfg.batch_size))
+    try:  # the step alone: a fresh student trained one epoch on one batch, repeated
+        alone = load_config(TINY, [*spec["sets"], f"distill.name={out.name}-step"])
+        distill.train_student(alone, progress=False)
+    finally:
+        distill.prefetch = original
+    record = json.loads((distill.output_dir(alone) / "metrics.jsonl").read_text().splitlines()[-1])
     return {
+        "step_rows_per_s": record["rows_per_s"],
         "rows_per_s": rows_per_s,
         "wait_frac": clock["wait"] / loop_s,
         "first_wait_s": clock["first"] or 0.0,
@@ -249,6 +264,23 @@ def _worker(spec: dict) -> dict:
         "cuda_peak_mb": cuda_peak,
         "data_rows_per_s": rows / data_s,
     }
+
+
+def _one_batch(original: Callable, steps: int) -> Callable:
+    """A ``prefetch`` that yields the epoch's first batch ``steps`` times, made once by the real
+    data path (read, replayed, pinned): the training loop then runs with nothing of the data path
+    beside it but the batch's copy to the device."""
+
+    def batches(source: Iterator, depth: int) -> Iterator:
+        it = original(source, 0)
+        try:
+            first = next(it)
+        finally:
+            it.close()
+        for _ in range(steps):
+            yield first
+
+    return batches
 
 
 def _run_mode(spec: dict) -> dict:
@@ -365,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for m in MODES
     }
+    step_ratio = {
+        m: statistics.median(
+            a["step_rows_per_s"] / c["step_rows_per_s"] for a, c in zip(results[m], results["ce"])
+        )
+        for m in MODES
+    }
     budget = args.memory_budget_mb if args.memory_budget_mb is not None else 1024
     in_ram = rows * CLASSES * 4 <= budget << 20
     if device == "cuda":
@@ -391,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ["mode", "rows/s", "× CE", "peak RSS MB", "RSS growth MB"]
     head += ["CUDA peak MB"] if cuda_col else []
     head += ["waiting-for-data %", "data path alone rows/s", "data / step %"]
+    head += ["step alone rows/s", "step alone × CE", "loop / step alone %"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for m in MODES:
@@ -404,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         cells += [_fmt(med(m, "cuda_peak_mb"), ",.1f")] if cuda_col else []
         cells += [f"{100 * med(m, 'wait_frac'):.1f}", _fmt(data), f"{100 * rps / data:.1f}"]
+        alone = med(m, "step_rows_per_s")
+        cells += [_fmt(alone), f"{step_ratio[m]:.2f}", f"{100 * rps / alone:.0f}"]
         print("| " + " | ".join(cells) + " |")
     print("per repeat, rows/s (waiting-for-data %; first batch wait s):")
     for m in MODES:
@@ -412,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in results[m]
         )
         print(f"  {LABELS[m]}: {each}")
+    print(
+        "per repeat, step alone rows/s: "
+        + "; ".join(
+            f"{LABELS[m]} " + ", ".join(f"{r['step_rows_per_s']:,.0f}" for r in results[m])
+            for m in MODES
+        )
+    )
     met = ratio["offline"] >= TARGET
     print(
         f"target offline >= {TARGET:.2f}x CE: {'met' if met else 'NOT met'} "
