@@ -26,8 +26,9 @@
 # first; a later call on the same warm machine finds them there.
 # Expected (H100, 2026-11-26): kernels 35 s (262 cases then; 433 with the *_ce losses, ~1 min
 # estimated), losses 80 s (~2 min now with the kd+ce and dkd+ce rows), distill ~2 min (~4 now,
-# with a second repeat, batch 256 and the step-alone epochs), dask ~1 min, ort ~1 min (plus the wheel's 4 carries, ~6 s
-# each onto a warm machine); tiles and profile not yet run (~2-3 min and ~1.5 min estimated).
+# with a second repeat, batch 256 and the step-alone epochs), dask ~1 min, ort ~1 min (plus the
+# wheel's 4 carries, ~6 s each onto a warm machine); tiles and profile not yet run (~2-3 min and
+# ~1.5 min estimated).
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
 # 3 a later step failed.
 set -u -o pipefail
