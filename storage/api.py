@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from storage import urls
-from storage.base import LogitStore
+from storage.base import LogitStore, checked_labels
 from storage.errors import (
     FingerprintMismatchError,
     NotAStoreError,
@@ -151,7 +151,7 @@ def create_store(
         topk,
         view_param_width,
     )
-    labels = _checked_labels(labels, layout)
+    labels = None if labels is None else checked_labels(labels, layout)
     fingerprint = plain_fingerprint(fingerprint or {})
     cls.check_compressor(compressor)
     aside = None  # the store being replaced, moved aside until the new one is whole
@@ -202,21 +202,6 @@ def create_store(
     if aside is not None:
         BACKENDS[existing[0]].remove(aside)
     return store
-
-
-def _checked_labels(labels: Any, layout: Layout) -> np.ndarray | None:
-    """Labels (N,) as int64, each a class of the store; refused before anything is changed."""
-    if labels is None:
-        return None
-    labels = np.asarray(labels)
-    if labels.shape != (layout.num_samples,) or labels.dtype.kind not in "iu":
-        raise StoreError(
-            f"labels must be integers of shape ({layout.num_samples},), got "
-            f"{labels.dtype} {labels.shape}"
-        )
-    if labels.min(initial=0) < 0 or labels.max(initial=0) >= layout.num_classes:
-        raise StoreError(f"labels must lie in [0, {layout.num_classes - 1}]")
-    return labels.astype(np.int64)
 
 
 def plain_fingerprint(fingerprint: dict) -> dict:

@@ -364,15 +364,7 @@ class LogitStore(abc.ABC):
     def write_labels(self, labels: Any) -> None:
         if self.mode == "r":
             raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
-        labels = np.asarray(labels)
-        if labels.shape != (self.num_samples,) or labels.dtype.kind not in "iu":
-            raise BadWriteError(
-                f"labels must be integers of shape ({self.num_samples},), got "
-                f"{labels.dtype} {labels.shape}"
-            )
-        if labels.min(initial=0) < 0 or labels.max(initial=0) >= self.num_classes:
-            raise BadWriteError(f"labels must lie in [0, {self.num_classes - 1}]")
-        self._write_labels(labels.astype(np.int64))
+        self._write_labels(checked_labels(labels, self.layout))
         self._labels = None
 
     def close(self) -> None:
@@ -669,6 +661,19 @@ def _first(exc: BaseException, limit: int = 120) -> str:
     """An exception as ``Type: first line``, cut to ``limit`` characters."""
     text = str(exc).splitlines()[0][:limit] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"
+
+
+def checked_labels(labels: Any, layout: Layout) -> np.ndarray:
+    """Labels (N,) as int64, each a class of the store, or a BadWriteError naming the problem."""
+    labels = np.asarray(labels)
+    if labels.shape != (layout.num_samples,) or labels.dtype.kind not in "iu":
+        raise BadWriteError(
+            f"labels must be integers of shape ({layout.num_samples},), got "
+            f"{labels.dtype} {labels.shape}"
+        )
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= layout.num_classes:
+        raise BadWriteError(f"labels must lie in [0, {layout.num_classes - 1}]")
+    return labels.astype(np.int64)
 
 
 def name_final(exc: BaseException, building: str, final: str) -> None:
