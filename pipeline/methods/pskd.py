@@ -61,6 +61,8 @@ def soft_targets(
                 f"prev_probs must be float (B, C), got {prev_probs.dtype} {tuple(prev_probs.shape)}"
             )
         classes, dtype = prev_probs.shape[1], torch.promote_types(prev_probs.dtype, torch.float32)
+        if not prev_probs.is_cuda:  # on CUDA this would cost a host sync a step
+            _check_probabilities(prev_probs)
     if not target_checked:
         batch = target.shape[0] if prev_probs is None else prev_probs.shape[0]
         check_target(target, batch, classes)
@@ -69,6 +71,19 @@ def soft_targets(
         return onehot  # the official code stores one-hot rows as the epoch-0 "predictions"
     alpha_t = alpha_T * (epoch + 1) / num_epochs
     return (1 - alpha_t) * onehot + alpha_t * prev_probs.detach().to(dtype)
+
+
+def _check_probabilities(probs: torch.Tensor) -> None:
+    """Rows >= 0 summing to 1 (within the rounding of their dtype), else a one-line error."""
+    p = probs.detach().double()
+    tol = max(1e-3, 8 * torch.finfo(probs.dtype).eps * probs.shape[1] ** 0.5)
+    rows = zip(p.amin(dim=1).tolist(), p.sum(dim=1).tolist())  # on the CPU: cheap
+    for row, (low, total) in enumerate(rows):
+        if not (low >= 0 and abs(total - 1) <= tol):  # NaN rows fail too
+            raise MethodError(
+                f"prev_probs must hold probabilities (rows >= 0 summing to 1), but row {row} "
+                f"sums to {total:.6g} (min {low:.6g}): pass softmax of the previous epoch's logits"
+            )
 
 
 def pskd_loss(

@@ -99,6 +99,10 @@ CASES = {
         lambda: soft_targets(T, Y, -0.5, 1, 10),
         r"alpha_T must be a number in \[0, 1\], got -0.5",
     ),
+    "pskd raw logits for probabilities": (
+        lambda: soft_targets(T, Y, 0.8, 1, 10),
+        r"prev_probs must hold probabilities \(rows >= 0 summing to 1\), but row 0 sums to",
+    ),
     "pskd prev_probs shape": (
         lambda: build_method("pskd")(S, torch.softmax(T[:, :5], 1), Y, CTX),
         r"prev_probs must have the student's shape \(4, 6\), got \(4, 5\)",
