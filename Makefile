@@ -21,7 +21,7 @@ STAGE_ARGS = --config $(CONFIG) --set run_dir=$(RUN_DIR) $(foreach s,$(SET),--se
 # Where Debian's dataset-fashion-mnist package puts the files (the default config reads them).
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data teacher export precompute distill sweep report run test bench lint clean \
+.PHONY: FORCE help setup data teacher export precompute distill sweep report run test bench lint clean \
   verify audit plan
 
 help: ## list the targets (the default goal)
@@ -48,17 +48,25 @@ data: ## install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is missing
 	 { echo "error: could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist' or set data.path in the config" >&2; exit 2; }
 
 # Stage outputs are file targets: a finished stage is skipped (each stage also checks its own
-# inputs and resumes an interrupted run). After changing SET, force a stage with `make -B STAGE`.
+# inputs and resumes an interrupted run). An edit of CONFIG or another SET runs the stages again,
+# each of which then does only what the change asks for (or refuses it, naming the fix).
+SETTINGS := $(RUN_DIR)/.make-settings
+$(SETTINGS): FORCE
+	@mkdir -p $(@D); printf '%s\n' '$(CONFIG) $(SET)' | cmp -s - $@ 2>/dev/null || \
+	  printf '%s\n' '$(CONFIG) $(SET)' > $@
+FORCE:
+
 teacher: $(RUN_DIR)/teacher.pt ## train the teacher of CONFIG (or take teacher.checkpoint)
-$(RUN_DIR)/teacher.pt: $(STAMP) $(CONFIG) | data
+$(RUN_DIR)/teacher.pt: $(STAMP) $(CONFIG) $(SETTINGS) | data
 	$(PY) -m pipeline teacher $(STAGE_ARGS)
+	@[ ! -f $@ ] || touch $@  # finished earlier with these settings: now up to date
 
 export: $(RUN_DIR)/teacher.onnx ## export the teacher to ONNX, parity-checked against PyTorch
-$(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt
+$(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline export $(STAGE_ARGS)
 
 precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into STORE (WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
-$(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx
+$(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
@@ -68,7 +76,7 @@ distill: precompute ## one student from the store (METHOD=kd STUDENT=small_cnn S
 	  $(if $(SEED),--set distill.seed=$(SEED))
 
 sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store (NPROC=n: each under torchrun)
-$(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done
+$(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline sweep $(STAGE_ARGS) $(if $(NPROC),--nproc $(NPROC))
 
 report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's students

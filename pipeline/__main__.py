@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[str, str]] = {
 
 _FULL = "free space on that disk or choose another run_dir"
 _LOCKED = "make the folder writable or choose another run_dir"
+_PATH = "check run_dir and the store, data and checkpoint paths in the config"
 #: errno → (what happened, what to do). Anything else from the OS is a bug worth a traceback.
 _OS_ERRORS = {
     errno.ENOSPC: ("no space left on the device", _FULL),
@@ -40,6 +41,8 @@ _OS_ERRORS = {
     errno.EACCES: ("permission denied", _LOCKED),
     errno.EPERM: ("operation not permitted", _LOCKED),
     errno.EROFS: ("read-only file system", _LOCKED),
+    errno.ENOTDIR: ("a path component is a file, not a folder", _PATH),
+    errno.EEXIST: ("a file is in the way of a folder to create", _PATH),
 }
 
 
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno in _OS_ERRORS:
             what, fix = _OS_ERRORS[exc.errno]
             where = f" ({exc.filename})" if exc.filename else ""
-            return _fail(f"{what}{where}: {fix}; finished work is kept and a rerun resumes")
+            kept = "" if fix is _PATH else "; finished work is kept and a rerun resumes"
+            return _fail(f"{what}{where}: {fix}{kept}")
         raise
     except Exception as exc:  # e.g. botocore's EndpointConnectionError
         if (remote := _remote_error(exc)) is not None:

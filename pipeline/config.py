@@ -81,6 +81,10 @@ class ExportConfig:
     """Real batches of the training set checked for parity."""
 
 
+ORT_PROVIDERS = ("auto", "cuda", "cpu")
+MIN_OPSET = 7  # the oldest opset ONNX Runtime runs
+
+
 @dataclass
 class PrecomputeConfig:
     encoding: str = "float16"
@@ -199,10 +203,7 @@ class DistillConfig:
                 raise ConfigError(
                     f"distill.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
                 )
-        if sorted(self.milestones) != self.milestones or min(self.milestones, default=1) < 1:
-            raise ConfigError(
-                f"distill.milestones must be increasing epochs >= 1, got {self.milestones}"
-            )
+        _check_milestones(self.milestones, "distill.milestones")
         if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):
             raise ConfigError(f"distill.name must be a plain folder name, got {self.name!r}")
 
@@ -273,8 +274,23 @@ class Config:
         _positive(self.teacher.epochs, "teacher.epochs", allow_zero=True)
         _positive(self.teacher.batch_size, "teacher.batch_size")
         _positive(self.teacher.lr, "teacher.lr")
+        for key in ("momentum", "weight_decay"):
+            _positive(getattr(self.teacher, key), f"teacher.{key}", allow_zero=True)
+        _positive(self.teacher.gamma, "teacher.gamma")
+        _check_milestones(self.teacher.milestones, "teacher.milestones")
         _positive(self.precompute.batch_size, "precompute.batch_size")
+        for key in ("threads", "chunk_rows", "chunks_per_shard"):
+            if getattr(self.precompute, key) is not None:  # None: chosen automatically
+                _positive(getattr(self.precompute, key), f"precompute.{key}")
+        if self.precompute.provider not in ORT_PROVIDERS:
+            raise ConfigError(
+                f"precompute.provider must be one of {', '.join(ORT_PROVIDERS)}, got "
+                f"{self.precompute.provider!r}"
+            )
         _positive(self.export.atol, "export.atol")
+        _positive(self.export.parity_batches, "export.parity_batches")
+        if self.export.opset < MIN_OPSET:
+            raise ConfigError(f"export.opset must be >= {MIN_OPSET}, got {self.export.opset}")
         if self.augment.pad < 0:
             raise ConfigError(f"augment.pad must be >= 0, got {self.augment.pad}")
         if self.precompute.workers < 0:
@@ -315,6 +331,11 @@ class Config:
 
 #: A dask.distributed address: [protocol://]host:port, the host a name, an IPv4 or [IPv6].
 _SCHEDULER_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9A-Fa-f:.]+\]|[\w.-]+):\d{1,5}")
+
+
+def _check_milestones(milestones: list[int], name: str) -> None:
+    if sorted(milestones) != milestones or min(milestones, default=1) < 1:
+        raise ConfigError(f"{name} must be increasing epochs >= 1, got {milestones}")
 
 
 def _positive(value: float, name: str, allow_zero: bool = False) -> None:
@@ -365,7 +386,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '(top)'} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]}: known keys in "
@@ -428,6 +449,9 @@ def to_dict(config: Config) -> dict:
 
 def save_resolved(config: Config, path: str | Path) -> None:
     """Write the config as resolved (defaults + file + overrides) next to a stage's output."""
+    from pipeline.fileio import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    with atomic_write(path, "w") as f:  # a kill leaves the old file or this one, never half
+        f.write(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -43,7 +43,7 @@ from pipeline.config import Config, save_resolved, to_dict
 from pipeline.data import Split, splits
 from pipeline.distill_data import StoreRows, ToDevice, prefetch
 from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
-from pipeline.distill_inputs import DistillError, Sources, build_sources
+from pipeline.distill_inputs import DistillError, Sources, build_sources, store_path
 from pipeline.distill_pskd import HostCopies
 from pipeline.distill_state import (
     Student,
@@ -61,7 +61,7 @@ from pipeline.fingerprint import spec_hash
 from pipeline.methods import MethodContext
 from pipeline.metrics import divergence, write_metrics
 from pipeline.models import save_checkpoint
-from storage import LogitStore, StoreWarning
+from storage import LogitStore, StoreError, StoreWarning, open_store
 
 StepHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 """``on_step(epoch, step, terms)``: called after each optimizer step (step counts from 1) with the
@@ -94,6 +94,21 @@ def config_key(config: Config) -> str:
     for key in NOT_IN_KEY:
         d["distill"].pop(key, None)
     return spec_hash({k: d[k] for k in ("distill", "data", "augment")})
+
+
+def teacher_store_fingerprint(config: Config) -> dict | None:
+    """The fingerprint of the store this run reads its teacher's logits from: a finished or
+    saved run made from another store (a teacher retrained, precompute rerun) is refused rather
+    than reused. None when it reads none (ce, pskd, online) or there is no store yet (the run's
+    own checks say so)."""
+    cfg = config.distill
+    if cfg.teacher_source != "store" or cfg.method.strip().lower() in ("ce", "pskd"):
+        return None
+    try:
+        with open_store(store_path(config)) as store:
+            return dict(store.fingerprint)
+    except StoreError:
+        return None
 
 
 @torch.no_grad()
@@ -341,18 +356,19 @@ def _train(
     out = output_dir(config)
     ckpt_path, state_path = out / "student.pt", out / "state.pt"
     key = config_key(config)
+    source = teacher_store_fingerprint(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
-        if finished(ckpt_path, key):
+        if finished(ckpt_path, key, source):
             world.agree(None)
             return ckpt_path
         check_not_diverged(config, world)
-        state = load_state(state_path, key)
-        if world.main:
-            save_resolved(config, out / "config.yaml")
+        state = load_state(state_path, key, source)
         device = device or pick_device(cfg.device)
         train, test = splits(config)
         student, kwargs = build_student(config, train, device)
         src = build_sources(config, train, student.method.teacher_input, device, out, key, world)
+        if world.main:  # once its inputs are checked: a refused run changes nothing
+            save_resolved(config, out / "config.yaml")
         history: list[dict] = []
         first = step = 0
         if state is not None:
@@ -422,6 +438,7 @@ def _train(
                     history=history,
                     key=key,
                     ranks_rng=rng,
+                    source=source,
                 )
                 write_metrics(out / "metrics.jsonl", history)
                 if src.self_teacher is not None:

@@ -116,6 +116,14 @@ def _check_store(store: LogitStore, config: Config, train: Split) -> int:
             f"made for this dataset"
         )
     check_fingerprint(path, store.fingerprint, train.fingerprint())
+    if config.distill.views is None and store.num_views != config.augment.views:
+        # ce and PS-KD (no teacher store) plan with augment.views: every method of a run must
+        # see the same views.
+        raise DistillError(
+            f"store {path} holds {store.num_views} view(s) but augment.views="
+            f"{config.augment.views}: set augment.views={store.num_views} as precompute had it, "
+            f"or distill.views to train on the first n of them"
+        )
     wanted = config.distill.views or store.num_views
     if wanted > store.num_views:
         raise DistillError(

@@ -31,8 +31,23 @@ from pipeline.models import build_model, read_checkpoint
 from pipeline.models.checkpoint import load_weights_only
 
 
-def load_state(path: Path, key: str) -> dict | None:
-    """The state of the last finished epoch of this run, or None when there is none yet."""
+def _check_source(path: Path, saved: str | None, source: dict | None, what: str) -> None:
+    """Refuse a run made from another teacher store than ``source`` (its fingerprint)."""
+    if source is None or not saved:
+        return
+    before = json.loads(saved)
+    if before != source:
+        keys = sorted(k for k in {*before, *source} if before.get(k) != source.get(k))
+        raise DistillError(
+            f"{path} is {what} from another teacher store (its fingerprint differs in "
+            f"{', '.join(keys)}): set distill.name to train from this store elsewhere, or "
+            f"delete the folder"
+        )
+
+
+def load_state(path: Path, key: str, source: dict | None = None) -> dict | None:
+    """The state of the last finished epoch of this run, or None when there is none yet.
+    ``source``: the fingerprint of the teacher store the run reads now (None: it reads none)."""
     if not path.is_file():
         return None
     state = load_weights_only(path, "delete it to train this student afresh")
@@ -43,11 +58,13 @@ def load_state(path: Path, key: str) -> dict | None:
             f"{path} belongs to a run with another config: restore that config to resume it, "
             f"set distill.name to train this one elsewhere, or delete the folder"
         )
+    _check_source(path, state.get("store_fingerprint"), source, "a run trained")
     return state
 
 
-def finished(path: Path, key: str) -> bool:
-    """Whether ``path`` holds this very run's final checkpoint (then there is nothing to do)."""
+def finished(path: Path, key: str, source: dict | None = None) -> bool:
+    """Whether ``path`` holds this very run's final checkpoint (then there is nothing to do),
+    trained from the teacher store whose fingerprint is ``source`` (when it reads one)."""
     if not path.exists():
         return False
     try:
@@ -59,6 +76,7 @@ def finished(path: Path, key: str) -> bool:
             f"{path} is a finished run with another config: set distill.name to train this one "
             f"elsewhere, or delete the folder"
         )
+    _check_source(path, ckpt.extra.get("store_fingerprint"), source, "a finished run trained")
     return True
 
 
@@ -102,6 +120,7 @@ def save_state(
     history: list[dict],
     key: str,
     ranks_rng: list[dict] | None = None,
+    source: dict | None = None,
 ) -> None:
     """Everything to go on after ``epoch`` (0-based), written atomically: a kill at any moment
     leaves the previous state or this one, never half a file. Under DDP ``ranks_rng`` holds
@@ -113,6 +132,8 @@ def save_state(
         "history": json.dumps(history),
         "config_hash": key,
     }
+    if source is not None:  # the teacher store's fingerprint: a resume checks it
+        state["store_fingerprint"] = json.dumps(source)
     if ranks_rng is not None:
         state["ranks_rng"] = ranks_rng
     with atomic_write(path) as f:

@@ -42,10 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import MIN_OPSET
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, publish, temp_beside
 
 DEFAULT_OPSET = 18
+
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -259,7 +261,8 @@ def _torch_export(
         )
 
 
-def _check_self_contained(path: Path) -> None:
+def _check_self_contained(path: Path) -> int:
+    """Refuse external data or a model that does not check; return its ONNX opset."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -271,6 +274,7 @@ def _check_self_contained(path: Path) -> None:
             f"(e.g. {external[0]}); export with external_data=False so it is one file"
         )
     onnx.checker.check_model(model, full_check=True)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def export_onnx(
@@ -283,6 +287,7 @@ def export_onnx(
     parity_batches: Sequence[torch.Tensor | np.ndarray] | None = None,
     atol: float = 1e-4,
     exporter: str = "auto",
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to one ONNX file at ``path``, check it, keep it only if parity passes.
 
@@ -295,15 +300,25 @@ def export_onnx(
         parity_batches: real batches for the parity check; None: ``[sample_batch]``.
         atol: largest accepted |ORT - PyTorch| in float32.
         exporter: "dynamo", "torchscript" or "auto" (dynamo for opset ≥ 18, else torchscript).
+        provenance: recorded with the parity result (the export stage's checkpoint hash, which
+            precompute checks, so an ONNX file of an older teacher is never run).
 
     Returns:
         The parity record (also written as JSON beside the file).
 
     Raises:
-        ParityError: over tolerance (the ONNX file is removed, the record written to
-            ``<path>.parity-failed.json``); UserError for bad arguments or an export that
-            does not check.
+        ParityError: over tolerance (nothing is published; an earlier export at ``path``
+            stays, the failed record is written to ``<path>.parity-failed.json``); UserError for
+            bad arguments or an export that does not check.
     """
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(
+            f"export.opset={opset} is outside the opsets this onnx writes ({MIN_OPSET}..{newest}):"
+            f" choose one in that range (default {DEFAULT_OPSET})"
+        )
 
     if exporter not in EXPORTERS:
         raise UserError(
@@ -330,7 +345,16 @@ def export_onnx(
     with temp_beside(path, ".tmp.onnx") as tmp:
         try:
             return _export_checked(
-                model, sample, batches, tmp, path, opset, dynamic_batch, exporter, atol
+                model,
+                sample,
+                batches,
+                tmp,
+                path,
+                opset,
+                dynamic_batch,
+                exporter,
+                atol,
+                provenance or {},
             )
         finally:
             model.train(was_training)
@@ -348,6 +372,7 @@ def _export_checked(
     dynamic_batch: bool,
     exporter: str,
     atol: float,
+    provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """Export to ``tmp``, check it, and publish it as ``path`` only if the parity check passed."""
     import onnx
@@ -355,7 +380,7 @@ def _export_checked(
     try:
         with _quiet_exporter():
             _torch_export(model, sample, tmp, opset, dynamic_batch, exporter)
-        _check_self_contained(tmp)
+        written = _check_self_contained(tmp)
     except UserError:
         raise
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
@@ -364,19 +389,24 @@ def _export_checked(
             f"ONNX export of {type(model).__name__} failed ({first[:200]}); try "
             "exporter='torchscript' or a model without data-dependent control flow"
         ) from e
+    if written != opset:  # the dynamo exporter falls back to the opset it knows, silently
+        raise UserError(
+            f"export.opset={opset} was asked but the {exporter} exporter wrote opset {written}: "
+            f"set export.opset to {written}"
+        )
     record = _parity_record(tmp, model, batches, atol)
     record.update(
+        **provenance,
         onnx_file=path.name,
-        opset=opset,
+        opset=written,
         exporter=exporter,
         dynamic_batch=dynamic_batch,
         input_shape=[None if dynamic_batch else len(sample), *sample.shape[1:]],
         model=type(model).__name__,
     )
     if not record["passed"]:
-        # A stale teacher.onnx from an earlier export would no longer match this model.
-        path.unlink(missing_ok=True)
-        parity_path(path).unlink(missing_ok=True)
+        # An earlier export at `path` stays: precompute runs it only if its record names this
+        # very checkpoint (provenance), so a file of an older teacher is never used.
         _write_json(path.with_name(path.name + ".parity-failed.json"), record)
         _verdict(record, f"the ONNX export of {type(model).__name__}")
     publish(tmp, path)

@@ -171,9 +171,10 @@ class TeacherLogits:
         return np.concatenate(out), np.concatenate(params)
 
 
-def checked_onnx_sha256(onnx_path: Path) -> str:
-    """The ONNX file's sha256, refused unless its export passed the parity check: a file changed
-    or replaced since then was never compared with PyTorch."""
+def checked_onnx_sha256(onnx_path: Path, checkpoint: Path | None = None) -> str:
+    """The ONNX file's sha256, refused unless its export passed the parity check (a file changed
+    or replaced since then was never compared with PyTorch) and, when ``checkpoint`` is given and
+    the record names one, was exported from that very checkpoint."""
     record_path = parity_path(onnx_path)
     try:
         record = json.loads(record_path.read_text())
@@ -185,6 +186,13 @@ def checked_onnx_sha256(onnx_path: Path) -> str:
             f"stage, which writes it"
         ) from None
     digest = sha256_file(onnx_path)
+    source = record.get("checkpoint_sha256")
+    known = checkpoint is not None and source is not None and checkpoint.is_file()
+    if known and sha256_file(checkpoint) != source:
+        raise UserError(
+            f"{onnx_path} was exported from another teacher checkpoint than {checkpoint} "
+            f"(changed since): run the export stage again"
+        )
     if not record.get("passed") or record.get("onnx_sha256") != digest:
         raise UserError(
             f"{onnx_path} is not the file whose parity check passed ({record_path.name}: "
@@ -194,8 +202,21 @@ def checked_onnx_sha256(onnx_path: Path) -> str:
     return digest
 
 
+#: In run_dir once precompute has finished (the Makefile's target for the stage).
+DONE_FILE = "precompute.done"
+
+
 def store_fingerprint(config: Config, train: Split) -> dict:
-    return {"onnx_sha256": checked_onnx_sha256(config.onnx_path), **train.fingerprint()}
+    """What the store's logits depend on: the ONNX file, the dataset and its views, and the
+    precision the teacher ran in (``inference``; distill does not check it, precompute refuses
+    to resume a store in another one)."""
+    pc = config.precompute
+    precision = "float16" if pc.fp16 else "tf32" if pc.tf32 else "float32"
+    return {
+        "onnx_sha256": checked_onnx_sha256(config.onnx_path, config.teacher_checkpoint),
+        **train.fingerprint(),
+        "inference": precision,
+    }
 
 
 def precompute(config: Config, *, overwrite: bool = False, progress: bool = True) -> Path | str:
@@ -207,14 +228,6 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     train, _ = splits(config)
     fingerprint = store_fingerprint(config, train)
     views = config.augment.views
-    store = _open_or_create(config, train, fingerprint, overwrite)
-    if progress:
-        print(format_plan(plan(store.layout, pc.backend), pc.backend), flush=True)
-    todo = store.missing_shards()
-    rows = sum(b - a for _, a, b in todo)
-    if not todo:
-        store.close()
-        return path
     dask = bool(pc.workers or pc.scheduler)
     if dask:
         # Worker processes (on other machines, in other directories) get absolute paths, their
@@ -235,6 +248,18 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
         produce = TeacherLogits(
             str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16, pc.tf32
         )
+    if overwrite and not dask:  # the session is made and checked (provider, fp16, classes)
+        produce.runner  # noqa: B018  -- before the old store is replaced
+    store = _open_or_create(config, train, fingerprint, overwrite)
+    if overwrite:  # the stamp of a finished precompute no longer holds
+        (config.run_path / DONE_FILE).unlink(missing_ok=True)
+    if progress:
+        print(format_plan(plan(store.layout, pc.backend), pc.backend), flush=True)
+    todo = store.missing_shards()
+    rows = sum(b - a for _, a, b in todo)
+    if not todo:
+        store.close()
+        return path
     if progress and not dask:
         provider = active_provider(produce.runner.session)
         print(f"ONNX Runtime on {provider}, {threads} thread(s)", flush=True)
@@ -343,6 +368,7 @@ def _check_same_inputs(store, config: Config, train: Split, fingerprint: dict) -
         k: (store.fingerprint.get(k), v)
         for k, v in fingerprint.items()
         if store.fingerprint.get(k) != v
+        and (k != "inference" or k in store.fingerprint)  # stores made before it was recorded
     }
     lay = store.layout
     shape = (lay.num_views, lay.num_samples, lay.num_classes, lay.encoding)

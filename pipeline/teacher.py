@@ -52,13 +52,11 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     cfg = config.teacher
     out = config.run_path / "teacher.pt"
     state_path = config.run_path / "teacher.state.pt"
-    key = spec_hash(
-        {
-            "teacher": to_dict(config)["teacher"],
-            "data": to_dict(config)["data"],
-            "augment": to_dict(config)["augment"],
-        }
-    )
+    settings = to_dict(config)
+    # augment.views is how many views precompute stores: the teacher's own training views are
+    # drawn fresh each epoch whatever it is, so asking for more views does not retrain it.
+    augment = {k: v for k, v in settings["augment"].items() if k != "views"}
+    key = spec_hash({"teacher": settings["teacher"], "data": settings["data"], "augment": augment})
     if out.is_file() and read_checkpoint(out).extra.get("config_hash") == key:
         return out  # finished with this very config
     train, test = splits(config)

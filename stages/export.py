@@ -19,19 +19,23 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.data import splits
     from pipeline.errors import ModelError
     from pipeline.models import load_model_from_checkpoint, read_checkpoint
-    from pipeline.onnx_export import export_onnx
+    from pipeline.onnx_export import export_onnx, sha256_file
 
     config = config_from_args(args, "export")
     model = load_model_from_checkpoint(config.teacher_checkpoint)
     train, _ = splits(config)
     built = read_checkpoint(config.teacher_checkpoint).model_kwargs
-    have = (built.get("num_classes"), built.get("in_channels"))
-    want = (train.num_classes, train.image_shape[0])
+    size = built.get("image_size")
+    size = (size, size) if isinstance(size, int) else None if size is None else tuple(size)
+    have = (built.get("num_classes"), built.get("in_channels"), size)
+    want = (train.num_classes, train.image_shape[0], tuple(train.image_shape[1:]))
+    if have[2] is None:  # a checkpoint that does not say: any size it runs on
+        want = (*want[:2], None)
     if have != want:
         raise ModelError(
-            f"teacher {config.teacher_checkpoint} was built for {have[0]} classes and {have[1]} "
-            f"input channel(s), the dataset has {want[0]} and {want[1]}: train or give a teacher "
-            f"for this dataset"
+            f"teacher {config.teacher_checkpoint} was built for {have[0]} classes, {have[1]} "
+            f"input channel(s) and {have[2]} images; the dataset has {want[0]}, {want[1]} and "
+            f"{want[2]}: train or give a teacher for this dataset"
         )
     rng = np.random.default_rng(0)
     batches = []
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         opset=config.export.opset,
         parity_batches=batches,
         atol=config.export.atol,
+        provenance={"checkpoint_sha256": sha256_file(config.teacher_checkpoint)},
     )
     print(
         f"export: {config.onnx_path} (max |ORT - torch| {record['max_abs_diff']:.2e}, top-1 "

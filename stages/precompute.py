@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.precompute import precompute
+    from pipeline.precompute import DONE_FILE, precompute
 
     if args.workers is not None:
         args.set.append(f"precompute.workers={args.workers}")
@@ -35,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
         args.set.append(f"precompute.scheduler={args.scheduler}")
     config = config_from_args(args, "precompute")
     path = precompute(config, overwrite=args.overwrite, progress=not args.quiet)
-    (config.run_path / "precompute.done").write_text(str(path) + "\n")
+    (config.run_path / DONE_FILE).write_text(str(path) + "\n")
     print(f"precompute: {path} complete")
     return 0

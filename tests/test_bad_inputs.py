@@ -364,8 +364,8 @@ CASES: list[Case] = [
          prepare=_torch_save(lambda run: {"weight": __import__("torch").zeros(3)}, "teacher.pt")),
     Case("ckpt-class-count", "checkpoint", "a teacher for 10 classes, a dataset of 7",
          stage("export", "data.options.num_classes=7"),
-         "teacher RUN/teacher.pt was built for 10 classes and 1 input channel(s), the dataset has "
-         "7 and 1: train or give a teacher for this dataset"),
+         "teacher RUN/teacher.pt was built for 10 classes, 1 input channel(s) and (16, 16) images; "
+         "the dataset has 7, 1 and (16, 16): train or give a teacher for this dataset"),
     Case("ckpt-malicious-resume", "checkpoint", "a student's resume state whose pickle would "
          "run code", stage("distill", "distill.name=evil"),
          "RUN/distill/evil/state.pt holds pickled Python objects other than tensors and plain "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,3 +160,33 @@ def test_a_diverged_run_run_again_repeats_its_line_without_training(tiny_run, ca
     (out / "diverged.json").write_text(json.dumps(marker))
     assert main(tiny_run.argv(*sets)) == 2
     assert capsys.readouterr().err.strip() == again
+
+
+def test_a_run_made_from_another_teacher_store_is_refused(tiny_run, tmp_path, capsys):
+    """The teacher retrained and the store made again: a finished student (or a saved state) of
+    the old store is neither reused nor resumed, and the refusal changes nothing of the run."""
+    other = tmp_path / "other.zarr"
+    shutil.copytree(tiny_run.store32, other)
+    sets = ("distill.epochs=1", "distill.name=cli-source", f"distill.store={other}")
+    assert main(tiny_run.argv(*sets)) == 0
+    out = output_dir(tiny_run.config(*sets))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    meta = json.loads((other / "zarr.json").read_text())
+    meta["attributes"]["fingerprint"]["onnx_sha256"] = "0" * 64  # another teacher's ONNX file
+    (other / "zarr.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(tiny_run.argv(*sets)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a finished run trained from another teacher store" in err
+    assert "differs in onnx_sha256" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_store_with_another_view_count_is_refused(tiny_run, capsys):
+    """ce and PS-KD plan with augment.views: a KD run may not silently use the store's count."""
+    sets = ("augment.views=1", "distill.name=cli-views")
+    assert main(tiny_run.argv(*sets)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"holds 2 view\(s\) but augment.views=1: set augment.views=2", err), err
+    assert not output_dir(tiny_run.config(*sets)).exists()  # not even its config.yaml
+    assert main(tiny_run.argv(*sets, "distill.views=1", "distill.epochs=1")) == 0

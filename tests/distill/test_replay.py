@@ -84,7 +84,7 @@ def test_stored_view_params_are_the_generators(tiny_run):
 
 def test_a_store_with_other_view_params_is_refused(tiny_run, tmp_path):
     """Same dataset, labels and fingerprint, but parameters that are not the generator's."""
-    config = tiny_run.config(f"distill.store={tmp_path / 's.zarr'}")
+    config = tiny_run.config(f"distill.store={tmp_path / 's.zarr'}", "distill.views=1")
     train, _ = splits(config)
     with open_store(tiny_run.run_dir / "store.zarr") as src:
         fingerprint, labels = src.fingerprint, src.labels

@@ -131,6 +131,25 @@ def test_torchscript_exporter_for_opset_17(tmp_path) -> None:
         )
     with pytest.raises(UserError, match="unknown ONNX exporter"):
         export_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "u.onnx", exporter="tf")
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(UserError, match=rf"export.opset=99 is outside .* \(7..{newest}\)"):
+        export_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "u.onnx", opset=99)
+    assert not (tmp_path / "u.onnx").exists()
+
+
+def test_an_opset_the_exporter_does_not_write_is_refused(tmp_path, monkeypatch) -> None:
+    """The dynamo exporter writes the opset it knows when asked for a newer one, silently: the
+    file's own opset is checked, and the record names it."""
+    real_export = onnx_export._torch_export
+
+    def export_another(model, sample, out, opset, *args):
+        real_export(model, sample, out, 18, *args)
+
+    monkeypatch.setattr(onnx_export, "_torch_export", export_another)
+    model = _calibrated("small_cnn")
+    with pytest.raises(UserError, match=r"export.opset=19 was asked but the dynamo exporter wrote"):
+        export_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "v.onnx", opset=19)
+    assert not (tmp_path / "v.onnx").exists()
 
 
 def test_static_batch_and_mode_restored(tmp_path) -> None:
@@ -149,12 +168,14 @@ def test_static_batch_and_mode_restored(tmp_path) -> None:
     assert session.get_inputs()[0].shape == [4, 1, 28, 28]
 
 
-def test_failed_parity_keeps_no_file(tmp_path, monkeypatch) -> None:
-    """An export that does not match PyTorch leaves no teacher.onnx, not even an older one."""
+def test_failed_parity_publishes_nothing(tmp_path, monkeypatch) -> None:
+    """An export that does not match PyTorch is not kept; an earlier one stays as it was (the
+    checkpoint hash in its record keeps precompute from running it for another teacher)."""
     path = tmp_path / "teacher.onnx"
     model = _calibrated("small_cnn")
     export_onnx(model, torch.randn(2, 1, 28, 28), path, exporter="torchscript", opset=17)
     assert path.exists() and parity_path(path).exists()
+    before = path.read_bytes(), parity_path(path).read_bytes()
 
     real_export = onnx_export._torch_export
 
@@ -165,7 +186,9 @@ def test_failed_parity_keeps_no_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(onnx_export, "_torch_export", export_then_corrupt)
     with pytest.raises(ParityError, match="it was not kept"):
         export_onnx(model, torch.randn(2, 1, 28, 28), path, exporter="torchscript", opset=17)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.onnx.parity-failed.json"]
+    names = ["teacher.onnx", "teacher.onnx.parity-failed.json", "teacher.onnx.parity.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert (path.read_bytes(), parity_path(path).read_bytes()) == before
     failed = json.loads((tmp_path / "teacher.onnx.parity-failed.json").read_text())
     assert not failed["passed"] and failed["max_abs_diff"] > 1e-4
 

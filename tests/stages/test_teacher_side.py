@@ -175,6 +175,30 @@ def test_an_onnx_changed_after_export_is_refused(run: Path, tmp_path: Path, caps
     assert not (changed / "store.zarr").exists()
 
 
+def test_more_views_do_not_retrain_the_teacher(run: Path, tmp_path: Path) -> None:
+    """augment.views is what precompute stores; the teacher's training views are drawn fresh
+    every epoch whatever it is, so asking for more views keeps the teacher."""
+    again = _copy_teacher(run, tmp_path / "views")
+    before = (again / "teacher.pt").read_bytes()
+    assert main(_args("teacher", again, "--set", "augment.views=3")) == 0
+    assert (again / "teacher.pt").read_bytes() == before
+    assert not (again / "teacher.state.pt").exists()  # nothing trained
+
+
+def test_an_onnx_of_another_checkpoint_is_refused(run: Path, tmp_path: Path, capsys) -> None:
+    """The teacher retrained (or replaced) since the export: its ONNX file is never run."""
+    stale = _copy_teacher(run, tmp_path / "stale")
+    checkpoint = torch.load(stale / "teacher.pt", weights_only=False)
+    first = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][first] += 1.0
+    torch.save(checkpoint, stale / "teacher.pt")
+    assert main(_args("precompute", stale)) == 2
+    err = capsys.readouterr().err
+    assert "was exported from another teacher checkpoint than" in err
+    assert "run the export stage again" in err and err.count("\n") == 1
+    assert not (stale / "store.zarr").exists()
+
+
 def test_a_store_from_other_inputs_is_refused_and_kept(run: Path, tmp_path: Path, capsys) -> None:
     other = _copy_teacher(run, tmp_path / "other")
     shutil.copytree(run / "store.zarr", other / "store.zarr")
