@@ -28,9 +28,12 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write
 from pipeline.metrics import first_diverged_epoch
 
-# Settings that change how a run is computed, not what it learns: runs differing only in these
-# (and the seed) are seeds of one experiment.
-_NOT_RESULT_KEYS = ("seed", "name", "device", "prefetch", "eval_batch_size")
+# Settings that change how a run is computed, not what it learns (distill's NOT_IN_KEY), and
+# the seed: runs differing only in these are seeds of one experiment (of one name: the same recipe
+# under two names is two experiments). Kept in step with pipeline.distill by a test.
+_NOT_RESULT_KEYS = ("seed", "name", "device", "prefetch", "eval_batch_size", "ddp_timeout_s")
+#: Keys that make a method what it is: a group's CE baseline has the same settings but these.
+_METHOD_KEYS = ("method", "method_options", "teacher_source")
 
 
 class ReportError(UserError):
@@ -176,44 +179,55 @@ def collect_runs(run_dir: Path) -> list[RunResult]:
     teachers: dict = {}
     runs = []
     for metrics in sorted((run_dir / "distill").glob("*/metrics.jsonl")):
-        folder = metrics.parent
         history = _read_metrics(metrics)
         if not history:
             continue
-        config = _read_config(folder / "config.yaml")
-        distill = config.get("distill") or {}
-        seed = int(distill.get("seed", 0))
-        teacher, teacher_acc = _teacher(config, run_dir, teachers)
-        curve = [float(r["test_acc"]) for r in history]
-        rates = [float(r["rows_per_s"]) for r in history if "rows_per_s" in r]
-        key = {
-            "distill": {k: v for k, v in distill.items() if k not in _NOT_RESULT_KEYS},
-            **{k: config.get(k) for k in ("data", "augment", "teacher")},
-            "encoding": (config.get("precompute") or {}).get("encoding"),
-        }
-        runs.append(
-            RunResult(
-                name=folder.name,
-                label=re.sub(rf"-s{seed}(?=-online$|$)", "", folder.name),
-                student=str(distill.get("student", "?")),
-                method=str(distill.get("method", "?")).strip().lower().replace(" ", ""),
-                method_options=dict(distill.get("method_options") or {}),
-                seed=seed,
-                teacher=teacher,
-                teacher_test_acc=teacher_acc,
-                finished=(folder / "student.pt").is_file(),
-                epochs=len(history),
-                target_epochs=distill.get("epochs"),
-                curve=curve,
-                best_acc=max(curve),
-                final_acc=curve[-1],
-                wall_s=sum(float(r.get("seconds", 0.0)) for r in history),
-                rows_per_s=statistics.fmean(rates) if rates else 0.0,
-                diverged_epoch=first_diverged_epoch(history),
-                group=json.dumps(key, sort_keys=True, default=str),
-            )
-        )
+        try:
+            runs.append(_run_result(metrics.parent, history, run_dir, teachers))
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ReportError(
+                f"{metrics.parent}: its metrics.jsonl or config.yaml holds a value of the wrong "
+                f"kind ({type(exc).__name__}: {str(exc)[:120]}): delete the run folder or rerun "
+                f"its student"
+            ) from None
     return runs
+
+
+def _run_result(folder: Path, history: list[dict], run_dir: Path, teachers: dict) -> RunResult:
+    """One run's result from its metrics and resolved config (raises on values of wrong kinds)."""
+    config = _read_config(folder / "config.yaml")
+    distill = config.get("distill") or {}
+    if not isinstance(distill, dict):
+        raise TypeError(f"distill is {type(distill).__name__}, not a mapping")
+    seed = int(distill.get("seed", 0))
+    teacher, teacher_acc = _teacher(config, run_dir, teachers)
+    curve = [float(r["test_acc"]) for r in history]
+    rates = [float(r["rows_per_s"]) for r in history if "rows_per_s" in r]
+    key = {
+        "distill": {k: v for k, v in distill.items() if k not in _NOT_RESULT_KEYS},
+        **{k: config.get(k) for k in ("data", "augment", "teacher")},
+        "encoding": (config.get("precompute") or {}).get("encoding"),
+    }
+    return RunResult(
+        name=folder.name,
+        label=re.sub(rf"-s{seed}(?=-online$|$)", "", folder.name),
+        student=str(distill.get("student", "?")),
+        method=str(distill.get("method", "?")).strip().lower().replace(" ", ""),
+        method_options=dict(distill.get("method_options") or {}),
+        seed=seed,
+        teacher=teacher,
+        teacher_test_acc=teacher_acc,
+        finished=(folder / "student.pt").is_file(),
+        epochs=len(history),
+        target_epochs=distill.get("epochs"),
+        curve=curve,
+        best_acc=max(curve),
+        final_acc=curve[-1],
+        wall_s=sum(float(r.get("seconds", 0.0)) for r in history),
+        rows_per_s=statistics.fmean(rates) if rates else 0.0,
+        diverged_epoch=first_diverged_epoch(history),
+        group=json.dumps(key, sort_keys=True, default=str),
+    )
 
 
 def _order(method: str) -> int:
@@ -230,7 +244,7 @@ def aggregate(runs: list[RunResult]) -> list[GroupResult]:
     by_key: dict[str, list[RunResult]] = {}
     for run in runs:
         if run.finished and run.diverged_epoch is None:
-            by_key.setdefault(run.group, []).append(run)
+            by_key.setdefault(f"{run.label}\n{run.group}", []).append(run)
     groups = []
     for members in by_key.values():
         members.sort(key=lambda r: r.seed)
@@ -252,19 +266,27 @@ def aggregate(runs: list[RunResult]) -> list[GroupResult]:
                 rows_per_s=statistics.fmean(r.rows_per_s for r in members),
             )
         )
+    baseline = {id(g): _baseline_key(by_key, g) for g in groups}
     groups.sort(key=lambda g: (g.student, _order(g.method), g.label))
     for group in groups:
+        if group.method == "ce":
+            continue
         ce = next(
-            (
-                g
-                for g in groups
-                if g.method == "ce" and (g.teacher, g.student) == (group.teacher, group.student)
-            ),
+            (g for g in groups if g.method == "ce" and baseline[id(g)] == baseline[id(group)]),
             None,
         )
-        if ce is not None and ce is not group:
+        if ce is not None:  # CE trained with every other setting of this group's the same
             group.delta_ce = group.final_acc.mean - ce.final_acc.mean
     return groups
+
+
+def _baseline_key(by_key: dict[str, list[RunResult]], group: GroupResult) -> str:
+    """A group's settings without what makes its method (``_METHOD_KEYS``)."""
+    run = next(r for members in by_key.values() for r in members if r.name == group.runs[0])
+    key = json.loads(run.group)
+    for name in _METHOD_KEYS:
+        key["distill"].pop(name, None)
+    return json.dumps(key, sort_keys=True)
 
 
 def _json(report: Report) -> dict:
