@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             f"a dependency is missing ({exc}): run `make setup` to install logitbank's requirements"
         )
     except OSError as exc:
+        if exc.errno == errno.EPIPE:  # `plan | head`: the reader has gone, nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if (remote := _remote_error(exc)) is not None:  # before errno: S3's 403 is not a folder's
             return _fail(remote)
         if exc.errno in _OS_ERRORS:

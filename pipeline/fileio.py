@@ -59,7 +59,7 @@ def remove_stale_temps(folder: str | os.PathLike[str], names: Iterable[str]) -> 
     be writing those files (a run folder its one writer is resuming). Returns what was removed."""
     removed = []
     for name in names:
-        for stale in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+        for stale in Path(folder).glob(f".{glob.escape(name)}.*.tmp*"):  # .tmp.onnx(.data)
             stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed

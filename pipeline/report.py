@@ -283,9 +283,12 @@ def aggregate(runs: list[RunResult]) -> list[GroupResult]:
 def _baseline_key(by_key: dict[str, list[RunResult]], group: GroupResult) -> str:
     """A group's settings without what makes its method (``_METHOD_KEYS``)."""
     run = next(r for members in by_key.values() for r in members if r.name == group.runs[0])
-    key = json.loads(run.group)
-    for name in _METHOD_KEYS:
-        key["distill"].pop(name, None)
+    try:
+        key = json.loads(run.group)
+        for name in _METHOD_KEYS:
+            key["distill"].pop(name, None)
+    except (ValueError, TypeError, KeyError, AttributeError):  # not a config's key: itself
+        return run.group
     return json.dumps(key, sort_keys=True)
 
 

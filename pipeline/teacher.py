@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.config import Config, to_dict
 from pipeline.data import Split, splits
 from pipeline.errors import ModelError
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, remove_stale_temps
 from pipeline.fingerprint import spec_hash
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
 from pipeline.models.checkpoint import load_weights_only
@@ -59,6 +59,8 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     key = spec_hash({"teacher": settings["teacher"], "data": settings["data"], "augment": augment})
     if out.is_file() and read_checkpoint(out).extra.get("config_hash") == key:
         return out  # finished with this very config
+    # What a teacher stage killed mid-write left (checkpoints of a large teacher: hundreds of MB).
+    remove_stale_temps(config.run_path, (out.name, state_path.name))
     train, test = splits(config)
     kwargs = train.model_kwargs
     torch.manual_seed(cfg.seed)

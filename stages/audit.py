@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.errors import UserError
+
+    if args.rows < 2:
+        raise UserError(f"--rows must be at least 2 (rows to sample), got {args.rows}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     with open_store(args.store) as store:
         teacher = sample_rows(store, args.rows, args.seed)
         table = audit_logits(teacher, args.seed, store.layout.topk or None)

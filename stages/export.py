@@ -18,10 +18,13 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.data import splits
     from pipeline.errors import ModelError
+    from pipeline.fileio import remove_stale_temps
     from pipeline.models import load_model_from_checkpoint, read_checkpoint
     from pipeline.onnx_export import export_onnx, sha256_file
 
     config = config_from_args(args, "export")
+    # The temporary files of an export killed mid-write (an ONNX file of a large teacher).
+    remove_stale_temps(config.onnx_path.parent, (config.onnx_path.name,))
     model = load_model_from_checkpoint(config.teacher_checkpoint)
     train, _ = splits(config)
     built = read_checkpoint(config.teacher_checkpoint).model_kwargs

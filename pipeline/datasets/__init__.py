@@ -66,12 +66,26 @@ def build_dataset(spec: dict[str, Any], split: str) -> ImageDataset:
             f"{kind}: unknown option(s) {', '.join(unknown)}; known: "
             f"{', '.join(sorted(accepted | {'mean', 'std'}))}"
         )
-    ds = builder(split, **options)
+    try:
+        ds = builder(split, **options)
+    except (TypeError, ValueError, IndexError) as exc:  # an option of the wrong kind
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise DatasetError(
+            f"{kind}: data.options ({shown}) hold a value of the wrong kind or range "
+            f"({type(exc).__name__}: {str(exc)[:120]}): fix data.options"
+        ) from None
     if mean is not None or std is not None:
         if mean is None or std is None:
             raise DatasetError(f"{kind}: give both mean and std, or neither")
         c = ds.images.shape[3]
-        if len(mean) != c or len(std) != c or min(std) <= 0:
+        pairs = [mean, std]
+        if (
+            not all(isinstance(v, (list, tuple)) and len(v) == c for v in pairs)
+            or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for v in pairs for x in v
+            )
+            or min(std) <= 0
+        ):
             raise DatasetError(f"{kind}: mean and std need {c} value(s) each, std > 0")
         ds.mean, ds.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     return ds

@@ -413,3 +413,21 @@ def test_real_fashion_mnist(fashion_mnist_dir: Path) -> None:
     assert x.shape == (512, 1, 28, 28) and y.tolist() == train.labels[subset].tolist()
     assert 0.25 < x.float().mean().item() / 255 < 0.32  # the stated mean, 0.286, on a subset
     assert dataset_fingerprint(train) == FASHION_MNIST_TRAIN_FINGERPRINT
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"num_samples": "abc"},
+            r"synthetic: data.options \(num_samples='abc', .*\) hold a value of the wrong kind",
+        ),
+        ({"mean": 0.5, "std": 0.5}, r"synthetic: mean and std need 1 value\(s\) each, std > 0"),
+        ({"mean": ["a"], "std": [1.0]}, r"mean and std need 1 value\(s\) each"),
+    ],
+)
+def test_dataset_options_of_the_wrong_kind_are_one_line(options: dict, message: str) -> None:
+    base = {"num_samples": 8, "num_test": 4, "image_size": 8, "channels": 1, "num_classes": 3}
+    with pytest.raises(DatasetError, match=message) as err:
+        build_dataset({"kind": "synthetic", **base, **options}, "train")
+    assert "\n" not in str(err.value)
