@@ -102,7 +102,8 @@ def teacher_store_fingerprint(config: Config) -> dict | None:
     than reused. None when it reads none (ce, pskd, online) or there is no store yet (the run's
     own checks say so)."""
     cfg = config.distill
-    if cfg.teacher_source != "store" or cfg.method.strip().lower() in ("ce", "pskd"):
+    method = cfg.method.strip().lower().replace(" ", "")
+    if cfg.teacher_source != "store" or method in ("ce", "pskd"):
         return None
     try:
         with open_store(store_path(config)) as store:
@@ -356,8 +357,8 @@ def _train(
     out = output_dir(config)
     ckpt_path, state_path = out / "student.pt", out / "state.pt"
     key = config_key(config)
-    source = teacher_store_fingerprint(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
+        source = teacher_store_fingerprint(config)
         if finished(ckpt_path, key, source):
             world.agree(None)
             return ckpt_path

@@ -35,9 +35,12 @@ def _check_source(path: Path, saved: str | None, source: dict | None, what: str)
     """Refuse a run made from another teacher store than ``source`` (its fingerprint)."""
     if source is None or not saved:
         return
-    before = json.loads(saved)
-    if before != source:
+    try:
+        before = json.loads(saved)
         keys = sorted(k for k in {*before, *source} if before.get(k) != source.get(k))
+    except (ValueError, TypeError, AttributeError):  # not a fingerprint: not comparable
+        keys = ["(unreadable)"]
+    if keys:
         raise DistillError(
             f"{path} is {what} from another teacher store (its fingerprint differs in "
             f"{', '.join(keys)}): set distill.name to train from this store elsewhere, or "

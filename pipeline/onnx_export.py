@@ -47,7 +47,6 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, publish, temp_beside
 
 DEFAULT_OPSET = 18
-
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
