@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from types import ModuleType
 
@@ -63,6 +64,8 @@ IMPLS = ("auto", "reference", "triton")
 ENV_VAR = "LOGITBANK_KERNELS"
 
 FUSED_STUDENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Why ATS temperatures that require a gradient go to the reference (its kernels give none).
+_ATS_TEMPERATURE_GRADS = "ATS temperatures that require a gradient"
 FUSED_TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
@@ -131,8 +134,8 @@ def _why_unsupported(student: torch.Tensor | None, teacher: torch.Tensor) -> str
 
 def _check_temperature(name: str, value: float | torch.Tensor) -> None:
     # Tensors are not checked: that would cost a host sync per step on CUDA.
-    if not isinstance(value, torch.Tensor) and not float(value) > 0:
-        raise MethodError(f"{name} must be > 0, got {value}")
+    if not isinstance(value, torch.Tensor) and not (float(value) > 0 and math.isfinite(value)):
+        raise MethodError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _decoded(
@@ -143,6 +146,32 @@ def _decoded(
 
 def _tensors(*values: object) -> tuple[torch.Tensor, ...]:
     return tuple(v for v in values if isinstance(v, torch.Tensor))
+
+
+def _reference_teacher(
+    impl: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    temperatures: dict[str, float | torch.Tensor],
+    grad_unsupported: str | None = None,
+) -> torch.Tensor | None:
+    """Where one loss call goes: the teacher decoded to float32 when ``impl`` sends it to the
+    PyTorch reference, None when the fused kernel takes it. The temperatures are checked first;
+    ``grad_unsupported``, when given, sends temperatures that require a gradient to the
+    reference, with that reason."""
+    for name, value in temperatures.items():
+        _check_temperature(name, value)
+    why = _why_unsupported(student, teacher)
+    grads = any(isinstance(v, torch.Tensor) and v.requires_grad for v in temperatures.values())
+    if grad_unsupported and grads:
+        why = why or grad_unsupported
+    tensors = _tensors(student, teacher, target, *temperatures.values(), scale, offset)
+    if resolve_impl(impl, tensors, why) != "reference":
+        return None
+    return _decoded(teacher, scale, offset)
 
 
 def decode_teacher(
@@ -175,10 +204,9 @@ def kd_rows(
     ``temperature`` is a float or a (B,) tensor (per sample); a tensor that requires grad gets
     one (CTKD), in the fused kernel as in the reference.
     """
-    _check_temperature("temperature", temperature)
-    tensors = _tensors(student, teacher, temperature, scale, offset)
-    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
-        decoded = _decoded(teacher, scale, offset)
+    temps = {"temperature": temperature}
+    decoded = _reference_teacher(impl, student, teacher, None, scale, offset, temps)
+    if decoded is not None:
         return _reference().kd_rows(student, decoded, temperature, zscore=zscore, eps=eps)
     return _fused("kd").kd_rows(
         student, teacher, temperature, zscore, eps, scale=scale, offset=offset
@@ -207,10 +235,9 @@ def kd_ce(
     the whole gradient (no separate cross-entropy pass over the logits). ``target_checked``:
     the caller already checked the targets' range (the methods' ``check_inputs`` does).
     """
-    _check_temperature("temperature", temperature)
-    tensors = _tensors(student, teacher, target, temperature, scale, offset)
-    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
-        decoded = _decoded(teacher, scale, offset)
+    temps = {"temperature": temperature}
+    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
+    if decoded is not None:
         return _reference().kd_ce(
             student, decoded, target, temperature, ce_weight, kd_weight, zscore=zscore, eps=eps
         )
@@ -239,10 +266,9 @@ def dkd_rows(
     non-target classes, the target column dropped exactly. ``temperature`` as in ``kd_rows``,
     ``target_checked`` as in ``kd_ce``.
     """
-    _check_temperature("temperature", temperature)
-    tensors = _tensors(student, teacher, target, temperature, scale, offset)
-    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
-        decoded = _decoded(teacher, scale, offset)
+    temps = {"temperature": temperature}
+    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
+    if decoded is not None:
         return _reference().dkd_rows(student, decoded, target, temperature, zscore=zscore, eps=eps)
     return _fused("dkd").dkd_rows(
         student, teacher, target, temperature, zscore, eps, scale=scale, offset=offset,
@@ -271,11 +297,10 @@ def dkd_ce(
     Batch means of ``dkd_rows`` and of CE(raw student logits, target); total = ce_weight · ce +
     tckd_weight · tckd + nckd_weight · nckd. Fused, one kernel each way (as ``kd_ce``).
     """
-    _check_temperature("temperature", temperature)
-    tensors = _tensors(student, teacher, target, temperature, scale, offset)
     weights = (ce_weight, tckd_weight, nckd_weight)
-    if resolve_impl(impl, tensors, _why_unsupported(student, teacher)) == "reference":
-        decoded = _decoded(teacher, scale, offset)
+    temps = {"temperature": temperature}
+    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
+    if decoded is not None:
         return _reference().dkd_ce(
             student, decoded, target, temperature, *weights, zscore=zscore, eps=eps
         )
@@ -304,15 +329,11 @@ def ats_rows(
     softmax over all classes. Temperatures that require a gradient go to the reference.
     ``target_checked`` as in ``kd_ce``.
     """
-    temps = (("tau1", tau1), ("tau2", tau2), ("student_temperature", student_temperature))
-    for name, value in temps:
-        _check_temperature(name, value)
-    why = _why_unsupported(student, teacher)
-    if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in temps):
-        why = why or "ATS temperatures that require a gradient"
-    tensors = _tensors(student, teacher, target, tau1, tau2, student_temperature, scale, offset)
-    if resolve_impl(impl, tensors, why) == "reference":
-        decoded = _decoded(teacher, scale, offset)
+    temps = {"tau1": tau1, "tau2": tau2, "student_temperature": student_temperature}
+    decoded = _reference_teacher(
+        impl, student, teacher, target, scale, offset, temps, _ATS_TEMPERATURE_GRADS
+    )
+    if decoded is not None:
         return _reference().ats_rows(student, decoded, target, tau1, tau2, student_temperature)
     return _fused("ats").ats_rows(
         student, teacher, target, tau1, tau2, student_temperature, scale=scale, offset=offset,
@@ -340,17 +361,14 @@ def ats_ce(
     Batch means of ``ats_rows`` and of CE(raw student logits, target); total = ce_weight · ce +
     ats_weight · ats. Fused, one kernel each way (as ``kd_ce``).
     """
-    temps = (tau1, tau2, student_temperature)
-    for name, value in zip(("tau1", "tau2", "student_temperature"), temps, strict=True):
-        _check_temperature(name, value)
-    why = _why_unsupported(student, teacher)
-    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in temps):
-        why = why or "ATS temperatures that require a gradient"
-    tensors = _tensors(student, teacher, target, *temps, scale, offset)
-    if resolve_impl(impl, tensors, why) == "reference":
-        decoded = _decoded(teacher, scale, offset)
-        return _reference().ats_ce(student, decoded, target, *temps, ce_weight, ats_weight)
+    temps = {"tau1": tau1, "tau2": tau2, "student_temperature": student_temperature}
+    decoded = _reference_teacher(
+        impl, student, teacher, target, scale, offset, temps, _ATS_TEMPERATURE_GRADS
+    )
+    taus = tuple(temps.values())
+    if decoded is not None:
+        return _reference().ats_ce(student, decoded, target, *taus, ce_weight, ats_weight)
     return _fused("ats").ats_ce(
-        student, teacher, target, *temps, ce_weight, ats_weight, scale=scale, offset=offset,
+        student, teacher, target, *taus, ce_weight, ats_weight, scale=scale, offset=offset,
         target_checked=target_checked,
     )  # fmt: skip

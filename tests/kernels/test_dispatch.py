@@ -95,11 +95,16 @@ def test_reference_path_decodes_int8_first(monkeypatch: pytest.MonkeyPatch) -> N
     ]
 
 
-def test_temperature_must_be_positive() -> None:
-    with pytest.raises(MethodError, match="temperature"):
-        kernels.kd_rows(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
-    with pytest.raises(MethodError, match="tau2"):
-        kernels.ats_rows(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2).long(), 4.0, -1, 1.0)
+def test_temperature_must_be_finite_and_positive() -> None:
+    s, t, y = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2).long()
+    with pytest.raises(MethodError, match="temperature must be a finite number > 0, got 0.0"):
+        kernels.kd_rows(s, t, 0.0)
+    with pytest.raises(MethodError, match="temperature must be a finite number > 0, got inf"):
+        kernels.dkd_ce(s, t, y, float("inf"), 1.0, 1.0, 8.0)
+    with pytest.raises(MethodError, match="tau2 must be a finite number > 0, got -1"):
+        kernels.ats_rows(s, t, y, 4.0, -1, 1.0)
+    with pytest.raises(MethodError, match="student_temperature must be a finite number > 0"):
+        kernels.ats_ce(s, t, y, 4.0, 2.0, float("nan"), 0.5, 0.5)
 
 
 def _inputs(teacher_dtype: torch.dtype):
