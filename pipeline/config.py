@@ -10,6 +10,7 @@ Each stage writes the resolved config next to its outputs, so a result always sa
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -113,6 +114,13 @@ class PrecomputeConfig:
     writing, resuming and parallel work."""
     threads: int | None = None
     """ONNX Runtime intra-op threads; None: the cores this process may use."""
+    parity_rows: int = 64
+    """Rows of view 0 that a session other than the CPU's float32 one (CUDA, fp16, TF32) also
+    runs through ONNX Runtime's CPU provider in float32 before it writes anything, to check its
+    logits (recorded in RUN_DIR/precompute.parity.json); 0: no check."""
+    parity_rtol: float | None = None
+    """Largest accepted max |Δ| of that check, relative to max(1, the largest |logit|); None:
+    1e-3 for float32, 5e-2 for TF32 and fp16 (pipeline.ort.SESSION_RTOL)."""
 
 
 @dataclass
@@ -282,6 +290,10 @@ class Config:
         for key in ("threads", "chunk_rows", "chunks_per_shard"):
             if getattr(self.precompute, key) is not None:  # None: chosen automatically
                 _positive(getattr(self.precompute, key), f"precompute.{key}")
+        _positive(self.precompute.parity_rows, "precompute.parity_rows", allow_zero=True)
+        rtol = self.precompute.parity_rtol
+        if rtol is not None and not (0 < rtol < math.inf):
+            raise ConfigError(f"precompute.parity_rtol must be a finite number > 0, got {rtol}")
         if self.precompute.provider not in ORT_PROVIDERS:
             raise ConfigError(
                 f"precompute.provider must be one of {', '.join(ORT_PROVIDERS)}, got "
@@ -339,6 +351,8 @@ def _check_milestones(milestones: list[int], name: str) -> None:
 
 
 def _positive(value: float, name: str, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}, got {value}")

@@ -31,8 +31,18 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import Split, splits
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write
 from pipeline.onnx_export import parity_path, sha256_file
-from pipeline.ort import Runner, active_provider, available_cores, check_io, make_session
+from pipeline.ort import (
+    SESSION_RTOL,
+    Runner,
+    active_provider,
+    available_cores,
+    check_io,
+    describe_parity,
+    make_session,
+    session_parity,
+)
 from pipeline.overlap import run_overlapped
 from pipeline.views import NUM_VIEW_PARAMS
 from storage import NotAStoreError, create_store, open_store
@@ -45,7 +55,7 @@ from storage.urls import is_url
 # CUDA one above all) or an image-folder index costs seconds to build. Per thread (thread id →
 # (key, split, runner)), since a session's I/O-bound output buffers are not shared between
 # concurrent tasks; emptied by ``TeacherLogits.release`` when the run ends.
-_LOADED: dict[int, tuple[str, Split, Runner]] = {}
+_LOADED: dict[int, tuple[str, Split, Runner, dict | None]] = {}
 
 
 @dataclass
@@ -66,11 +76,16 @@ class TeacherLogits:
     fp16: bool = False
     tf32: bool = False
     onnx_sha256: str | None = None
+    parity_rows: int = 64
+    parity_rtol: float | None = None
+    #: The figures of the session's check against the CPU float32 session (``check_parity``),
+    #: or None when the session is that one (or the check is off).
+    parity: dict | None = field(default=None, repr=False)
     _runner: Any = field(default=None, repr=False)
     _unpickled: bool = field(default=False, repr=False)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_runner": None}
+        return {**self.__dict__, "_runner": None, "parity": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _unpickled=True)
@@ -96,7 +111,7 @@ class TeacherLogits:
         if self._runner is None and self._unpickled:
             loaded = _LOADED.get(threading.get_ident())
             if loaded is not None and loaded[0] == self._key():
-                _, self.split, self._runner = loaded
+                _, self.split, self._runner, self.parity = loaded
 
     @property
     def runner(self) -> Runner:
@@ -107,10 +122,57 @@ class TeacherLogits:
                 self.onnx_path, self.provider, self.threads, self.fp16, self.tf32
             )
             check_io(session, self.split.num_classes, self.split.image_shape)
-            self._runner = Runner(session, self.split.num_classes)
+            runner = Runner(session, self.split.num_classes)
+            self.parity = self.check_parity(runner)
+            self._runner = runner
             if self._unpickled:
-                _LOADED[threading.get_ident()] = (self._key(), self.split, self._runner)
+                _LOADED[threading.get_ident()] = (
+                    self._key(),
+                    self.split,
+                    self._runner,
+                    self.parity,
+                )
         return self._runner
+
+    @property
+    def precision(self) -> str:
+        """What the session computes in: float32, tf32 or float16."""
+        return "float16" if self.fp16 else "tf32" if self.tf32 else "float32"
+
+    def check_parity(self, runner: Runner) -> dict | None:
+        """Run the first ``parity_rows`` rows of view 0 through ``runner`` and through ONNX
+        Runtime's CPU provider in float32 (the session export's parity check vouches for), and
+        refuse a session whose logits are further apart than ``parity_rtol`` allows: a GPU
+        session (TF32, fp16, another convolution algorithm) is checked before it writes a row.
+        None (no check) for a CPU session, which is that float32 session itself."""
+        rows = min(self.parity_rows, len(self.split))
+        if runner.device == "cpu" or rows == 0:
+            return None
+        rtol = self.parity_rtol if self.parity_rtol is not None else SESSION_RTOL[self.precision]
+        reference = Runner(
+            make_session(self.onnx_path, "cpu", self.threads, False, False), self.split.num_classes
+        )
+        got, want = [], []
+        for a in range(0, rows, self.batch_size):
+            x, _ = self.inputs(0, a, min(a + self.batch_size, rows))
+            indices = np.arange(a, a + len(x))
+            got.append(runner.run(x, indices))
+            want.append(reference.run(x, indices))
+        del reference  # a CPU copy of the teacher: not kept for the run
+        record = session_parity(np.concatenate(got), np.concatenate(want), rtol)
+        record.update(provider=runner.device, precision=self.precision)
+        if not record["passed"]:
+            fix = {
+                "float16": "set precompute.fp16=false",
+                "tf32": "set precompute.tf32=false",
+                "float32": "use precompute.provider=cpu",
+            }[self.precision]
+            raise UserError(
+                f"the teacher's {self.precision} logits on {runner.device} are off from ONNX "
+                f"Runtime's CPU float32 ones: {describe_parity(record)}; {fix}, or raise "
+                f"precompute.parity_rtol if that is acceptable"
+            )
+        return record
 
     @staticmethod
     def release() -> None:
@@ -141,9 +203,12 @@ class TeacherLogits:
         """The device this producer's session runs on ("cpu", or "cuda" with the GPU it sees)."""
         device = active_provider(self.runner.session)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return (
-            f"{device} (CUDA_VISIBLE_DEVICES={visible})" if device == "cuda" and visible else device
-        )
+        if device == "cuda" and visible:
+            device = f"{device} (CUDA_VISIBLE_DEVICES={visible})"
+        if self.parity is not None:
+            diff = self.parity["max_abs_diff"]
+            device += f", {self.precision}, vs CPU float32 max |Δ| {diff:.2g}"
+        return device
 
     def inputs(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Model input (B, C, H, W) float32 and view parameters (B, P) of rows [start, stop)."""
@@ -204,6 +269,8 @@ def checked_onnx_sha256(onnx_path: Path, checkpoint: Path | None = None) -> str:
 
 #: In run_dir once precompute has finished (the Makefile's target for the stage).
 DONE_FILE = "precompute.done"
+#: In run_dir: the session of the last one-process precompute and its check (``check_parity``).
+PARITY_FILE = "precompute.parity.json"
 
 
 def store_fingerprint(config: Config, train: Split) -> dict:
@@ -242,14 +309,19 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
             pc.fp16,
             pc.tf32,
             onnx_sha256=fingerprint["onnx_sha256"],
+            parity_rows=pc.parity_rows,
+            parity_rtol=pc.parity_rtol,
         )
     else:
         threads = pc.threads or available_cores()
         produce = TeacherLogits(
-            str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16, pc.tf32
-        )
-    if overwrite and not dask:  # the session is made and checked (provider, fp16, classes)
-        produce.runner  # noqa: B018  -- before the old store is replaced
+            str(config.onnx_path), train, pc.batch_size, pc.provider, threads, pc.fp16, pc.tf32,
+            parity_rows=pc.parity_rows, parity_rtol=pc.parity_rtol,
+        )  # fmt: skip
+        # The session is made and checked (provider, fp16, classes, its logits against the CPU
+        # float32 session's) before the store is created, opened or replaced.
+        produce.runner  # noqa: B018
+        _write_parity_record(config, produce)
     store = _open_or_create(config, train, fingerprint, overwrite)
     if overwrite:  # the stamp of a finished precompute no longer holds
         (config.run_path / DONE_FILE).unlink(missing_ok=True)
@@ -263,6 +335,11 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     if progress and not dask:
         provider = active_provider(produce.runner.session)
         print(f"ONNX Runtime on {provider}, {threads} thread(s)", flush=True)
+        if produce.parity is not None:
+            print(
+                f"{produce.precision} session vs CPU float32: {describe_parity(produce.parity)}",
+                flush=True,
+            )
     bar = tqdm(
         total=rows,
         unit="rows",
@@ -316,6 +393,20 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
                 f"after precompute: rerun it to finish"
             )
     return path
+
+
+def _write_parity_record(config: Config, produce: TeacherLogits) -> None:
+    """RUN_DIR/precompute.parity.json: the session this run fills the store with, and how far
+    its logits were from the CPU float32 session's (``checked`` false for that session itself,
+    which export's parity check covers)."""
+    runner = produce.runner
+    record = {"provider": runner.device, "precision": produce.precision, "checked": False}
+    if produce.parity is not None:
+        record.update(produce.parity, checked=True)
+    config.run_path.mkdir(parents=True, exist_ok=True)
+    with atomic_write(config.run_path / PARITY_FILE, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _threads_per_worker(workers: int) -> int:

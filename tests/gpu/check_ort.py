@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.models import build_model
     from pipeline.onnx_export import export_onnx
-    from pipeline.ort import Runner, active_provider, make_session
+    from pipeline.ort import (
+        SESSION_RTOL,
+        Runner,
+        active_provider,
+        describe_parity,
+        make_session,
+        session_parity,
+    )
 
     print(f"onnxruntime {ort.__version__}, providers listed: {ort.get_available_providers()}")
     if dev == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             model(torch.from_numpy(rng.standard_normal((64, 3, 32, 32), dtype=np.float32)))
     model.eval()
     rows = []
+    parity: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "teacher.onnx"
         sample = torch.from_numpy(rng.standard_normal((8, 3, 32, 32), dtype=np.float32))
@@ -108,11 +116,30 @@ def main(argv: list[str] | None = None) -> int:
         if dev == "cuda":  # ORT's own default, which make_session turns off
             tf32 = Runner(make_session(onnx_path, dev, tf32=True), 100)
             engines[f"ORT {dev} Runner TF32"] = lambda x: tf32.run(x)
+        fp16 = None
         try:
             fp16 = Runner(make_session(onnx_path, dev, fp16=True), 100)
             engines[f"ORT {dev} Runner fp16"] = lambda x: fp16.run(x)
         except Exception as e:  # a UserError when onnxconverter_common is missing
             print(f"fp16 not measured: {e}")
+        # precompute's own check of a GPU session (TeacherLogits.check_parity): each session
+        # against ONNX Runtime's CPU provider in float32, at the default tolerances.
+        cpu = Runner(make_session(onnx_path, "cpu"), 100)
+        x = rng.standard_normal((64, 3, 32, 32), dtype=np.float32)
+        want = cpu.run(x)
+        checked = {"float32": runner}
+        if dev == "cuda":
+            checked["tf32"] = tf32
+        if fp16 is not None:
+            checked["float16"] = fp16
+        for precision, session_runner in checked.items():
+            record = session_parity(session_runner.run(x), want, SESSION_RTOL[precision])
+            parity[precision] = record
+            print(
+                f"precompute's check, {precision} on {dev} vs CPU float32: "
+                f"{'passed' if record['passed'] else 'REFUSED'}: {describe_parity(record)}",
+                flush=True,
+            )
         for b in args.batch:
             x = rng.standard_normal((b, 3, 32, 32), dtype=np.float32)
             ref = torch_eager(x)
@@ -154,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         return max(5e-2, 1e-2 * r["scale"]) if loose else max(1e-4, 1e-5 * r["scale"])
 
     ok = all(r["diff"] <= tolerance(r) for r in rows)
+    ok = ok and all(record["passed"] for record in parity.values())
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "ort.json").write_text(json.dumps(rows, indent=1))
+        (Path(args.out) / "ort.json").write_text(
+            json.dumps({"engines": rows, "precompute_check": parity}, indent=1)
+        )
     print("PASS" if ok else "FAIL: parity off")
     return 0 if ok else 1
 

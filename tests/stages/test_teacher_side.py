@@ -211,6 +211,131 @@ def test_a_store_from_other_inputs_is_refused_and_kept(run: Path, tmp_path: Path
         np.testing.assert_array_equal(after[name], before[name])
 
 
+class _GpuLikeSession:
+    """A CPU session that reports the CUDA provider: ``Runner`` then takes its CUDA path,
+    which ``_fake_gpu`` routes to the CPU session with ``shift`` added to the logits."""
+
+    def __init__(self, real, shift):
+        self.real, self.shift = real, shift
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _fake_gpu(monkeypatch, shift) -> list[str]:
+    """Precompute's session is a "GPU" whose logits are the CPU's plus ``shift(logits)``; the
+    providers each session was asked for are returned (the check's own session is the CPU's)."""
+    import pipeline.precompute as precompute
+    from pipeline.ort import Runner
+
+    asked = []
+    make_session = precompute.make_session
+
+    def fake_make_session(path, provider, threads, fp16, tf32):
+        asked.append(provider)
+        real = make_session(path, "cpu", threads, False, False)
+        return real if provider == "cpu" else _GpuLikeSession(real, shift)
+
+    def run_cuda(self, batch):
+        x = self.session.real.run([self.output_name], {self.input_name: batch})[0]
+        return (x + self.session.shift(x)).astype(np.float32)
+
+    monkeypatch.setattr(precompute, "make_session", fake_make_session)
+    monkeypatch.setattr(Runner, "_run_cuda", run_cuda)
+    return asked
+
+
+def _parity_record(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "precompute.parity.json").read_text())
+
+
+def test_a_gpu_session_is_checked_against_the_cpu_float32_one(
+    run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A session that is not ONNX Runtime's CPU float32 one (CUDA, fp16, TF32) first runs
+    precompute.parity_rows rows beside the CPU float32 session: within parity_rtol it fills the
+    store, and precompute.parity.json records how far apart the two were."""
+    close = _copy_teacher(run, tmp_path / "close")
+    asked = _fake_gpu(monkeypatch, lambda x: np.float32(1e-5) * np.abs(x).max())
+    assert main(_args("precompute", close)) == 0
+    assert asked == ["auto", "cpu"]  # the store's session, then the check's
+    record = _parity_record(close)
+    assert record["checked"] and record["passed"] and record["provider"] == "cuda"
+    assert record["precision"] == "float32" and record["rtol"] == 1e-3
+    assert record["rows"] == 64 and record["disagreements"] == 0
+    want = raw_arrays(run / "store.zarr")["logits"]
+    got = raw_arrays(close / "store.zarr")["logits"]
+    # The store holds the "GPU's" logits: the CPU's plus the shift the record measured.
+    shift = got - want
+    assert shift.min() > 0
+    np.testing.assert_allclose(record["max_abs_diff"], shift[0, :64].max(), rtol=1e-3)
+    np.testing.assert_allclose(record["largest_logit"], np.abs(want[0, :64]).max(), rtol=1e-6)
+    # A CPU session is the float32 reference itself: recorded, not checked.
+    assert _parity_record(run) == {"checked": False, "precision": "float32", "provider": "cpu"}
+
+
+def test_a_gpu_session_off_from_the_cpu_is_refused(
+    run: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Logits 10 % of their scale off (an fp16 graph that saturates, a provider fault) stop
+    precompute before a row is written; the one-line error gives the figures and the fixes."""
+    off = _copy_teacher(run, tmp_path / "off")
+    _fake_gpu(
+        monkeypatch, lambda x: np.float32(0.1) * np.abs(x).max() * (x == x.max(1, keepdims=True))
+    )
+    err = _fails(
+        capsys,
+        [*_args("precompute", off), "--set", "precompute.fp16=false"],
+        "float32 logits on cuda are off from ONNX Runtime's CPU float32 ones",
+        "max |Δ|",
+        "use precompute.provider=cpu",
+        "precompute.parity_rtol",
+    )
+    assert "allowed 0.001" in err
+    assert not (off / "store.zarr").exists() and not (off / "precompute.parity.json").exists()
+    # The same session with the check widened, or turned off, fills the store.
+    assert main([*_args("precompute", off), "--set", "precompute.parity_rtol=0.2"]) == 0
+    record = _parity_record(off)
+    assert record["checked"] and record["passed"]
+    want = 0.1 * record["largest_logit"] / max(1.0, record["largest_logit"])
+    assert record["relative_diff"] == pytest.approx(want, rel=1e-5) and want > 1e-3
+    shutil.rmtree(off / "store.zarr")
+    assert main([*_args("precompute", off), "--set", "precompute.parity_rows=0"]) == 0
+    assert _parity_record(off) == {"checked": False, "precision": "float32", "provider": "cuda"}
+
+
+def test_session_parity_figures_equal_an_independent_float64_computation() -> None:
+    from pipeline.ort import session_parity
+
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((50, 7)) * 8).astype(np.float32)
+    got = ref + (rng.standard_normal(ref.shape) * 0.05).astype(np.float32)
+    got[3] = ref[3][::-1]  # one row whose top-1 moves
+    record = session_parity(got, ref, rtol=0.01)
+    r, g = torch.tensor(ref, dtype=torch.float64), torch.tensor(got, dtype=torch.float64)
+    assert record["max_abs_diff"] == pytest.approx(float((g - r).abs().max()), rel=1e-12)
+    assert record["largest_logit"] == pytest.approx(float(r.abs().max()), rel=1e-12)
+    for t in (1, 4):
+        kl = torch.nn.functional.kl_div(
+            torch.log_softmax(g / t, 1), torch.log_softmax(r / t, 1), log_target=True,
+            reduction="none",
+        ).sum(1)  # fmt: skip
+        assert record[f"kl_T{t}"] == pytest.approx(float(kl.max()), rel=1e-9)
+    allowed = 0.01 * float(r.abs().max())
+    top2 = r.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * allowed
+    moved = r.argmax(1) != g.argmax(1)
+    assert record["disagreements"] == int((moved & clear).sum()) >= 1
+    assert not record["passed"]  # row 3 is far off, and its top-1 moved
+    assert session_parity(ref, ref, rtol=1e-9)["passed"]
+    assert session_parity(ref, ref, rtol=1e-9)["kl_T1"] == 0.0
+
+
 @pytest.mark.realdata
 def test_fashion_mnist_subset_end_to_end(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     """The real files: a small teacher on 512 images, 2 views stored, spot-checked against
