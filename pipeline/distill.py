@@ -93,7 +93,11 @@ def config_key(config: Config) -> str:
     # with other prefetch / evaluation batch sizes.
     for key in NOT_IN_KEY:
         d["distill"].pop(key, None)
-    return spec_hash({k: d[k] for k in ("distill", "data", "augment")})
+    spec = {k: d[k] for k in ("distill", "data", "augment")}
+    # The block layout: the blocks every epoch's batches are cut from (a store's chunks, or those
+    # a precompute of this config would make when no store is read), and the logits' encoding.
+    spec["blocks"] = {k: d["precompute"][k] for k in ("encoding", "chunk_rows")}
+    return spec_hash(spec)
 
 
 def teacher_store_fingerprint(config: Config) -> dict | None:

@@ -93,6 +93,14 @@ def test_config_key_ignores_device_and_loader_settings() -> None:
     )
     assert config_key(moved) == base
     assert config_key(load_config(tiny, ["distill.lr=0.5"])) != base
+    # The blocks each epoch is cut into, and the stored logits' encoding, change the batches:
+    # a CE, PS-KD or online run (no store) as much as one reading a store.
+    for changed in ("precompute.chunk_rows=7", "precompute.encoding=int8"):
+        for method in ("ce", "pskd", "kd"):
+            with_method = [f"distill.method={method}"]
+            before = config_key(load_config(tiny, with_method))
+            assert config_key(load_config(tiny, [*with_method, changed])) != before, changed
+    assert config_key(load_config(tiny, ["precompute.chunks_per_shard=2"])) == base
 
 
 def test_term_sums_add_each_term_times_its_rows() -> None:
