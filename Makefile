@@ -65,7 +65,7 @@ export: $(RUN_DIR)/teacher.onnx ## export the teacher to ONNX, parity-checked ag
 $(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline export $(STAGE_ARGS)
 
-precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into STORE (WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
+precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into the run's store (precompute.store, default RUN_DIR/store.zarr; WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
 $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
@@ -85,7 +85,7 @@ report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's st
 run: sweep ## the default pipeline: data, teacher, export, precompute, sweep, report
 	$(PY) -m pipeline report $(STAGE_ARGS)
 
-test: $(STAMP) ## run the whole test suite (not the benchmarks)
+test: $(STAMP) ## the test suite, without the slow tests (make bench) and the benchmarks
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP) ## the slow tests, then every benchmark's table (BENCH="store losses": only those)
@@ -96,7 +96,7 @@ lint: $(STAMP) ## ruff: style and common bugs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check pipeline stages storage tests
 
-verify: $(STAMP) ## check a store's checksums and completeness (STORE=path, default the run's)
+verify: $(STAMP) ## check a store's checksums and completeness (STORE=path, default RUN_DIR/store.zarr)
 	$(PY) -m pipeline verify $(STORE)
 
 audit: $(STAMP) ## bytes per row and KD-loss error of every encoding on a store (STORE=path)

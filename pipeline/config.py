@@ -139,7 +139,8 @@ class DistillConfig:
     checkpoint run in memory on the same inputs; for equivalence checks). ce and pskd read no
     teacher logits either way."""
     store: str | None = None
-    """Path of the teacher's store; None: the run's own (RUN_DIR/store.zarr)."""
+    """Path of the teacher's store; None: the run's own (precompute.store if set, else
+    RUN_DIR/store.zarr, or store.h5 with precompute.backend=hdf5)."""
     views: int | None = None
     """Use the first n stored views; None: all of them."""
     view_policy: str = "epoch"

@@ -2,8 +2,9 @@
 
 Reads ``RUN_DIR/distill/*/metrics.jsonl`` (one JSON line per epoch) and each run's resolved
 ``config.yaml``; a run is finished when its ``student.pt`` is there. Runs whose configs differ
-only in the seed (or the folder name, device, prefetch, eval batch size) form one group, and the
-group's numbers are the mean ± sample standard deviation (n − 1) over its finished seeds::
+only in the seed (the ``-sSEED`` end of the folder name, or the device, prefetch, evaluation
+batch size and DDP timeout) form one group — the same recipe under two names is two groups —
+and the group's numbers are the mean ± sample standard deviation (n − 1) over its finished seeds::
 
     best  = max_e test_acc_e      final = test_acc_E      (per run, then over seeds)
 
@@ -112,7 +113,8 @@ class GroupResult:
     wall_s: float
     rows_per_s: float
     delta_ce: float | None = None
-    """Mean final top-1 minus that of the CE group of the same teacher and student."""
+    """Mean final top-1 minus that of the CE group trained with every other setting the same
+    (None when no such CE group ran, and for CE itself)."""
 
     @property
     def method_text(self) -> str:

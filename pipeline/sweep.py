@@ -6,9 +6,10 @@
 
 Every (run, seed) is checked before the first one trains — unknown method, unknown student, bad
 value, two runs writing one folder — so a typo fails in a second, not after hours. At run time a
-failing student is reported and the sweep goes on with the others; ``sweep.done`` is written only
-when every run finished. Finished runs are not trained again (``train_student`` recognises its
-own checkpoint), so rerunning a sweep after adding runs or seeds trains only the new ones.
+failing student is reported and the sweep goes on with the others; ``sweep.done`` is written when
+none failed (a run that diverged counts as done: it stopped on purpose, and the report lists
+it). Finished runs are not trained again (``train_student`` recognises its own checkpoint), so
+rerunning a sweep after adding runs or seeds trains only the new ones.
 
 With ``nproc`` (``make sweep NPROC=n``) the sweep itself stays one process and starts each student
 on n ranks under torchrun's launcher (:mod:`pipeline.launch`, DDP as in

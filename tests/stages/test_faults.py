@@ -205,7 +205,7 @@ def test_short_fault_campaign(teacher, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_full_fault_campaign(teacher, tmp_path, backend):
-    """20 kills per stage, kd and PS-KD (about 10 minutes per backend on 2 cores)."""
+    """20 kills per stage, kd and PS-KD (3.5 to 4.5 minutes per backend on 2 cores)."""
     rounds = run_campaign(tmp_path, kills=20, backend=backend, teacher=teacher, log=print)
     report = table(rounds, backend)
     print(report)
