@@ -382,9 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for mode in MODES:
                 name = f"distill.name={mode}-r{r}"
-                results[mode].append(
-                    _run_mode({"mode": mode, "sets": [*sets, *MODE_SETS[mode], name]})
-                )
+                started = time.perf_counter()
+                result = _run_mode({"mode": mode, "sets": [*sets, *MODE_SETS[mode], name]})
+                results[mode].append(result)
+                # each run's figures as they come: a later mode that fails (or a time limit)
+                # must not lose them
+                took = time.perf_counter() - started
+                print(f"{mode} r{r} ({took:.0f} s): {json.dumps(result)}", flush=True)
     load_end = os.getloadavg()
 
     def med(mode: str, key: str) -> float | None:

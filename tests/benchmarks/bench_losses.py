@@ -25,9 +25,12 @@ Peak memory: what one step adds over its inputs (``torch.cuda.max_memory_allocat
     python -m tests.benchmarks.bench_losses [--methods kd dkd] [--classes 10 1000]
                                             [--seconds 1] [--no-compile] [--quick] [--out DIR]
 
-``--quick`` (for a short GPU lease): KD and DKD only, 0.2 s of timing per cell, 2 input sets,
-and no new torch.compile once 75 s have passed (the eager and fused rows still run): about 1-2
-minutes on an H200, compile warm-ups included.
+``--quick`` (for a short GPU lease): KD and DKD (each alone and with CE) only, 0.2 s of timing
+per cell, 2 input sets, and no new torch.compile once 75 s have passed (the eager and fused rows
+still run): about 2 minutes on an H100, compile warm-ups included. Cells run C by C (every method
+at one C, then the next C), so the compile budget cuts the largest C of every method, not whole
+methods; the table is printed method by method. ``--out``'s JSON is rewritten after every cell
+(a run killed at its time limit keeps what it measured). Exit status 1 if a fused row failed.
 """
 
 from __future__ import annotations
@@ -215,6 +218,7 @@ def run(
     compile_: bool,
     sets: int = 3,
     compile_budget: float | None = None,
+    on_row: Callable[[list], None] | None = None,
 ) -> list[tuple[str, int, int, list[Result]]]:
     isolate_storage()  # before anything imports pipeline (pipeline.errors -> storage.errors)
     kernels = importlib.import_module("pipeline.kernels")
@@ -224,9 +228,9 @@ def run(
     fused_ok = device.type == "cuda" and kernels.triton_available()
     started = time.perf_counter()
     rows = []
-    for method in methods:
-        for c in classes:
-            inputs = _inputs(c, device, sets)
+    for c in classes:
+        inputs = _inputs(c, device, sets)  # one set of inputs for every method at this C
+        for method in methods:
             results = [_safe("eager", eager[method], inputs, device, seconds)]
             if compile_:
                 late = compile_budget is not None and time.perf_counter() - started > compile_budget
@@ -244,10 +248,13 @@ def run(
                 results.append(Result("fused", None, None, why))
             rows.append((method, c, ELEMENTS // c, results))
             print(_format_row(method, c, ELEMENTS // c, results), flush=True)
-            del inputs
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            if on_row is not None:
+                on_row(rows)
+        del inputs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows.sort(key=lambda r: (methods.index(r[0]), r[1]))  # the table: method by method
     return rows
 
 
@@ -310,7 +317,7 @@ def _table(rows: list[tuple[str, int, int, list[Result]]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     parser.add_argument("--classes", nargs="+", type=int, default=list(CLASSES))
@@ -340,17 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'meth':<4} {'C':>6} {'B':>8}  {'impl':<8} {'ms/step':>9} {'vs eager':>7}"
           f"  {'peak MB':>8} {'vs eager':>7}  {'warm-up':>8} {'steps':>4}")  # fmt: skip
     started = time.perf_counter()
-    rows = run(methods, tuple(args.classes), seconds, not args.no_compile, sets, budget)
-    print(f"\nsummary ({where}; median ms per forward+backward, peak MB over the inputs, "
-          f"ratios to eager; {time.perf_counter() - started:.0f}s):")  # fmt: skip
-    for line in _table(rows):
-        print(line)
-    if not cuda:
-        print("fused: needs CUDA (no GPU in this run); peak MB = resident-set growth on CPU")
-    heavy = heavy_modules()
-    if heavy:
-        print(f"note: heavy modules imported: {heavy}")
-    if args.out is not None:
+
+    def write_json(rows: list) -> None:
+        if args.out is None:
+            return
         args.out.mkdir(parents=True, exist_ok=True)
         payload = {
             "device": where,
@@ -365,6 +365,23 @@ def main(argv: list[str] | None = None) -> None:
         }
         (args.out / "bench_losses.json").write_text(json.dumps(payload, indent=1))
 
+    rows = run(methods, tuple(args.classes), seconds, not args.no_compile, sets, budget, write_json)
+    print(f"\nsummary ({where}; median ms per forward+backward, peak MB over the inputs, "
+          f"ratios to eager; {time.perf_counter() - started:.0f}s):")  # fmt: skip
+    for line in _table(rows):
+        print(line)
+    if not cuda:
+        print("fused: needs CUDA (no GPU in this run); peak MB = resident-set growth on CPU")
+    heavy = heavy_modules()
+    if heavy:
+        print(f"note: heavy modules imported: {heavy}")
+    write_json(rows)
+    failed = [f"{m} C={c}" for m, c, _, rs in rows for r in rs
+              if r.impl == "fused" and r.note.startswith("error")]  # fmt: skip
+    if failed:
+        print(f"FAILED: the fused kernels raised in {', '.join(failed)}")
+    return 1 if failed else 0
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,10 +11,12 @@
 #           ... the same for 2, 3 (prepare prints the exact list; PART_MIB=60 if a carry is
 #           refused as too large: the tracked tree travels with each part) ...
 #   device: run(command="bash tests/gpu/ort_gpu_wheel.sh install && STEPS=ort \
-#               bash tests/gpu/run_on_device.sh", carry=[".ortgpu/p4"])
+#               bash tests/gpu/run_on_device.sh", carry=[".ortgpu/p4", ".ortgpu/extra"])
 #
 # `install` receives the part carried with it too, checks the whole wheel's sha256 and installs
-# it with --target /tmp/ortsite (put that first on PYTHONPATH so it shadows the CPU build).
+# it with --target /tmp/ortsite (put that first on PYTHONPATH so it shadows the CPU build),
+# together with the small wheels in .ortgpu/extra (onnxconverter_common: check_ort's fp16
+# session; .whl cannot travel beside a part, 64 MiB a call).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR=.ortgpu
@@ -37,7 +39,9 @@ receive() {  # copy the parts carried so far to the machine's own /tmp
 
 case "${1:-}" in
 prepare)
-    rm -rf "$DIR" && mkdir -p "$DIR/dl"
+    rm -rf "$DIR" && mkdir -p "$DIR/dl" "$DIR/extra"
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$DIR/extra" \
+        "onnxconverter-common==${ONNXCONVERTER_VERSION:-1.16.0}"
     if [ -n "${WHEEL:-}" ]; then  # a wheel downloaded before
         cp "$WHEEL" "$DIR/dl/"
     else
@@ -62,7 +66,7 @@ prepare)
     for i in $(seq 1 $((n - 1))); do
         echo "  run(command=\"bash tests/gpu/ort_gpu_wheel.sh receive $i\", carry=[\"$DIR/p$i\"])"
     done
-    echo "  run(command=\"bash tests/gpu/ort_gpu_wheel.sh install && STEPS=ort bash tests/gpu/run_on_device.sh\", carry=[\"$DIR/p$n\"])"
+    echo "  run(command=\"bash tests/gpu/ort_gpu_wheel.sh install && STEPS=ort bash tests/gpu/run_on_device.sh\", carry=[\"$DIR/p$n\", \"$DIR/extra\"])"
     ;;
 receive)
     receive
@@ -80,8 +84,11 @@ install)
     cat "$STAGE"/wheel.part.* >"/tmp/$name"
     (cd /tmp && sha256sum --quiet -c "$STAGE/SHA256") ||
         { echo "error: the reassembled wheel's sha256 differs; prepare and carry again" >&2; exit 2; }
+    extra=()
+    for f in "$DIR"/extra/*.whl; do [ -e "$f" ] && extra+=("$f"); done
+    [ "${#extra[@]}" -gt 0 ] || echo "note: no .ortgpu/extra carried: check_ort measures no fp16" >&2
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "/tmp/$name"
+        --target "$SITE" "/tmp/$name" "${extra[@]}"
     PYTHONPATH="$SITE" python3 -c \
         "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
     ;;

@@ -29,29 +29,73 @@
 # with a second repeat, batch 256 and the step-alone epochs), dask ~1 min, ort ~1 min (plus the
 # wheel's 4 carries, ~6 s each onto a warm machine); tiles and profile not yet run (~2-3 min and
 # ~1.5 min estimated).
+# BUDGET=SECONDS (optional): the whole script's wall-clock budget, e.g. BUDGET=400 for a call
+# with timeout_s=420: every step's timeout is cut to what is left (a step with under 20 s left is
+# skipped), so one slow step cannot eat the call and the archive always comes back.
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
-# 3 a later step failed.
+# 3 a later step failed (its rc, 124 = killed by timeout, is in the last line and run.log).
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 # The device tool brings back at most 8 files from $OUT: every step writes into a work folder,
-# and on exit it goes back as one archive, results.tar.gz (plus the summary, run.log's tail).
+# and goes back as one archive, results.tar.gz, refreshed after every step (a call killed at its
+# limit still brings back the steps before) and on exit; run.log is this script's own output.
 FINAL=${OUT:-$PWD/gpu_out}
 mkdir -p "$FINAL"
 OUT=$(mktemp -d /tmp/gpu_results.XXXXXX)
-trap 'tar -czf "$FINAL/results.tar.gz" -C "$OUT" . && ls -l "$OUT" >"$FINAL/files.txt"' EXIT
+save() {  # tar's status 1 = a log grew while read (run.log always does): the archive is fine
+    tar -czf "$FINAL/results.tar.gz.tmp" --warning=no-file-changed -C "$OUT" .
+    [ $? -le 1 ] && mv -f "$FINAL/results.tar.gz.tmp" "$FINAL/results.tar.gz" &&
+        ls -l "$OUT" >"$FINAL/files.txt"
+}
+trap save EXIT
+exec > >(tee -a "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not pip-installed there
 unset TRITON_INTERPRET LOGITBANK_KERNELS  # compiled kernels; impl="auto" as shipped
 PY=${PYTHON:-python3}
 STEPS=" ${STEPS:-kernels losses} "
+KNOWN=" kernels losses tiles ort distill profile dask "
+for s in $STEPS; do  # a misspelt step would otherwise run nothing and spend the call
+    [[ "$KNOWN" == *" $s "* ]] || { echo "error: unknown step '$s' (known:$KNOWN)" >&2; exit 2; }
+done
 start=$(date +%s)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
+# cap SECONDS: SECONDS, or less when BUDGET leaves less (10 s kept for the kill and the archive)
+cap() {
+    local want=$1 left
+    [ -n "${BUDGET:-}" ] || { echo "$want"; return; }
+    left=$(( BUDGET - ($(date +%s) - start) - 10 ))
+    echo $(( left < want ? left : want ))
+}
+# run_step NAME CAP CMD...: runs CMD under timeout, records "NAME=rc" in $OUT/rcs.txt (124:
+# timed out; 125: skipped, no budget left; a file, as steps run inside pipelines' subshells) and
+# refreshes the archive
+run_step() {
+    local name=$1 t rc
+    t=$(cap "$2")
+    shift 2
+    if [ "$t" -lt 20 ]; then
+        echo "== $name skipped: ${t}s of BUDGET left"
+        rc=125
+    else
+        timeout -k 10 "$t" "$@"
+        rc=$?
+    fi
+    echo "$name=$rc" >>"$OUT/rcs.txt"
+    save
+    return "$rc"
+}
 if [ -d .whl ] && { has distill || has dask || has profile; }; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
 fi
 if [ -d /tmp/site ]; then  # installed by this call or an earlier one on the same warm machine
     export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
+fi
+if { has distill || has dask || has profile; } && ! "$PY" -c "import zarr, distributed" 2>/dev/null
+then  # fail in a second, not after the kernel and loss steps
+    echo "error: zarr/dask do not import here: carry .whl (see above) for distill, profile, dask" >&2
+    exit 2
 fi
 
 {
@@ -80,27 +124,27 @@ bench_rc=0
 later_rc=0
 if has kernels; then
     echo "== check_kernels ($(( $(date +%s) - start ))s)"
-    timeout -k 10 230 "$PY" -m tests.gpu.check_kernels --out "$OUT" 2>&1 \
+    run_step kernels 230 "$PY" -m tests.gpu.check_kernels --out "$OUT" 2>&1 \
         | tee "$OUT/check_kernels.log"
     check_rc=$?
 fi
 
 if has losses; then
     echo "== bench_losses --quick ($(( $(date +%s) - start ))s)"
-    timeout -k 10 140 "$PY" -m tests.benchmarks.bench_losses --quick --out "$OUT" 2>&1 \
+    run_step losses 140 "$PY" -m tests.benchmarks.bench_losses --quick --out "$OUT" 2>&1 \
         | tee "$OUT/bench_losses.log"
     bench_rc=$?
 fi
 
 if has tiles; then
     echo "== tile_sweep ($(( $(date +%s) - start ))s)"
-    timeout -k 10 240 "$PY" -m tests.gpu.tile_sweep --out "$OUT" 2>&1 | tee "$OUT/tile_sweep.log" \
+    run_step tiles 240 "$PY" -m tests.gpu.tile_sweep --out "$OUT" 2>&1 | tee "$OUT/tile_sweep.log" \
         || later_rc=3
 fi
 
 if has ort; then
     echo "== check_ort ($(( $(date +%s) - start ))s)"
-    PYTHONPATH="/tmp/ortsite:$PYTHONPATH" timeout -k 10 150 "$PY" -m tests.gpu.check_ort \
+    PYTHONPATH="/tmp/ortsite:$PYTHONPATH" run_step ort 150 "$PY" -m tests.gpu.check_ort \
         --out "$OUT" 2>&1 | tee "$OUT/check_ort.log" || later_rc=3
 fi
 
@@ -110,13 +154,13 @@ if has distill; then
         "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" \
             || echo "no CUDA: FAILED"
         # -rs lists skips: test_cuda.py skips without CUDA, which must not pass for a check.
-        timeout -k 10 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/distill/test_cuda.py \
-            || echo "test_cuda FAILED ($?)"
-        timeout -k 10 300 "$PY" -m tests.benchmarks.bench_distill --device cuda --repeats 2 \
-            || echo "bench_distill FAILED ($?)"
+        run_step test_cuda 100 "$PY" -m pytest -q -rs -p no:cacheprovider \
+            tests/distill/test_cuda.py || echo "test_cuda FAILED ($?)"
+        run_step bench_distill 300 "$PY" -m tests.benchmarks.bench_distill --device cuda \
+            --repeats 2 || echo "bench_distill FAILED ($?)"
         # Batch 256: a step with 4x the GPU work for about the same host work (is 64 host-bound?)
-        timeout -k 10 200 "$PY" -m tests.benchmarks.bench_distill --device cuda --repeats 1 \
-            --batch 256 || echo "bench_distill --batch 256 FAILED ($?)"
+        run_step bench_distill_256 200 "$PY" -m tests.benchmarks.bench_distill --device cuda \
+            --repeats 1 --batch 256 || echo "bench_distill --batch 256 FAILED ($?)"
     } 2>&1 | tee "$OUT/distill.log"
     grep -q -E "FAILED|skipped" "$OUT/distill.log" && later_rc=3
 fi
@@ -124,7 +168,7 @@ fi
 if has profile; then
     echo "== profile of distill on CUDA ($(( $(date +%s) - start ))s)"
     # torch.profiler over one epoch of each mode (slowed by it: the figures are bench_distill's)
-    BENCH_DISTILL_PROFILE="$OUT" timeout -k 10 200 "$PY" -m tests.benchmarks.bench_distill \
+    BENCH_DISTILL_PROFILE="$OUT" run_step profile 200 "$PY" -m tests.benchmarks.bench_distill \
         --device cuda --repeats 1 --rows 8192 >"$OUT/profile.log" 2>&1 || later_rc=3
     tail -5 "$OUT/profile.log"
 fi
@@ -134,7 +178,7 @@ if has dask; then
     # With onnxruntime-gpu installed (step "ort", tests/gpu/ort_gpu_wheel.sh) the worker's session
     # must run on CUDA; the image's own onnxruntime runs on the CPU (the plumbing only).
     PYTHONPATH="/tmp/ortsite:$PYTHONPATH" REQUIRE_CUDA=$([ -d /tmp/ortsite ] && echo 1 || echo 0) \
-        timeout -k 10 150 bash tests/gpu/dask_gpu_worker.sh "$PY" 2>&1 | tee "$OUT/dask.log" \
+        run_step dask 150 bash tests/gpu/dask_gpu_worker.sh "$PY" 2>&1 | tee "$OUT/dask.log" \
         || later_rc=3
 fi
 
@@ -143,7 +187,9 @@ if has kernels; then
     sed -n '/^summary: worst/,$p' "$OUT/check_kernels.log"
 fi
 echo "== steps:$STEPS check_kernels rc=$check_rc, bench_losses rc=$bench_rc, later steps" \
-    "rc=$later_rc (124 = killed by timeout), $(( $(date +%s) - start ))s in all"
+    "rc=$later_rc; each step's rc (124 = killed by timeout, 125 = no budget left):" \
+    "$(tr '\n' ' ' <"$OUT/rcs.txt" 2>/dev/null)" \
+    "$(( $(date +%s) - start ))s in all"
 if [ "$check_rc" -ne 0 ]; then exit 1; fi
 if [ "$bench_rc" -ne 0 ]; then exit 2; fi
 exit "$later_rc"

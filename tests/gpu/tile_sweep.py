@@ -22,8 +22,11 @@ for each C, this script answers in one run:
   twice, the gradient written once) at the device's measured copy bandwidth.
 
 The candidates' kernels are compiled first by ``--jobs`` worker processes (into triton's cache,
-which the timing process then reads), since compiling dominates the run. Prints a table per
-(method, C), the best tile for each, and writes ``tile_sweep.json`` into ``--out``.
+which the timing process then reads), since compiling dominates the run; a chunk whose worker
+fails is reported and its tiles are compiled by the timing process instead. Prints a table per
+(method, C), the best tile for each, and rewrites ``tile_sweep.json`` in ``--out`` after each
+(method, C), so a run killed at its time limit keeps what it measured. ``--budget SECONDS``: no
+new (method, C) is timed past it (the JSON says which were left out).
 """
 
 from __future__ import annotations
@@ -122,11 +125,16 @@ def _compile(job: tuple[str, int, int, list]) -> str:
 
     method, batch, classes, tiles = job
     student, teacher, target = _inputs(method, batch, classes, "cuda")
+    failed = []
     for tile in tiles:
-        loss = _loss_fn(method, tuple(tile), "triton")(student, teacher, target)
-        torch.autograd.grad(loss, student)
+        try:
+            loss = _loss_fn(method, tuple(tile), "triton")(student, teacher, target)
+            torch.autograd.grad(loss, student)
+        except Exception as e:  # one tile that does not compile must not stop the chunk
+            failed.append(f"\n  tile {tuple(tile)}: {type(e).__name__}: {str(e)[:200]}")
     torch.cuda.synchronize()
-    return f"{method} C={classes}: {len(tiles)} tile(s) compiled"
+    done = len(tiles) - len(failed)
+    return f"{method} C={classes}: {done} tile(s) compiled" + "".join(failed)
 
 
 def _graph_ms(fn, student, teacher, target, replays: int = 20, groups: int = 5) -> float:
@@ -232,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)))
     parser.add_argument("--out", default=None)
     parser.add_argument("--interpret", action="store_true", help="CPU dry run (no timing)")
+    parser.add_argument("--budget", type=float, default=None, help="s; no new (method, C) after")
     args = parser.parse_args(argv)
     if args.interpret:
         return _dry_run()
@@ -255,15 +264,32 @@ def main(argv: list[str] | None = None) -> int:
         (m, b, c, tiles[i : i + 4]) for m, b, c, tiles in jobs for i in range(0, len(tiles), 4)
     ]
     with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        for line in pool.map(_compile, chunks):
-            print(line, flush=True)
+        for chunk, future in [(c, pool.submit(_compile, c)) for c in chunks]:
+            try:
+                print(future.result(), flush=True)
+            except Exception as e:  # a broken worker: the timing process compiles these
+                what = f"{chunk[0]} C={chunk[2]} tiles {chunk[3]}"
+                print(f"compile worker failed ({what}): {type(e).__name__}: {e}", flush=True)
     print(f"compiled in {time.perf_counter() - started:.0f}s", flush=True)
 
     bandwidth = _copy_bandwidth()
     name = torch.cuda.get_device_name()
     print(f"{name}: device copy {bandwidth / 1e12:.2f} TB/s (read + written)")
-    results = []
+    results: list[dict] = []
+    left_out: list[str] = []
+
+    def write_json() -> None:
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            payload = {"device": name, "bandwidth": bandwidth, "results": results}
+            payload["left_out"] = left_out
+            (Path(args.out) / "tile_sweep.json").write_text(json.dumps(payload, indent=1))
+
     for method, batch, classes, tiles in jobs:
+        if args.budget is not None and time.perf_counter() - started > args.budget:
+            left_out.append(f"{method} C={classes}")
+            print(f"\n{method} C={classes}: left out, past the {args.budget:g}s budget")
+            continue
         student, teacher, target = _inputs(method, batch, classes, "cuda")
         floor_ms = (2 * (4 + 2) + 4) * batch * classes / bandwidth * 1e3
         inputs = (student, teacher, target)
@@ -312,12 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         del student, teacher, target, inputs
         torch.cuda.empty_cache()
+        write_json()
     print(f"\ntile_sweep: {time.perf_counter() - started:.0f}s on {name}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "tile_sweep.json").write_text(
-            json.dumps({"device": name, "bandwidth": bandwidth, "results": results}, indent=1)
-        )
+    write_json()
     return 0
 
 
