@@ -312,6 +312,8 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
             parity_rows=pc.parity_rows,
             parity_rtol=pc.parity_rtol,
         )
+    elif not overwrite and _finished(config, train, fingerprint):
+        return path  # no session to build (on a GPU: a CUDA session and its check)
     else:
         threads = pc.threads or available_cores()
         produce = TeacherLogits(
@@ -407,6 +409,18 @@ def _write_parity_record(config: Config, produce: TeacherLogits) -> None:
     with atomic_write(config.run_path / PARITY_FILE, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _finished(config: Config, train: Split, fingerprint: dict) -> bool:
+    """Whether the run's store is there, made from this run's inputs, and complete (a store
+    of other inputs is refused, as when resuming it)."""
+    try:
+        store = open_store(config.store_path)
+    except NotAStoreError:
+        return False
+    _check_same_inputs(store, config, train, fingerprint)
+    with store:
+        return store.complete
 
 
 def _threads_per_worker(workers: int) -> int:

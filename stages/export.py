@@ -13,6 +13,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+def export_key(config, checkpoint_sha256: str) -> str:
+    """What the exported file and its parity check depend on: the checkpoint, the export
+    settings, and the dataset and views its parity batches come from."""
+    from pipeline.config import to_dict
+    from pipeline.fingerprint import spec_hash
+
+    d = to_dict(config)
+    spec = {k: d[k] for k in ("export", "data", "augment")}
+    return spec_hash({**spec, "checkpoint_sha256": checkpoint_sha256})
+
+
+def finished_export(onnx_path, key: str) -> dict | None:
+    """The parity record of an earlier export of ``key`` whose file is still the one checked,
+    or None (nothing there, another checkpoint or setting, a file changed since)."""
+    import json
+
+    from pipeline.onnx_export import parity_path, sha256_file
+
+    try:
+        record = json.loads(parity_path(onnx_path).read_text())
+        same = isinstance(record, dict) and record.get("export_key") == key
+        if same and record.get("passed") and record.get("onnx_sha256") == sha256_file(onnx_path):
+            return record
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -40,6 +68,16 @@ def run(args: argparse.Namespace) -> int:
             f"input channel(s) and {have[2]} images; the dataset has {want[0]}, {want[1]} and "
             f"{want[2]}: train or give a teacher for this dataset"
         )
+    checkpoint_sha256 = sha256_file(config.teacher_checkpoint)
+    key = export_key(config, checkpoint_sha256)
+    done = finished_export(config.onnx_path, key)
+    if done is not None:
+        diff = done["max_abs_diff"]
+        print(
+            f"export: {config.onnx_path} up to date (this checkpoint and these settings; max "
+            f"|ORT - torch| {diff:.2e}): delete it to export again"
+        )
+        return 0
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(config.export.parity_batches):
@@ -52,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         opset=config.export.opset,
         parity_batches=batches,
         atol=config.export.atol,
-        provenance={"checkpoint_sha256": sha256_file(config.teacher_checkpoint)},
+        provenance={"checkpoint_sha256": checkpoint_sha256, "export_key": key},
     )
     print(
         f"export: {config.onnx_path} (max |ORT - torch| {record['max_abs_diff']:.2e}, top-1 "

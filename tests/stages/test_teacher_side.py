@@ -7,6 +7,7 @@ same arrays as an uninterrupted one, and two dask workers must write what one pr
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,29 @@ def test_rerun_of_a_finished_stage_changes_nothing(run: Path) -> None:
     after = raw_arrays(run / "store.zarr")
     for name in ARRAYS:
         np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_a_finished_export_is_not_redone(run: Path, tmp_path: Path, capsys) -> None:
+    """An export of the same checkpoint with the same settings is skipped (a large teacher's
+    export and parity check take minutes, and a given teacher.checkpoint has no teacher.pt for
+    make to see); another setting, another checkpoint or a changed file exports again."""
+    again = _copy_teacher(run, tmp_path / "again")
+    onnx, record = again / "teacher.onnx", again / "teacher.onnx.parity.json"
+    # The module's run was exported by this code: its record names the export's key.
+    stamp = (onnx.stat().st_mtime_ns, record.read_bytes())
+    assert main(_args("export", again)) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (onnx.stat().st_mtime_ns, record.read_bytes()) == stamp
+    # Another export setting: exported and checked again.
+    assert main(_args("export", again, "--set", "export.atol=2e-4")) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert json.loads(record.read_text())["atol"] == 2e-4
+    # A file changed since its check is exported again, not trusted.
+    with open(onnx, "ab") as f:
+        f.write(b"\0")
+    assert main(_args("export", again, "--set", "export.atol=2e-4")) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert main(_args("precompute", again, "--set", "export.atol=2e-4")) == 0
 
 
 def test_sigkill_half_way_then_rerun_equals_uninterrupted(run: Path, tmp_path: Path) -> None:
@@ -249,8 +273,6 @@ def _fake_gpu(monkeypatch, shift) -> list[str]:
 
 
 def _parity_record(run_dir: Path) -> dict:
-    import json
-
     return json.loads((run_dir / "precompute.parity.json").read_text())
 
 
