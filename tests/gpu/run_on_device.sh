@@ -32,6 +32,12 @@
 # BUDGET=SECONDS (optional): the whole script's wall-clock budget, e.g. BUDGET=400 for a call
 # with timeout_s=420: every step's timeout is cut to what is left (a step with under 20 s left is
 # skipped), so one slow step cannot eat the call and the archive always comes back.
+# The plan for a 15-minute device lease (about 2-3 minutes of it go to starting the machine):
+#   run(command='BUDGET=440 STEPS="kernels losses distill" bash tests/gpu/run_on_device.sh',
+#       carry=[".whl"], timeout_s=460)
+#   run(command='BUDGET=250 STEPS="tiles profile" bash tests/gpu/run_on_device.sh',
+#       carry=[".whl"], timeout_s=270)
+# then the ORT wheel's carries (tests/gpu/ort_gpu_wheel.sh) if time is left, and give_back.
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
 # 3 a later step failed (its rc, 124 = killed by timeout, is in the last line and run.log).
 set -u -o pipefail
