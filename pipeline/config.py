@@ -352,7 +352,8 @@ def _check_milestones(milestones: list[int], name: str) -> None:
 
 
 def _positive(value: float, name: str, allow_zero: bool = False) -> None:
-    if not math.isfinite(value):
+    # an int is finite, and may be too large for a float (math.isfinite would raise)
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"

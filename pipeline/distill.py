@@ -86,18 +86,38 @@ NOT_IN_KEY = ("device", "prefetch", "eval_batch_size", "ddp_timeout_s")
 is the world size under torchrun (see :mod:`pipeline.distill_ddp`)."""
 
 
-def config_key(config: Config) -> str:
-    """What the weights depend on; a state or checkpoint made with another key is refused."""
+def config_key(config: Config, legacy: bool = False) -> str:
+    """What the weights depend on; a state or checkpoint made with another key is refused
+    (``legacy``: the key before the block layout was in it, which a finished run may have)."""
     d = to_dict(config)
     # Where and how fast it runs is not what it computes: a run may resume on another device or
     # with other prefetch / evaluation batch sizes.
     for key in NOT_IN_KEY:
         d["distill"].pop(key, None)
     spec = {k: d[k] for k in ("distill", "data", "augment")}
-    # The block layout: the blocks every epoch's batches are cut from (a store's chunks, or those
-    # a precompute of this config would make when no store is read), and the logits' encoding.
-    spec["blocks"] = {k: d["precompute"][k] for k in ("encoding", "chunk_rows")}
+    if legacy:  # the key of runs trained before the block layout was part of it
+        return spec_hash(spec)
+    # The block layout: the blocks every epoch's batches are cut from (the chunks of the store
+    # the run reads, or those a precompute of this config would make when it reads none), and
+    # the logits' encoding.
+    spec["blocks"] = _block_layout(config) or {
+        k: d["precompute"][k] for k in ("encoding", "chunk_rows")
+    }
     return spec_hash(spec)
+
+
+def _block_layout(config: Config) -> dict | None:
+    """The encoding and chunk_rows of the store the run reads its teacher's logits from (what
+    ``build_sources`` cuts the batches from), or None when it reads none or there is none yet."""
+    cfg = config.distill
+    method = cfg.method.strip().lower().replace(" ", "")
+    if cfg.teacher_source != "store" or method in ("ce", "pskd"):
+        return None
+    try:
+        with open_store(store_path(config)) as store:
+            return {"encoding": store.layout.encoding, "chunk_rows": store.layout.chunk_rows}
+    except StoreError:
+        return None
 
 
 def teacher_store_fingerprint(config: Config) -> dict | None:
@@ -320,10 +340,12 @@ def check_not_diverged(config: Config, world: World | None = None) -> None:
         DivergedError: on rank 0 (RankStopped on the others), naming the epoch.
     """
     out = output_dir(config)
-    record = diverged_before(out / DIVERGED_FILE, config_key(config))
+    marker = out / DIVERGED_FILE
+    record = diverged_before(marker, config_key(config)) or diverged_before(
+        marker, config_key(config, legacy=True)
+    )
     if record is not None:
         world = world or World.from_env()
-        marker = out / DIVERGED_FILE
         raise _diverged_error(out.name, record, config.distill.epochs, world, marker=marker)
 
 
@@ -363,7 +385,7 @@ def _train(
     key = config_key(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
         source = teacher_store_fingerprint(config)
-        if finished(ckpt_path, key, source):
+        if finished(ckpt_path, (key, config_key(config, legacy=True)), source):
             world.agree(None)
             return ckpt_path
         check_not_diverged(config, world)

@@ -65,7 +65,7 @@ def load_state(path: Path, key: str, source: dict | None = None) -> dict | None:
     return state
 
 
-def finished(path: Path, key: str, source: dict | None = None) -> bool:
+def finished(path: Path, key: str | tuple[str, ...], source: dict | None = None) -> bool:
     """Whether ``path`` holds this very run's final checkpoint (then there is nothing to do),
     trained from the teacher store whose fingerprint is ``source`` (when it reads one)."""
     if not path.exists():
@@ -74,7 +74,7 @@ def finished(path: Path, key: str, source: dict | None = None) -> bool:
         ckpt = read_checkpoint(path)
     except ModelError as exc:
         raise DistillError(f"{exc} (delete it to train the student again)") from None
-    if ckpt.extra.get("config_hash") != key:
+    if ckpt.extra.get("config_hash") not in ((key,) if isinstance(key, str) else key):
         raise DistillError(
             f"{path} is a finished run with another config: set distill.name to train this one "
             f"elsewhere, or delete the folder"

@@ -15,6 +15,7 @@ worker checks its ONNX file's sha256 against the store's fingerprint before comp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -104,6 +105,8 @@ class TeacherLogits:
                 self.threads,
                 self.fp16,
                 self.tf32,
+                self.parity_rows,
+                self.parity_rtol,
             )
         )
 
@@ -152,25 +155,34 @@ class TeacherLogits:
         reference = Runner(
             make_session(self.onnx_path, "cpu", self.threads, False, False), self.split.num_classes
         )
+        fix = {
+            "float16": "set precompute.fp16=false",
+            "tf32": "set precompute.tf32=false",
+            "float32": "use precompute.provider=cpu",
+        }[self.precision]
         got, want = [], []
         for a in range(0, rows, self.batch_size):
             x, _ = self.inputs(0, a, min(a + self.batch_size, rows))
             indices = np.arange(a, a + len(x))
-            got.append(runner.run(x, indices))
             want.append(reference.run(x, indices))
+            try:
+                got.append(runner.run(x, indices))
+            except UserError as exc:  # NaN/inf (an fp16 graph that overflows) where the CPU's
+                # float32 logits of the same images are finite: the session's fault
+                raise UserError(
+                    f"the teacher's {self.precision} session on {runner.device} fails on rows "
+                    f"that ONNX Runtime's CPU float32 session computes "
+                    f"({str(exc).split('; ')[0]}); {fix}"
+                ) from None
         del reference  # a CPU copy of the teacher: not kept for the run
         record = session_parity(np.concatenate(got), np.concatenate(want), rtol)
         record.update(provider=runner.device, precision=self.precision)
         if not record["passed"]:
-            fix = {
-                "float16": "set precompute.fp16=false",
-                "tf32": "set precompute.tf32=false",
-                "float32": "use precompute.provider=cpu",
-            }[self.precision]
+            # the fix before the figures: a dask worker's error is cut to its first 300 chars
             raise UserError(
                 f"the teacher's {self.precision} logits on {runner.device} are off from ONNX "
-                f"Runtime's CPU float32 ones: {describe_parity(record)}; {fix}, or raise "
-                f"precompute.parity_rtol if that is acceptable"
+                f"Runtime's CPU float32 ones ({fix}, or raise precompute.parity_rtol if that "
+                f"is acceptable): {describe_parity(record)}"
             )
         return record
 
@@ -312,6 +324,8 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
             parity_rows=pc.parity_rows,
             parity_rtol=pc.parity_rtol,
         )
+        if overwrite:  # a worker's session is made and checked before the old store goes
+            _check_a_worker(produce, pc.workers, pc.scheduler)
     elif not overwrite and _finished(config, train, fingerprint):
         return path  # no session to build (on a GPU: a CUDA session and its check)
     else:
@@ -323,8 +337,9 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
         # The session is made and checked (provider, fp16, classes, its logits against the CPU
         # float32 session's) before the store is created, opened or replaced.
         produce.runner  # noqa: B018
-        _write_parity_record(config, produce)
     store = _open_or_create(config, train, fingerprint, overwrite)
+    if not dask:  # once the store is this run's: a refused run leaves the last record
+        _write_parity_record(config, produce)
     if overwrite:  # the stamp of a finished precompute no longer holds
         (config.run_path / DONE_FILE).unlink(missing_ok=True)
     if progress:
@@ -351,6 +366,13 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
         smoothing=0.1,
     )
     by_worker: Counter[tuple[str, str]] = Counter()
+
+    def on_task(task: dict) -> None:
+        by_worker.update([(task["worker"], task["device"])])
+        # the store now holds the workers' logits (each checked its session, in the summary):
+        # a one-process run's record no longer describes it
+        (config.run_path / PARITY_FILE).unlink(missing_ok=True)
+
     try:
         if dask:
             store.close()  # write_parallel takes the writer lock itself
@@ -360,7 +382,7 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
                 workers=pc.workers or None,
                 scheduler=pc.scheduler,
                 progress=bar.update,
-                on_task=lambda task: by_worker.update([(task["worker"], task["device"])]),
+                on_task=on_task,
             )
         else:
             jobs = [
@@ -409,6 +431,20 @@ def _write_parity_record(config: Config, produce: TeacherLogits) -> None:
     with atomic_write(config.run_path / PARITY_FILE, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _check_a_worker(produce: TeacherLogits, workers: int | None, scheduler: str | None) -> None:
+    """Build (and check) a dask worker's session in one task, then free it: what would refuse
+    the run is refused before ``--overwrite`` replaces the old store."""
+    from storage.parallel import dask_client, task_resources
+
+    with dask_client(workers or None, scheduler) as client:
+        resources = task_resources(client.scheduler_info()["workers"])
+        try:
+            client.submit(TeacherLogits.describe, produce, pure=False, resources=resources).result()
+        finally:
+            with contextlib.suppress(Exception):
+                client.run(TeacherLogits.release)
 
 
 def _finished(config: Config, train: Split, fingerprint: dict) -> bool:

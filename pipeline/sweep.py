@@ -226,7 +226,8 @@ def run_sweep(
         t0 = time.perf_counter()
         try:
             ckpt = item.folder / "student.pt"
-            status = "finished" if finished(ckpt, config_key(item.config)) else "trained"
+            keys = (config_key(item.config), config_key(item.config, legacy=True))
+            status = "finished" if finished(ckpt, keys) else "trained"
             if status == "trained":
                 check_not_diverged(item.config)  # before any process starts for it
             if status == "trained" and nproc is not None:

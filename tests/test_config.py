@@ -88,3 +88,9 @@ def test_every_shipped_config_loads_and_plans_its_sweep(path: Path) -> None:
 
     config = load_config(path)
     assert plan_sweep(config)  # every run's method, options and student are known
+
+
+def test_a_huge_integer_is_a_config_value_not_a_traceback():
+    huge = "1" + "0" * 400  # math.isfinite(int) raises OverflowError past float's range
+    config = load_config(None, [f"teacher.epochs={huge}"])
+    assert config.teacher.epochs == int(huge)

@@ -93,9 +93,13 @@ def results(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess
         out = output_dir(tiny_run.config(f"distill.name={name}"))
         out.mkdir(parents=True)
         (out / file).write_bytes(b"PK\x03\x04 truncated")
+    # Each case in its own run folder (a case's own distill.name comes later and wins): a
+    # student another test finished under the default name would be refused first.
     jobs = {
-        name: tiny_run.argv(*(s.replace("{tmp}", str(tmp)) for s in sets))
-        for name, (sets, _) in BAD.items()
+        name: tiny_run.argv(
+            f"distill.name=cli-bad-{i}", *(s.replace("{tmp}", str(tmp)) for s in sets)
+        )
+        for i, (name, (sets, _)) in enumerate(BAD.items())
     }
     jobs["ok"] = tiny_run.argv(*OK)
     with ThreadPoolExecutor(4) as pool:
@@ -115,7 +119,7 @@ def test_bad_input_is_one_line_and_exit_2(results, case):
 @pytest.mark.parametrize("case", list(MORE_BAD))
 def test_more_bad_input_in_process(tiny_run, capsys, case):
     sets, message = MORE_BAD[case]
-    assert main(tiny_run.argv(*sets)) == 2
+    assert main(tiny_run.argv(f"distill.name=cli-more-{list(MORE_BAD).index(case)}", *sets)) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert re.search(message, lines[0]), lines[0]

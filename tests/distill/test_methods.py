@@ -80,27 +80,26 @@ def test_sample_policy_trains_every_epoch_on_both_views(tiny_run):
     assert all(np.isfinite(r["loss"]["total"]) for r in records)
 
 
-def test_config_key_ignores_device_and_loader_settings() -> None:
+def test_config_key_ignores_device_and_loader_settings(tmp_path: Path) -> None:
     """A run may resume on another device or with another prefetch depth; a change of what is
     trained (here the learning rate) must change the key."""
     from pipeline.config import load_config
     from pipeline.distill import config_key
 
     tiny = Path(__file__).resolve().parents[2] / "stages" / "configs" / "tiny.yaml"
-    base = config_key(load_config(tiny))
-    moved = load_config(
-        tiny, ["distill.device=cpu", "distill.prefetch=0", "distill.eval_batch_size=7"]
-    )
-    assert config_key(moved) == base
-    assert config_key(load_config(tiny, ["distill.lr=0.5"])) != base
-    # The blocks each epoch is cut into, and the stored logits' encoding, change the batches:
-    # a CE, PS-KD or online run (no store) as much as one reading a store.
+
+    def key(*sets: str) -> str:  # a run folder without a store (see the next test for one)
+        return config_key(load_config(tiny, [f"run_dir={tmp_path}", *sets]))
+
+    base = key()
+    assert key("distill.device=cpu", "distill.prefetch=0", "distill.eval_batch_size=7") == base
+    assert key("distill.lr=0.5") != base
+    # The blocks each epoch is cut into, and the logits' encoding, change the batches: without
+    # a store, those a precompute of the config would make.
     for changed in ("precompute.chunk_rows=7", "precompute.encoding=int8"):
         for method in ("ce", "pskd", "kd"):
-            with_method = [f"distill.method={method}"]
-            before = config_key(load_config(tiny, with_method))
-            assert config_key(load_config(tiny, [*with_method, changed])) != before, changed
-    assert config_key(load_config(tiny, ["precompute.chunks_per_shard=2"])) == base
+            assert key(f"distill.method={method}", changed) != key(f"distill.method={method}")
+    assert key("precompute.chunks_per_shard=2") == base
 
 
 def test_term_sums_add_each_term_times_its_rows() -> None:
@@ -116,3 +115,21 @@ def test_term_sums_add_each_term_times_its_rows() -> None:
     assert sums.total() == pytest.approx(2.0 * 64 + 1.0 * 7 + 3.0 * 10)
     got = {k: float(v) for k, v in sums.totals().items()}
     assert got == pytest.approx({"ce": 96 + 3.5 + 20, "kd": 16 + 7, "total": 128 + 7 + 30})
+
+
+def test_config_key_follows_the_store_a_run_reads(tiny_run) -> None:
+    """A run that reads a store cuts its batches from that store's chunks: precompute.chunk_rows
+    in the config (which a finished store of the same inputs does not follow) is not its block
+    layout, and a store of the same inputs with other chunks is another run."""
+    from pipeline.distill import config_key
+    from storage import open_store
+
+    config = tiny_run.config("distill.method=kd")
+    with open_store(config.store_path) as store:
+        rows = store.layout.chunk_rows
+    stale = tiny_run.config("distill.method=kd", f"precompute.chunk_rows={rows * 2}")
+    assert config_key(stale) == config_key(config)
+    other = tiny_run.config("distill.method=kd", f"distill.store={tiny_run.store32}")
+    with open_store(tiny_run.store32) as store:
+        assert store.layout.encoding != config.precompute.encoding
+    assert config_key(other) != config_key(config)

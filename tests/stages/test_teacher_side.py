@@ -496,3 +496,59 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
         np.testing.assert_array_equal(
             raw_arrays(swapped / "store.zarr")[name], raw_arrays(run / "store.zarr")[name]
         )
+
+
+def test_a_gpu_session_with_non_finite_logits_is_refused_with_its_fix(
+    run: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """An fp16 graph that overflows gives inf where the CPU float32 session's logits are finite:
+    the session is refused with its fix, not blamed on the images or the checkpoint."""
+    inf = _copy_teacher(run, tmp_path / "inf")
+    _fake_gpu(monkeypatch, lambda x: np.where(x == x.max(1, keepdims=True), np.inf, 0))
+    err = _fails(
+        capsys,
+        [*_args("precompute", inf), "--set", "precompute.fp16=true"],
+        "float16 session on cuda fails on rows that ONNX Runtime's CPU float32 session computes",
+        "set precompute.fp16=false",
+    )
+    assert "check those images" not in err
+    assert not (inf / "store.zarr").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot start")
+def test_dask_overwrite_with_a_session_that_cannot_start_keeps_the_store(
+    run: Path, tmp_path: Path
+) -> None:
+    """--overwrite on a dask cluster replaces the old store only once a worker's session is made
+    and checked (as in one process): a bad setting leaves the finished store as it was."""
+    kept = tmp_path / "kept"
+    shutil.copytree(run, kept)
+    before = raw_arrays(kept / "store.zarr")
+    argv = [*_args("precompute", kept, "--overwrite", "--workers", "1")]
+    assert main([*argv, "--set", "precompute.provider=cuda"]) == 2
+    after = raw_arrays(kept / "store.zarr")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_a_worker_session_kept_from_another_run_is_checked_again(run: Path, monkeypatch) -> None:
+    """A dask worker keeps its session between tasks; when a run's release() never ran (its
+    coordinator killed), a rerun with another parity setting checks its own session."""
+    import pickle
+
+    from pipeline.errors import UserError
+    from pipeline.precompute import TeacherLogits
+
+    _fake_gpu(monkeypatch, lambda x: np.full_like(x, 0.01))
+    train, _ = splits(load_config(TINY, [f"run_dir={run}", *SETTINGS]))
+
+    def task_copy(rtol: float) -> TeacherLogits:  # what a dask task unpickles
+        made = TeacherLogits(str(run / "teacher.onnx"), train, 64, "auto", 1, parity_rtol=rtol)
+        return pickle.loads(pickle.dumps(made))
+
+    try:
+        task_copy(0.5)(0, 0, 64)
+        with pytest.raises(UserError, match="are off from ONNX Runtime's CPU float32 ones"):
+            task_copy(1e-4)(0, 0, 64)
+    finally:
+        TeacherLogits.release()
