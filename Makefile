@@ -12,12 +12,21 @@ STAMP := $(VENV)/.installed
 # torch range is already met and pip never downloads a CUDA build of several GB.
 TORCH_CPU := torch==2.13.0
 CONFIG ?= stages/configs/default.yaml
-# The run directory: the config's own run_dir unless given (RUN_DIR=...).
-RUN_DIR ?= $(or $(shell sed -n 's/^run_dir:[[:space:]]*\([^[:space:]#]*\).*/\1/p' $(CONFIG) 2>/dev/null),runs/default)
+# The run directory: the config's own run_dir unless given (RUN_DIR=...); a YAML value may be
+# quoted ("runs/x" or 'runs/x'), the quotes are not part of the path.
+RUN_DIR ?= $(or $(shell sed -n -E 's/^run_dir:[[:space:]]*("([^"]*)"|'\''([^'\'']*)'\''|([^[:space:]#"'\''][^[:space:]#]*)).*/\2\3\4/p' $(CONFIG) 2>/dev/null),runs/default)
+ifneq ($(words $(RUN_DIR)),1)
+$(error RUN_DIR '$(RUN_DIR)' holds a space, which make's file targets cannot: choose a run folder without spaces, or run the stages as python -m pipeline STAGE --set "run_dir=...")
+endif
 STORE ?= $(RUN_DIR)/store.zarr
-# Extra config overrides, space-separated: make teacher SET="teacher.epochs=1 data.train_subset=5000"
+# Extra config overrides, space-separated: make teacher SET="teacher.epochs=1 data.train_subset=5000".
+# Each word reaches the stage as it is (no shell quoting or $ expansion), so a mapping is written
+# without spaces, as JSON: SET='distill.method_options={"beta":6}'.
 SET ?=
-STAGE_ARGS = --config $(CONFIG) --set run_dir=$(RUN_DIR) $(foreach s,$(SET),--set $(s))
+# $(call quote,TEXT): TEXT as one shell word, whatever it holds.
+quote = '$(subst ','\'',$(1))'
+STAGE_ARGS = --config $(call quote,$(CONFIG)) --set $(call quote,run_dir=$(RUN_DIR)) \
+  $(foreach s,$(SET),--set $(call quote,$(s)))
 # Where Debian's dataset-fashion-mnist package puts the files (the default config reads them).
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
@@ -52,8 +61,8 @@ data: ## install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is missing
 # each of which then does only what the change asks for (or refuses it, naming the fix).
 SETTINGS := $(RUN_DIR)/.make-settings
 $(SETTINGS): FORCE
-	@mkdir -p $(@D); printf '%s\n' '$(CONFIG) $(SET)' | cmp -s - $@ 2>/dev/null || \
-	  printf '%s\n' '$(CONFIG) $(SET)' > $@
+	@mkdir -p $(@D); printf '%s\n' $(call quote,$(CONFIG) $(SET)) | cmp -s - $@ 2>/dev/null || \
+	  printf '%s\n' $(call quote,$(CONFIG) $(SET)) > $@
 FORCE:
 
 teacher: $(RUN_DIR)/teacher.pt ## train the teacher of CONFIG (or take teacher.checkpoint)
@@ -64,6 +73,7 @@ $(RUN_DIR)/teacher.pt: $(STAMP) $(CONFIG) $(SETTINGS) | data
 export: $(RUN_DIR)/teacher.onnx ## export the teacher to ONNX, parity-checked against PyTorch
 $(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline export $(STAGE_ARGS)
+	@[ ! -f $@ ] || touch $@  # up to date with these settings: skipped until they change
 
 precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into the run's store (precompute.store, default RUN_DIR/store.zarr; WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
 $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import NoReturn
 
-from pipeline.errors import EXPECTED_ERRORS, UserError
+from pipeline.errors import EXPECTED_ERRORS, UserError, os_error_message
 
 #: stage name → (module, one-line help). Modules are imported only when their stage runs.
 STAGES: dict[str, tuple[str, str]] = {
@@ -29,20 +29,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "plan": ("stages.plan", "disk bytes, files and memory of a store before a run"),
     "sweep": ("stages.sweep", "train many students (runs × seeds) from one store, one by one"),
     "report": ("stages.report", "results table (Markdown, JSON) and plots of the distill runs"),
-}
-
-_FULL = "free space on that disk or choose another run_dir"
-_LOCKED = "make the folder writable or choose another run_dir"
-_PATH = "check run_dir and the store, data and checkpoint paths in the config"
-#: errno → (what happened, what to do). Anything else from the OS is a bug worth a traceback.
-_OS_ERRORS = {
-    errno.ENOSPC: ("no space left on the device", _FULL),
-    errno.EDQUOT: ("disk quota exceeded", _FULL),
-    errno.EACCES: ("permission denied", _LOCKED),
-    errno.EPERM: ("operation not permitted", _LOCKED),
-    errno.EROFS: ("read-only file system", _LOCKED),
-    errno.ENOTDIR: ("a path component is a file, not a folder", _PATH),
-    errno.EEXIST: ("a file is in the way of a folder to create", _PATH),
 }
 
 
@@ -93,11 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if (remote := _remote_error(exc)) is not None:  # before errno: S3's 403 is not a folder's
             return _fail(remote)
-        if exc.errno in _OS_ERRORS:
-            what, fix = _OS_ERRORS[exc.errno]
-            where = f" ({exc.filename})" if exc.filename else ""
-            kept = "" if fix is _PATH else "; finished work is kept and a rerun resumes"
-            return _fail(f"{what}{where}: {fix}{kept}")
+        if (message := os_error_message(exc)) is not None:
+            return _fail(message)
         raise
     except Exception as exc:  # e.g. botocore's EndpointConnectionError
         if (remote := _remote_error(exc)) is not None:

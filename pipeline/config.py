@@ -213,6 +213,7 @@ class DistillConfig:
                     f"distill.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
                 )
         _check_milestones(self.milestones, "distill.milestones")
+        _check_seed(self.seed, "distill.seed")
         if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):
             raise ConfigError(f"distill.name must be a plain folder name, got {self.name!r}")
 
@@ -245,6 +246,8 @@ class SweepConfig:
             raise ConfigError("sweep.seeds is empty: give at least one seed, e.g. [0]")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"sweep.seeds has a seed twice: {self.seeds}")
+        for seed in self.seeds:
+            _check_seed(seed, "sweep.seeds")
         hints = typing.get_type_hints(DistillConfig)
         known = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in _SWEEP_FIXED]
         runs = []
@@ -349,6 +352,15 @@ _SCHEDULER_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9A-Fa-f:.]+\]
 def _check_milestones(milestones: list[int], name: str) -> None:
     if sorted(milestones) != milestones or min(milestones, default=1) < 1:
         raise ConfigError(f"{name} must be increasing epochs >= 1, got {milestones}")
+
+
+#: Seeds seed numpy's generators (non-negative integers) and torch's (at most 2**64 - 1).
+MAX_SEED = 2**64 - 1
+
+
+def _check_seed(seed: int, name: str) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{name}: a seed is a whole number from 0 to 2**64 - 1, got {seed!r}")
 
 
 def _positive(value: float, name: str, allow_zero: bool = False) -> None:

@@ -46,11 +46,13 @@ from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
 from pipeline.distill_inputs import DistillError, Sources, build_sources, store_path
 from pipeline.distill_pskd import HostCopies
 from pipeline.distill_state import (
+    RunLock,
     Student,
     build_student,
     diverged_before,
     finished,
     load_state,
+    restore_metrics,
     rng_state,
     save_diverged,
     save_state,
@@ -366,9 +368,11 @@ def train_student(
             if world.local_rank != 0:  # every rank of a node sees the same: local rank 0 says it
                 raise RankStopped(str(exc)) from None
             raise
+    lock = RunLock(output_dir(config))  # taken by rank 0 in _train, where errors are agreed
     try:
-        return _train(config, world, device, progress, on_step)
+        return _train(config, world, device, progress, on_step, lock)
     finally:
+        lock.release()
         world.stop()
 
 
@@ -378,6 +382,7 @@ def _train(
     device: torch.device | None,
     progress: bool,
     on_step: StepHook | None,
+    lock: RunLock,
 ) -> Path:
     cfg = config.distill
     out = output_dir(config)
@@ -386,6 +391,8 @@ def _train(
     try:  # under DDP the ranks agree on the set-up before the first collective of training
         source = teacher_store_fingerprint(config)
         if finished(ckpt_path, (key, config_key(config, legacy=True)), source):
+            if world.main:
+                restore_metrics(ckpt_path, out / "metrics.jsonl")
             world.agree(None)
             return ckpt_path
         check_not_diverged(config, world)
@@ -395,6 +402,15 @@ def _train(
         student, kwargs = build_student(config, train, device)
         src = build_sources(config, train, student.method.teacher_input, device, out, key, world)
         if world.main:  # once its inputs are checked: a refused run changes nothing
+            # One process per student folder (two would remove each other's temporary files
+            # and PS-KD stores); one that finished or saved an epoch since we looked: rerun.
+            lock.acquire()
+            now = load_state(state_path, key, source)
+            if ckpt_path.exists() or (now or {}).get("epoch") != (state or {}).get("epoch"):
+                raise DistillError(
+                    f"{out} was trained by another process while this one started: rerun the "
+                    f"same command to find it finished or resume it"
+                )
             save_resolved(config, out / "config.yaml")
         history: list[dict] = []
         first = step = 0

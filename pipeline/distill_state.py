@@ -13,7 +13,10 @@ rather than retraining up to the same epoch.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +29,46 @@ from pipeline.distill_inputs import DistillError, build_student_method
 from pipeline.errors import ModelError
 from pipeline.fileio import atomic_write
 from pipeline.methods import Method
-from pipeline.metrics import divergence
+from pipeline.metrics import divergence, write_metrics
 from pipeline.models import build_model, read_checkpoint
 from pipeline.models.checkpoint import load_weights_only
+
+
+class RunLock:
+    """One process at a time trains a student folder: an ``flock`` on FOLDER/.distill.lock.
+
+    Two sweeps (or two ``make distill``) of one run folder would otherwise train the same student
+    at once, each removing the other's temporary files and PS-KD self-teacher stores. The kernel
+    releases the lock when its holder dies (SIGKILL too), so a killed run never leaves it held;
+    the file itself stays (removing it would let a third process lock another inode)."""
+
+    NAME = ".distill.lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise DistillError(
+                f"{self.folder} is being trained by another process ({holder}): wait for it to "
+                f"finish (a rerun then finds the student finished, or resumes it) or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def _check_source(path: Path, saved: str | None, source: dict | None, what: str) -> None:
@@ -81,6 +121,20 @@ def finished(path: Path, key: str | tuple[str, ...], source: dict | None = None)
         )
     _check_source(path, ckpt.extra.get("store_fingerprint"), source, "a finished run trained")
     return True
+
+
+def restore_metrics(ckpt_path: Path, metrics_path: Path) -> None:
+    """A finished run's metrics.jsonl as its checkpoint's history has it: a damaged or deleted
+    file is written again (the report reads it), a whole one is left as it is."""
+    history = json.loads(read_checkpoint(ckpt_path).extra.get("history") or "[]")
+    if not history:  # a checkpoint without its history: the file is all there is
+        return
+    try:
+        if metrics_path.read_text() == "".join(json.dumps(r) + "\n" for r in history):
+            return
+    except (OSError, ValueError):  # missing, or not text any more
+        pass
+    write_metrics(metrics_path, history)
 
 
 def save_diverged(path: Path, key: str, record: dict) -> None:

@@ -7,6 +7,8 @@ are treated the same way.
 
 from __future__ import annotations
 
+import errno
+
 from storage.errors import StoreError
 
 
@@ -32,3 +34,29 @@ class ModelError(UserError, ValueError):
 
 #: What the command line reports as one line and exit status 2, never as a traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UserError, StoreError)
+
+
+_FULL = "free space on that disk or choose another run_dir"
+_LOCKED = "make the folder writable or choose another run_dir"
+_PATH = "check run_dir and the store, data and checkpoint paths in the config"
+#: errno → (what happened, what to do). Anything else from the OS is a bug worth a traceback.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", _FULL),
+    errno.EDQUOT: ("disk quota exceeded", _FULL),
+    errno.EACCES: ("permission denied", _LOCKED),
+    errno.EPERM: ("operation not permitted", _LOCKED),
+    errno.EROFS: ("read-only file system", _LOCKED),
+    errno.ENOTDIR: ("a path component is a file, not a folder", _PATH),
+    errno.EEXIST: ("a file is in the way of a folder to create", _PATH),
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """The one line for an OSError that is the user's to fix (disk full, read-only or
+    unwritable folder, a file where a folder belongs); None for any other (a bug)."""
+    if exc.errno not in _OS_ERRORS:
+        return None
+    what, fix = _OS_ERRORS[exc.errno]
+    where = f" ({exc.filename})" if exc.filename else ""
+    kept = "" if fix is _PATH else "; finished work is kept and a rerun resumes"
+    return f"{what}{where}: {fix}{kept}"

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 #: Exit status when the first failed rank was killed by a signal (it has no status of its own).
 KILLED = 1
@@ -29,7 +30,9 @@ KILLED = 1
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 
 
-def torchrun(nproc: int, pipeline_args: list[str]) -> int:
+def torchrun(
+    nproc: int, pipeline_args: list[str], *, cleanup: Callable[[], None] | None = None
+) -> int:
     """Run ``python -m pipeline PIPELINE_ARGS`` on ``nproc`` ranks; its exit status.
 
     The launcher runs in a child process (a sweep goes on after it). A SIGTERM or SIGHUP sent to
@@ -37,6 +40,9 @@ def torchrun(nproc: int, pipeline_args: list[str]) -> int:
     and once it has ended this process takes the signal too (a sweep stops instead of starting
     its next student); a Ctrl-C becomes KeyboardInterrupt here the same way. A launcher killed
     by a signal returns 128 + its number, as a shell reports it.
+
+    ``cleanup`` runs before this process takes a SIGTERM or SIGHUP itself (whose default action
+    ends it at once, running no ``finally``): the caller's temporary files go with it.
     """
     command = [sys.executable, "-m", "pipeline.launch", str(nproc), *pipeline_args]
     received: list[int] = []
@@ -59,6 +65,8 @@ def torchrun(nproc: int, pipeline_args: list[str]) -> int:
     if received:
         if received[0] == signal.SIGINT:
             raise KeyboardInterrupt
+        if cleanup is not None:
+            cleanup()
         signal.raise_signal(received[0])  # with this process's own handler back in place
     return 128 - status if status < 0 else status
 

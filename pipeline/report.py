@@ -17,6 +17,7 @@ bars, the CE baseline as a line), rendered by ``pipeline.report_render``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -133,18 +134,22 @@ class Report:
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    # A rerun of a finished student writes its metrics.jsonl again from its student.pt.
+    fix = "delete the run folder or rerun its student"
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not a metrics file (not UTF-8 text): {fix}") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            float(record["test_acc"])
+            if not math.isfinite(float(record["test_acc"])):
+                raise ValueError("test_acc is not a finite number")
         except (ValueError, KeyError, TypeError):
-            raise ReportError(
-                f"{path} line {number} is not a metrics record: delete the run folder or "
-                f"rerun its student"
-            ) from None
+            raise ReportError(f"{path} line {number} is not a metrics record: {fix}") from None
         records.append(record)
     return records
 

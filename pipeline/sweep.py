@@ -36,12 +36,19 @@ from pipeline.distill import (
     check_not_diverged,
     config_key,
     output_dir,
+    teacher_store_fingerprint,
     train_student,
 )
 from pipeline.distill_ddp import World
 from pipeline.distill_inputs import build_student_method
 from pipeline.distill_state import finished
-from pipeline.errors import EXPECTED_ERRORS, ConfigError, ModelError, UserError
+from pipeline.errors import (
+    EXPECTED_ERRORS,
+    ConfigError,
+    ModelError,
+    UserError,
+    os_error_message,
+)
 from pipeline.fileio import atomic_write
 from pipeline.launch import torchrun
 from pipeline.metrics import diverged
@@ -160,12 +167,16 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
     fd, name = tempfile.mkstemp(prefix="logitbank-sweep-", suffix=".yaml")
     os.close(fd)
     started = time.time()
+
+    def remove() -> None:
+        Path(name).unlink(missing_ok=True)
+
     try:
         save_resolved(config, name)
         argv = ["distill", "--config", name]
-        status = torchrun(nproc, argv if progress else [*argv, "--quiet"])
+        status = torchrun(nproc, argv if progress else [*argv, "--quiet"], cleanup=remove)
     finally:
-        os.unlink(name)
+        remove()
     checkpoint = output_dir(config) / "student.pt"
     metrics = output_dir(config) / "metrics.jsonl"
     if status != 0 and metrics.is_file() and metrics.stat().st_mtime >= started:
@@ -186,6 +197,14 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
             f"sweep to retry it"
         )
     return checkpoint
+
+
+def _one_line(exc: Exception) -> str | None:
+    from storage.urls import remote_error
+
+    if (remote := remote_error(exc)) is not None:
+        return remote
+    return os_error_message(exc) if isinstance(exc, OSError) else None
 
 
 def run_sweep(
@@ -227,7 +246,10 @@ def run_sweep(
         try:
             ckpt = item.folder / "student.pt"
             keys = (config_key(item.config), config_key(item.config, legacy=True))
-            status = "finished" if finished(ckpt, keys) else "trained"
+            # As train_student checks it: a student of another teacher store (the teacher
+            # retrained, precompute --overwrite) is not this sweep's finished run.
+            source = teacher_store_fingerprint(item.config)
+            status = "finished" if finished(ckpt, keys, source) else "trained"
             if status == "trained":
                 check_not_diverged(item.config)  # before any process starts for it
             if status == "trained" and nproc is not None:
@@ -241,8 +263,12 @@ def run_sweep(
         except EXPECTED_ERRORS as exc:
             outcome = Outcome(item, "failed", seconds=time.perf_counter() - t0, error=str(exc))
         except Exception as exc:  # a bug or e.g. CUDA out of memory: the other runs still go
-            traceback.print_exc()
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            # What the command line says in one line (a full disk, a read-only folder, a file
+            # where the run's folder belongs, object storage refusing) is one line here too.
+            error = _one_line(exc)
+            if error is None:
+                traceback.print_exc()
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             outcome = Outcome(item, "failed", seconds=time.perf_counter() - t0, error=error)
         outcomes.append(outcome)
         if on_run is not None:

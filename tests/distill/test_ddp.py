@@ -226,7 +226,8 @@ def test_rank_0_alone_writes_and_prints(tiny_run, kd_two):
     ]
     for epoch in range(1, 9):  # one line per epoch, not one per rank
         assert sum(f"epoch {epoch}/8:" in line for line in lines) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "student.pt"]
+    names = ["config.yaml", "metrics.jsonl", "student.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".distill.lock", *names]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == list(range(1, 9))
     assert all(r["world_size"] == RANKS for r in history)

@@ -194,7 +194,7 @@ def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):
     assert lines[2].startswith("sweep: 2 runs done (1 trained, 0 already finished, 1 diverged")
     assert (tmp_path / "sweep.done").is_file()
     hot = tmp_path / "distill" / "hot-s4"
-    kept = ["config.yaml", "diverged.json", "metrics.jsonl"]
+    kept = [".distill.lock", "config.yaml", "diverged.json", "metrics.jsonl"]
     assert sorted(p.name for p in hot.iterdir()) == kept
     written = (hot / "metrics.jsonl").stat().st_mtime_ns
 
@@ -226,4 +226,9 @@ def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv("sweep", tmp_path, *calm)) == 0
     assert capsys.readouterr().out.startswith("sweep 1/1 hot-s4: trained, test top-1 ")
-    assert sorted(p.name for p in hot.iterdir()) == ["config.yaml", "metrics.jsonl", "student.pt"]
+    assert sorted(p.name for p in hot.iterdir()) == [
+        ".distill.lock",
+        "config.yaml",
+        "metrics.jsonl",
+        "student.pt",
+    ]
