@@ -282,6 +282,8 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
+        _check_seed(self.augment.seed, "augment.seed")
+        _check_seed(self.teacher.seed, "teacher.seed")
         _positive(self.augment.views, "augment.views")
         _positive(self.teacher.epochs, "teacher.epochs", allow_zero=True)
         _positive(self.teacher.batch_size, "teacher.batch_size")

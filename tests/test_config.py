@@ -51,6 +51,8 @@ def test_defaults_file_and_overrides_combine(tmp_path):
         ("", ["precompute.parity_rtol=nan"], r"parity_rtol must be a finite number > 0, got nan"),
         ("", ["export.atol=inf"], r"export.atol must be a finite number, got inf"),
         ("", ["teacher.lr=nan"], r"teacher.lr must be a finite number, got nan"),
+        ("", ["teacher.seed=-1"], r"teacher.seed: a seed is a whole number from 0 to 2\*\*64 - 1"),
+        ("", ["augment.seed=-3"], r"augment.seed: a seed is a whole number from 0 to 2\*\*64 - 1"),
         ("teacher:\n  1: a\n  foo: b\n", [], r"unknown config key teacher.1: known keys"),
         ("", ["teacher=3"], "config section teacher must be a mapping"),
         ("", ["teacher.epochs"], "must look like section.key=value"),

@@ -1,5 +1,7 @@
-"""Regression tests from the review of sweep / launch / CLI / Makefile / report
-(/tmp/review_sweep/report.md). Each fails on the code before its patch."""
+"""Sweep, launch, CLI, Makefile and report under misuse: two trainers of one student folder,
+a retrained teacher's store, disk and folder errors inside a sweep, out-of-range seeds, quoted or
+spaced run folders, SET words with shell characters, a stopped ``sweep --nproc``, damaged
+metrics files. Each test failed on the code before its fix."""
 
 from __future__ import annotations
 
