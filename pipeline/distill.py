@@ -111,15 +111,10 @@ def config_key(config: Config, legacy: bool = False) -> str:
 def _block_layout(config: Config) -> dict | None:
     """The encoding and chunk_rows of the store the run reads its teacher's logits from (what
     ``build_sources`` cuts the batches from), or None when it reads none or there is none yet."""
-    cfg = config.distill
-    method = cfg.method.strip().lower().replace(" ", "")
-    if cfg.teacher_source != "store" or method in ("ce", "pskd"):
-        return None
-    try:
-        with open_store(store_path(config)) as store:
-            return {"encoding": store.layout.encoding, "chunk_rows": store.layout.chunk_rows}
-    except StoreError:
-        return None
+    return _from_teacher_store(
+        config,
+        lambda store: {"encoding": store.layout.encoding, "chunk_rows": store.layout.chunk_rows},
+    )
 
 
 def teacher_store_fingerprint(config: Config) -> dict | None:
@@ -127,13 +122,19 @@ def teacher_store_fingerprint(config: Config) -> dict | None:
     saved run made from another store (a teacher retrained, precompute rerun) is refused rather
     than reused. None when it reads none (ce, pskd, online) or there is no store yet (the run's
     own checks say so)."""
+    return _from_teacher_store(config, lambda store: dict(store.fingerprint))
+
+
+def _from_teacher_store(config: Config, read: Callable[[LogitStore], dict]) -> dict | None:
+    """``read`` of the teacher store the run reads, or None when it reads none (ce, pskd,
+    online) or the store is not there (yet)."""
     cfg = config.distill
     method = cfg.method.strip().lower().replace(" ", "")
     if cfg.teacher_source != "store" or method in ("ce", "pskd"):
         return None
     try:
         with open_store(store_path(config)) as store:
-            return dict(store.fingerprint)
+            return read(store)
     except StoreError:
         return None
 

@@ -13,10 +13,7 @@ rather than retraining up to the same epoch.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +29,10 @@ from pipeline.methods import Method
 from pipeline.metrics import divergence, write_metrics
 from pipeline.models import build_model, read_checkpoint
 from pipeline.models.checkpoint import load_weights_only
+from storage.locking import WriterLock
 
 
-class RunLock:
+class RunLock(WriterLock):
     """One process at a time trains a student folder: an ``flock`` on FOLDER/.distill.lock.
 
     Two sweeps (or two ``make distill``) of one run folder would otherwise train the same student
@@ -45,30 +43,18 @@ class RunLock:
     NAME = ".distill.lock"
 
     def __init__(self, folder: Path) -> None:
+        super().__init__(folder / self.NAME, str(folder), busy=self._busy)
         self.folder = folder
-        self._fd: int | None = None
+
+    def _busy(self, holder: str) -> DistillError:
+        return DistillError(
+            f"{self.folder} is being trained by another process ({holder}): wait for it to "
+            f"finish (a rerun then finds the student finished, or resumes it) or stop it"
+        )
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise DistillError(
-                f"{self.folder} is being trained by another process ({holder}): wait for it to "
-                f"finish (a rerun then finds the student finished, or resumes it) or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        super().acquire()
 
 
 def _check_source(path: Path, saved: str | None, source: dict | None, what: str) -> None:

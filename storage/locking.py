@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.errors import WriterLockedError
@@ -23,9 +24,17 @@ from storage.errors import WriterLockedError
 class WriterLock:
     """An exclusive, non-blocking lock held for the life of a writer."""
 
-    def __init__(self, lock_path: Path, store_path: str) -> None:
+    def __init__(
+        self,
+        lock_path: Path,
+        store_path: str,
+        busy: Callable[[str], Exception] | None = None,
+    ) -> None:
+        """``busy(holder)``: the error when another process holds the lock (default: the
+        store's ``WriterLockedError``); ``holder`` names it (pid, host, since when)."""
         self.lock_path = lock_path
         self.store_path = store_path
+        self.busy = busy
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -35,6 +44,8 @@ class WriterLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
+            if self.busy is not None:
+                raise self.busy(holder) from None
             raise WriterLockedError(
                 f"store {self.store_path} is being written by another process ({holder}): "
                 f"wait for it to finish or stop it; one writer at a time"
