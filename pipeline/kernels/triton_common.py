@@ -33,16 +33,21 @@ from pipeline.kernels import FUSED_STUDENT_DTYPES, FUSED_TEACHER_DTYPES
 MAX_BLOCK = 2048
 #: From this block width up a program takes one row (8 warps).
 ROW_BLOCK = 2048
-#: Rows of 513-1024 classes: two a program, 8 warps (a 2x1024 tile). One a program (1x1024)
-#: measured 1.34x eager's time at C = 1000 on an H100, where 2x1024 had measured 0.95x on an
-#: H200 (ratios to eager on the same card; tests/gpu/results/).
-PAIR_BLOCK = 1024
-#: Narrower rows (C <= 512) share a program: a (ROWS, BLOCK) tile of this many elements at 4
-#: warps, one 4-wide vector per thread. Compiled for sm_90 (tests/kernels/registers.py), the
-#: old 2,048-element tiles, in which a thread holds parts of several rows, took 206-255
-#: registers per thread in the forward kernels (8 warps per SM; 124-255 backward); these tiles
-#: take 32-127 in plain KD, DKD and ATS forward and backward (16-64 warps per SM).
-SMALL_TILE = 512
+#: Rows of 33-1024 classes: a program walks (ROWS, BLOCK) tiles of ``SMALL_TILE`` elements with
+#: one warp (8 values a thread), in blocks of at most this many columns: C = 100 is 2x128, C =
+#: 1000 one row in two 512-wide steps. The kernels alone, forward + backward replayed from a
+#: CUDA graph (tests/gpu/tile_sweep.py, H200, 2026-11-27, tests/gpu/results/): KD 0.157 ms at
+#: C = 100 against 0.299 for the 4x128 4-warp tile it replaces, 0.100 against 0.144 (2x1024, 8
+#: warps) at C = 1000; DKD 0.230 against 0.585 and 0.116 against 0.212; each the best or
+#: within 1% of the best of 21 candidates.
+MID_BLOCK = 512
+#: Rows of at most 32 classes keep 4 warps on their 256-element tiles (16x16 at C = 10: KD
+#: 0.388 ms against 0.429 for the 32x16 tile before, DKD 0.705 against 0.723; one warp is
+#: not among the best there). The 2,048-element tiles before 2026-11-26, in which a thread holds
+#: parts of several rows, took 206-255 registers per thread (tests/kernels/registers.py).
+SMALL_TILE = 256
+#: Blocks narrower than this take 4 warps, wider ones (up to ``MID_BLOCK``) one.
+ONE_WARP_MIN_BLOCK = 64
 
 STUDENT_DTYPES = FUSED_STUDENT_DTYPES
 TEACHER_DTYPES = FUSED_TEACHER_DTYPES
@@ -90,12 +95,17 @@ def _launch_config(batch: int, classes: int, override: tuple[int, ...] | None) -
         rows, block, *warps = override
     else:
         block = min(_next_power_of_2(classes), MAX_BLOCK)
-        wanted = 1 if block >= ROW_BLOCK else 2 if block == PAIR_BLOCK else SMALL_TILE // block
+        if block < ROW_BLOCK:
+            block = min(block, MID_BLOCK)
+        wanted = 1 if block >= ROW_BLOCK else max(1, SMALL_TILE // block)
         rows = max(1, min(wanted, _next_power_of_2(batch)))
         warps = []
     if rows < 1 or block < 1 or block & (block - 1) or rows & (rows - 1):
         raise MethodError(f"tile shape must be powers of two, got rows={rows}, block={block}")
-    num_warps = warps[0] if warps else (8 if block >= PAIR_BLOCK else 4)
+    if warps:
+        num_warps = warps[0]
+    else:
+        num_warps = 8 if block >= ROW_BLOCK else 1 if block >= ONE_WARP_MIN_BLOCK else 4
     if len(warps) > 1 or num_warps not in (1, 2, 4, 8, 16, 32):
         raise MethodError(f"num_warps must be one of 1, 2, 4, 8, 16, 32, got {override}")
     return Launch(rows=rows, block=block, num_warps=num_warps)

@@ -573,9 +573,9 @@ def kd_ce(
     ``kd`` is the mean of ``kd_rows``; ``ce`` the mean cross-entropy of the raw student logits
     with ``target``; total = ce_weight · ce + kd_weight · kd. One forward and one backward
     kernel replace KD's two and cross-entropy's own (three passes over the student logits fewer,
-    and fewer launches: on a small student a training step is mostly launch time). Rows split
-    among programs (``segments_for``: few rows of many classes) keep the split KD kernels and
-    add PyTorch's cross-entropy.
+    and fewer launches: on a small student a training step is mostly launch time). Rows are
+    split among programs only when ``config`` asks for segments: then the split KD kernels run
+    with PyTorch's cross-entropy beside them.
 
     Args:
         target: (B,) integer classes; ``target_checked`` when the caller already checked that
@@ -592,7 +592,15 @@ def kd_ce(
     if zscore and segments not in (None, 1):
         raise MethodError("a row split among programs is for plain KD only, not z-score")
     launch = launch_config(batch, classes, tile)
-    split = not zscore and segments_for(batch, classes, launch, student.device, segments)[0] > 1
+    # Rows are split only when a config asks: the split path computes the cross-entropy apart
+    # (PyTorch's, more launches and passes), and on an H100 it took 1.12-1.16x eager's time at
+    # C >= 32768, where one program a row is as fast or nearly (the kernels alone: 0.093 against
+    # 0.094 ms at C = 32768, 0.185 against 0.106 at C = 131072, H200, tests/gpu/results/) and
+    # a call waits longer than that on the host anyway.
+    split = (
+        segments is not None
+        and segments_for(batch, classes, launch, student.device, segments)[0] > 1
+    )
     if batch == 0:  # means of nothing: the reference's NaN
         teacher = reference.decode_teacher(teacher, scale, offset)
         return reference.kd_ce(student, teacher, target, temp, ce_weight, kd_weight, zscore, eps)

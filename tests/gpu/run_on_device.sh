@@ -11,6 +11,9 @@
 #   tiles    python -m tests.gpu.tile_sweep: the fused KD/DKD kernels alone (CUDA-graph replay)
 #            for every candidate tile of each C, beside eager in a graph and both launched from
 #            Python (host time), killed at 240 s                        -> tile_sweep.{log,json}
+#   host     python -m tests.gpu.host_cost: host µs a call of one launch (torch, triton), of the
+#            fused KD kernel alone, of kd_rows/kd_ce/dkd_rows forward + backward and eager's, and
+#            a cProfile of the fused step, killed at 90 s          -> host_cost.{log,json}
 #   ort      python -m tests.gpu.check_ort (CUDA provider, I/O binding, fp16 vs torch): needs
 #            onnxruntime-gpu at /tmp/ortsite (tests/gpu/ort_gpu_wheel.sh), killed at 150 s
 #   distill  the distill stage on CUDA: tests/distill/test_cuda.py (follows the CPU, fused kernels
@@ -24,19 +27,20 @@
 # tool; the wheels: zarr numcodecs donfig google_crc32c dask distributed tornado tblib zict locket
 # partd, and onnxconverter_common for check_ort's fp16 row) and they are installed to /tmp/site
 # first; a later call on the same warm machine finds them there.
-# Expected (H100, 2026-11-26): kernels 35 s (262 cases then; 433 with the *_ce losses, ~1 min
-# estimated), losses 80 s (~2 min now with the kd+ce and dkd+ce rows), distill ~2 min (~4 now,
-# with a second repeat, batch 256 and the step-alone epochs), dask ~1 min, ort ~1 min (plus the
-# wheel's 4 carries, ~6 s each onto a warm machine); tiles and profile not yet run (~2-3 min and
-# ~1.5 min estimated).
+# Seen (2026-11-27, commit e8bb9d8): on an H100 kernels 54 s (433 cases), losses ~100 s,
+# distill: test_cuda 17 s, bench_distill --repeats 2 ~2 min, batch 256 cut at its limit after
+# one repeat of CE and offline (the three steps took 460 s with the start-up, BUDGET=470); on an
+# H200 tiles 65 s in all, profile more than 130 s (cut after CE and offline at BUDGET=150).
+# host (~30 s estimated), ort ~1 min (plus the wheel's 4 carries, ~6 s each onto a warm
+# machine) and dask ~1 min as measured 2026-11-26.
 # BUDGET=SECONDS (optional): the whole script's wall-clock budget, e.g. BUDGET=400 for a call
 # with timeout_s=420: every step's timeout is cut to what is left (a step with under 20 s left is
 # skipped), so one slow step cannot eat the call and the archive always comes back.
 # The plan for a 15-minute device lease (about 2-3 minutes of it go to starting the machine):
-#   run(command='BUDGET=440 STEPS="kernels losses distill" bash tests/gpu/run_on_device.sh',
-#       carry=[".whl"], timeout_s=460)
-#   run(command='BUDGET=250 STEPS="tiles profile" bash tests/gpu/run_on_device.sh',
-#       carry=[".whl"], timeout_s=270)
+#   run(command='BUDGET=300 STEPS="host kernels losses" bash tests/gpu/run_on_device.sh',
+#       timeout_s=320)
+#   run(command='BUDGET=300 STEPS="distill" bash tests/gpu/run_on_device.sh',
+#       carry=[".whl"], timeout_s=320)
 # then the ORT wheel's carries (tests/gpu/ort_gpu_wheel.sh) if time is left, and give_back.
 # Exit status: 0 all passed, 1 a kernel check failed (or was killed), 2 the loss benchmark failed,
 # 3 a later step failed (its rc, 124 = killed by timeout, is in the last line and run.log).
@@ -60,7 +64,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not pip-in
 unset TRITON_INTERPRET LOGITBANK_KERNELS  # compiled kernels; impl="auto" as shipped
 PY=${PYTHON:-python3}
 STEPS=" ${STEPS:-kernels losses} "
-KNOWN=" kernels losses tiles ort distill profile dask "
+KNOWN=" kernels losses tiles host ort distill profile dask "
 for s in $STEPS; do  # a misspelt step would otherwise run nothing and spend the call
     [[ "$KNOWN" == *" $s "* ]] || { echo "error: unknown step '$s' (known:$KNOWN)" >&2; exit 2; }
 done
@@ -145,6 +149,12 @@ fi
 if has tiles; then
     echo "== tile_sweep ($(( $(date +%s) - start ))s)"
     run_step tiles 240 "$PY" -m tests.gpu.tile_sweep --out "$OUT" 2>&1 | tee "$OUT/tile_sweep.log" \
+        || later_rc=3
+fi
+
+if has host; then
+    echo "== host_cost ($(( $(date +%s) - start ))s)"
+    run_step host 90 "$PY" -m tests.gpu.host_cost --out "$OUT" 2>&1 | tee "$OUT/host_cost.log" \
         || later_rc=3
 fi
 

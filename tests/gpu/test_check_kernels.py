@@ -73,3 +73,15 @@ def test_tile_sweep_candidates_and_dry_run() -> None:
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("agree with the reference") == 2, run.stdout
+
+
+def test_host_cost_dry_run(tmp_path: Path) -> None:
+    """tests/gpu/host_cost.py (a GPU tool) runs every row and the profile under the interpreter
+    and writes its JSON with a figure for each row."""
+    require_triton()
+    cmd = [sys.executable, "-m", "tests.gpu.host_cost", "--interpret", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    payload = json.loads((tmp_path / "host_cost.json").read_text())
+    assert len(payload["us"]) == 8 and all(us > 0 for us in payload["us"].values())
+    assert "function calls" in (tmp_path / "host_cost_profile.txt").read_text()

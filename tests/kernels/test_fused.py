@@ -522,16 +522,19 @@ def test_launch_config_defaults_and_overrides() -> None:
     def shape(launch) -> tuple[int, int, int]:
         return launch.rows, launch.block, launch.num_warps
 
-    assert shape(launch_config(1 << 20, 10)) == (32, 16, 4)
-    assert shape(launch_config(1 << 17, 100)) == (4, 128, 4)
-    assert shape(launch_config(3, 100)) == (4, 128, 4)  # rows capped at the batch's power of 2
-    assert shape(launch_config(1, 100)) == (1, 128, 4)
-    assert shape(launch_config(1 << 14, 1000)) == (2, 1024, 8)
-    assert shape(launch_config(1, 1000)) == (1, 1024, 8)
+    assert shape(launch_config(1 << 20, 10)) == (16, 16, 4)
+    assert shape(launch_config(1 << 20, 32)) == (8, 32, 4)
+    assert shape(launch_config(1 << 20, 33)) == (4, 64, 1)
+    assert shape(launch_config(1 << 17, 100)) == (2, 128, 1)
+    assert shape(launch_config(3, 10)) == (4, 16, 4)  # rows capped at the batch's power of 2
+    assert shape(launch_config(1, 100)) == (1, 128, 1)
+    assert shape(launch_config(1 << 14, 1000)) == (1, 512, 1)
+    assert shape(launch_config(1 << 14, 2047)) == (1, 2048, 8)
     assert shape(launch_config(128, 131072)) == (1, 2048, 8)
-    assert shape(launch_config(64, 100, (2, 64))) == (2, 64, 4)
+    assert shape(launch_config(64, 100, (2, 64))) == (2, 64, 1)  # the default warps of a block
+    assert shape(launch_config(64, 100, (4, 16))) == (4, 16, 4)
     assert shape(launch_config(64, 100, (2, 64, 2))) == (2, 64, 2)
-    assert launch_config(1000, 10).grid(1000) == (32,)  # ceil(1000 / 32)
+    assert launch_config(1000, 10).grid(1000) == (63,)  # ceil(1000 / 16)
     for bad in [(3, 64), (2, 48), (2, 64, 3), (2, 64, 64), (2, 64, 4, 1)]:
         with pytest.raises(MethodError, match="powers of two|num_warps"):
             launch_config(64, 100, bad)
