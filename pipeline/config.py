@@ -214,8 +214,13 @@ class DistillConfig:
                 )
         _check_milestones(self.milestones, "distill.milestones")
         _check_seed(self.seed, "distill.seed")
-        if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):
-            raise ConfigError(f"distill.name must be a plain folder name, got {self.name!r}")
+        _check_name(self.name, "distill.name")
+
+
+def _check_name(name: str | None, what: str) -> None:
+    """A student's folder name: None (named after student and method) or a plain folder name."""
+    if name is not None and (not name or "/" in name or name[0] == "."):
+        raise ConfigError(f"{what} must be a plain folder name, got {name!r}")
 
 
 def _default_sweep_runs() -> list[dict]:
@@ -265,7 +270,10 @@ class SweepConfig:
                     )
             if not isinstance(run.get("method"), str):
                 raise ConfigError(f"{where} needs a method (e.g. {{method: kd}}), got {run!r}")
-            runs.append({k: _coerce(v, hints[k], f"{where}.{k}") for k, v in run.items()})
+            run = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in run.items()}
+            # checked before the sweep appends "-s<seed>": an empty name would pass as "-s0"
+            _check_name(run.get("name"), f"{where}.name")
+            runs.append(run)
         self.runs = runs
 
 

@@ -15,6 +15,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.config import SweepConfig, load_config, save_resolved
 from pipeline.distill_inputs import method_names
+from pipeline.errors import ConfigError
 from pipeline.sweep import plan_sweep
 from tests.distill.conftest import run_cli
 from tests.report.conftest import TINY, argv
@@ -99,6 +100,14 @@ def test_default_runs_are_the_issues_methods():
     assert methods == ["ce", "kd", "dkd", "ctkd", "ls+kd", "ls+dkd", "ats", "pskd"]
     assert set(methods) <= set(method_names())
     assert SweepConfig().seeds == [0]
+
+
+@pytest.mark.parametrize("name", ["''", "'.hidden'", "a/b"])
+def test_a_sweep_run_name_must_be_a_plain_folder_name(tmp_path, name):
+    """Checked before the seed suffix: an empty name trained into a folder called "-s0"."""
+    runs = f"[{{method: kd, name: {name}}}]"
+    with pytest.raises(ConfigError, match=r"sweep.runs\[0\].name must be a plain folder name"):
+        load_config(TINY, [f"run_dir={tmp_path}", f"sweep.runs={runs}"])
 
 
 def test_plan_names_folders_and_keeps_distill_defaults(tmp_path):
