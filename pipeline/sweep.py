@@ -5,7 +5,8 @@
         train_student(config with that distill)                         are not inherited)
 
 Every (run, seed) is checked before the first one trains — unknown method, unknown student, bad
-value, two runs writing one folder — so a typo fails in a second, not after hours. At run time a
+value, two runs writing one folder, a folder already holding another config's or another teacher
+store's student — so a typo fails in a second, not after hours. At run time a
 failing student is reported and the sweep goes on with the others; ``sweep.done`` is written when
 none failed (a run that diverged counts as done: it stopped on purpose, and the report lists
 it). Finished runs are not trained again (``train_student`` recognises its own checkpoint), so
@@ -40,8 +41,8 @@ from pipeline.distill import (
     train_student,
 )
 from pipeline.distill_ddp import World
-from pipeline.distill_inputs import build_student_method
-from pipeline.distill_state import finished
+from pipeline.distill_inputs import DistillError, build_student_method
+from pipeline.distill_state import finished, load_state
 from pipeline.errors import (
     EXPECTED_ERRORS,
     ConfigError,
@@ -139,6 +140,31 @@ def plan_sweep(config: Config) -> list[SweepRun]:
             folders[item.folder] = f"sweep.runs[{index}]"
             planned.append(item)
     return planned
+
+
+def check_folders(planned: list[SweepRun]) -> None:
+    """Refuse, before anything trains, a run whose folder already holds a student or a training
+    state of another config or another teacher store (``train_student`` would refuse it at the
+    run's turn, after the runs before it had trained: hours later).
+
+    Raises:
+        DistillError: the first such run, named, with what to do.
+    """
+    for item in planned:
+        ckpt, state = item.folder / "student.pt", item.folder / "state.pt"
+        if not (ckpt.exists() or state.exists()):
+            continue
+        where = f"sweep.runs[{item.index}] ({item.config.distill.method}, seed {item.seed})"
+        key = config_key(item.config)
+        try:
+            source = teacher_store_fingerprint(item.config)
+        except EXPECTED_ERRORS:  # no store to compare with: the run says so at its turn
+            continue
+        try:
+            if not finished(ckpt, (key, config_key(item.config, legacy=True)), source):
+                load_state(state, key, source)
+        except DistillError as exc:
+            raise DistillError(f"{where}: {exc}") from None
 
 
 def _summary(path: Path) -> tuple[float, float]:
@@ -240,6 +266,7 @@ def run_sweep(
     planned = plan_sweep(config)  # before anything trains: a bad entry costs nothing
     marker = done_path(config)
     marker.unlink(missing_ok=True)  # a sweep with other runs is not done because an old one was
+    check_folders(planned)
     outcomes: list[Outcome] = []
     for position, item in enumerate(planned, 1):
         t0 = time.perf_counter()

@@ -55,10 +55,28 @@ def test_sweep_does_not_skip_a_student_of_another_teacher_store(tiny_store, tmp_
     doc["attributes"]["fingerprint"]["onnx_sha256"] = "0" * 64
     meta.write_text(json.dumps(doc))
     capsys.readouterr()
-    assert main(argv("sweep", run, *sets)) == 1  # as `distill` refuses it
-    out = capsys.readouterr().out
-    assert "FAILED" in out and "from another teacher store" in out, out
+    assert main(argv("sweep", run, *sets)) == 2  # as `distill` refuses it, before any run trains
+    err = capsys.readouterr().err
+    assert "sweep.runs[0] (kd, seed 0)" in err and "from another teacher store" in err, err
     assert not (run / "sweep.done").exists()
+
+
+def test_a_folder_holding_another_configs_student_is_refused_before_any_run_trains(
+    tiny_store, tmp_path, capsys
+):
+    """The second run's folder holds a finished student of another config: the sweep stops
+    before the first run trains, not after it (hours, on real data)."""
+    run = tmp_path / "run"
+    store = f"distill.store={tiny_store / 'store.zarr'}"
+    first = ("sweep.runs=[{method: kd, epochs: 1, name: b}]", "sweep.seeds=[0]")
+    assert main(argv("sweep", run, store, *first)) == 0
+    two = "sweep.runs=[{method: ce, epochs: 1, name: a}, {method: kd, epochs: 1, lr: 0.5, name: b}]"
+    capsys.readouterr()
+    assert main(argv("sweep", run, store, two, "sweep.seeds=[0]")) == 2
+    err = capsys.readouterr().err
+    assert "sweep.runs[1] (kd, seed 0)" in err and "finished run with another config" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (run / "a-s0").exists()  # nothing trained
 
 
 # ---- 2. one process per student folder -------------------------------------------------------
