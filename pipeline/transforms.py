@@ -62,7 +62,16 @@ def temperature_column(temperature: Temperature) -> Temperature:
 
 def apply_temperature(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
     """``logits / T`` with T a float or a 0-d/(1,)/(B,) tensor: (B, C)."""
-    return logits / temperature_column(temperature)
+    return _divided(logits, temperature_column(temperature))
+
+
+def _divided(logits: torch.Tensor, column: torch.Tensor | float) -> torch.Tensor:
+    """``logits / column``; for a temperature that requires a gradient, a -inf logit (p = 0)
+    stays -inf and gives T no gradient, where plain division's would be 0 · inf = NaN."""
+    if not (isinstance(column, torch.Tensor) and column.requires_grad):
+        return logits / column
+    finite = torch.isfinite(logits)
+    return torch.where(finite, torch.where(finite, logits, 0.0) / column, logits)
 
 
 def squared(temperature: Temperature) -> Temperature:
@@ -83,7 +92,7 @@ def asymmetric_temperature(
     is_target = torch.arange(classes, device=logits.device)[None, :] == target[:, None]  # (B, C)
     col1, col2 = temperature_column(tau1), temperature_column(tau2)
     # torch.where keeps autograd for tensor temperatures; python floats broadcast as scalars.
-    return torch.where(is_target, logits / col1, logits / col2)
+    return torch.where(is_target, _divided(logits, col1), _divided(logits, col2))
 
 
 def _check_eps(eps: float) -> None:

@@ -303,8 +303,13 @@ def load_logits(
 
 @triton.jit
 def zscored(x, k, mean, sd, eps):
-    """A (ROWS, BLOCK) tile standardized with its rows' (shift, mean, std) from ``row_stats``."""
-    return (x - k[:, None] - mean[:, None]) / (sd[:, None] + eps)
+    """A (ROWS, BLOCK) tile standardized with its rows' (shift, mean, std) from ``row_stats``.
+
+    A row whose std + eps is 0 (a constant row with ``eps = 0``) gives zeros, as the reference's
+    ``standardize`` does, not 0 / 0."""
+    d = sd + eps
+    z = (x - k[:, None] - mean[:, None]) / tl.where(d > 0, d, 1.0)[:, None]
+    return tl.where((d > 0)[:, None], z, 0.0)
 
 
 @triton.jit
@@ -315,7 +320,8 @@ def load_logit_at(
     """``load_at``, z-scored like ``load_logits``: ``(ROWS,)``."""
     x = load_at(ptr, row_off, col, rmask, sc, of, HAS_SCALE)
     if ZSCORE:
-        x = (x - k - mean) / (sd + eps)
+        d = sd + eps
+        x = tl.where(d > 0, (x - k - mean) / tl.where(d > 0, d, 1.0), 0.0)
     return x
 
 
@@ -404,7 +410,8 @@ def online_kl(m_a, s_a, m_b, s_b, w, a, b, mask):
     shift = shift_of(m_a, m_a_new) - shift_of(m_b, m_b_new)
     ca = a - tl.where(m_a_new == float("-inf"), 0.0, m_a_new)[:, None]
     cb = b - tl.where(m_b_new == float("-inf"), 0.0, m_b_new)[:, None]
-    w = alpha_a * (w + s_a * shift) + tl.sum(tl.where(mask, e_a * (ca - cb), 0.0), axis=1)
+    # e_a > 0: a -inf teacher logit (p = 0) adds 0, not 0 * -inf = NaN, as 0 log 0 = 0.
+    w = alpha_a * (w + s_a * shift) + tl.sum(tl.where(mask & (e_a > 0), e_a * (ca - cb), 0.0), 1)
     s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
     s_b = s_b * alpha_b + tl.sum(e_b, axis=1)
     return m_a_new, s_a, m_b_new, s_b, w, alpha_a, e_a, alpha_b, e_b

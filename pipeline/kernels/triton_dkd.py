@@ -68,7 +68,11 @@ def _binary_kl(u, v):
     """
     sp_u, sp_nu = softplus(u), softplus(-u)
     sp_v, sp_nv = softplus(v), softplus(-v)
-    return tl.exp(-sp_nu) * (sp_nv - sp_nu) + tl.exp(-sp_u) * (sp_v - sp_u)
+    p, p_not = tl.exp(-sp_nu), tl.exp(-sp_u)
+    # 0 · log 0 = 0: u = -inf (a -inf teacher target logit) is p = 0, not 0 · -inf = NaN
+    return tl.where(p > 0, p * (sp_nv - sp_nu), 0.0) + tl.where(
+        p_not > 0, p_not * (sp_v - sp_u), 0.0
+    )
 
 
 @triton.jit
@@ -148,7 +152,7 @@ def _dkd_rows_fwd(
             m_a, s_a, m_b, s_b, w_ab, a, b, nt
         )
         if NEED_T_STATS:  # E_p̂[a], E_q̂[z_s]: the temperature gradient's (and z-score's)
-            w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
+            w_a = w_a * alpha_a + tl.sum(tl.where(e_a > 0, e_a * a, 0.0), axis=1)
             w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
         if ZSCORE:
             w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
@@ -235,7 +239,8 @@ def _dkd_rows_bwd(
     g_scale = temp  # dL/dz_s = T · (∂f/∂b · go_t + ∂h/∂b · go_n)
     coef = zero
     if ZSCORE:
-        g_scale = g_scale / (sd_s + eps)
+        d_s = sd_s + eps  # 0 only for a constant row with eps = 0: z = 0, no gradient
+        g_scale = tl.where(d_s > 0, g_scale / tl.where(d_s > 0, d_s, 1.0), 0.0)
         sum_gz = temp * (go_t * d * (xs_y - eq_z) + go_n * (eq_z - ep_z))  # Σ_i g_i z_i
         safe_sd = tl.where(sd_s > 0, sd_s, 1.0)
         coef = tl.where(sd_s > 0, sum_gz / ((C * 1.0 - 1.0) * safe_sd), 0.0)
@@ -269,7 +274,8 @@ def _dkd_rows_bwd(
             gs = gs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
             tl.store(gs, g.to(gs_ptr.dtype.element_ty), mask=mask)
         if NEED_T_GRAD:
-            cov += tl.sum(p_hat * (a - e_a[:, None]) * (a - b - e_ab[:, None]), axis=1)
+            cov_pb = p_hat * (a - e_a[:, None]) * (a - b - e_ab[:, None])
+            cov += tl.sum(tl.where(p_hat > 0, cov_pb, 0.0), axis=1)  # 0 at a = -inf
             qpb += tl.sum((q_hat - p_hat) * (b - e_b[:, None]), axis=1)
     if NEED_T_GRAD:
         xt_y = load_logit_at(
@@ -277,7 +283,8 @@ def _dkd_rows_bwd(
         )
         # Σ ∂f/∂a·a + Σ ∂f/∂b·b; D = log(p_y/q_y) - log((1-p_y)/(1-q_y)) is u - v.
         p_pn = tl.exp(-softplus(u) - softplus(-u))  # p_y (1 - p_y)
-        f_ab = (u - v) * p_pn * (xt_y * inv_t - e_a) + d * (xs_y - eq_z) * inv_t
+        f_ab = tl.where(p_pn > 0, (u - v) * p_pn * (xt_y * inv_t - e_a), 0.0)  # 0 at u = -inf
+        f_ab += d * (xs_y - eq_z) * inv_t
         f = _binary_kl(u, v)
         g_t = go_t * (2.0 * temp * f - temp * f_ab) + go_n * (2.0 * temp * h - temp * (cov + qpb))
         tl.store(gt_ptr + rows, g_t, mask=rmask)

@@ -86,7 +86,7 @@ def _kd_block(
         m_a, s_a, m_b, s_b, w_ab, a, b, mask
     )
     if NEED_T_STATS:
-        w_a = w_a * alpha_a + tl.sum(e_a * a, axis=1)
+        w_a = w_a * alpha_a + tl.sum(tl.where(e_a > 0, e_a * a, 0.0), axis=1)  # 0 at a = -inf
     if ZSCORE:
         w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
         w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
@@ -316,7 +316,8 @@ def _kd_rows_bwd(
     g_scale = go * temp  # dL/dz_s = go · T · (q - p)
     coef = zero
     if ZSCORE:
-        g_scale = g_scale / (sd_s + eps)
+        d_s = sd_s + eps  # 0 only for a constant row with eps = 0: z = 0, no gradient
+        g_scale = tl.where(d_s > 0, g_scale / tl.where(d_s > 0, d_s, 1.0), 0.0)
         safe_sd = tl.where(sd_s > 0, sd_s, 1.0)
         coef = tl.where(sd_s > 0, go * temp * d_ez / ((C * 1.0 - 1.0) * safe_sd), 0.0)
     e_b = e_a - e_ab  # E_p[b]: (q - p)·b centred on it sums range-sized, not lse-sized, terms
@@ -347,7 +348,8 @@ def _kd_rows_bwd(
             gs = gs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
             tl.store(gs, g.to(gs_ptr.dtype.element_ty), mask=mask)
         if NEED_T_GRAD:
-            cov += tl.sum(p * (a - e_a[:, None]) * (a - b - e_ab[:, None]), axis=1)
+            cov_pb = p * (a - e_a[:, None]) * (a - b - e_ab[:, None])
+            cov += tl.sum(tl.where(p > 0, cov_pb, 0.0), axis=1)  # 0, not NaN, at a = -inf
             qpb += tl.sum((q - p) * (b - e_b[:, None]), axis=1)  # Σ(q-p) = 0: centre on E_p[b]
     if NEED_T_GRAD:
         if SPLIT:  # this segment's part of the sums: (segments, B), added up by the caller

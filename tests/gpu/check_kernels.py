@@ -2,7 +2,7 @@
 
     python -m tests.gpu.check_kernels [--out DIR] [--budget 150] [--jobs 8] [--only kd] [--seed 0]
     python -m tests.gpu.check_kernels --interpret      # the same checks on CPU, small sizes
-    python -m tests.gpu.check_kernels --list           # the cases (433 on CUDA, 298 on CPU)
+    python -m tests.gpu.check_kernels --list           # the cases (487 on CUDA, 334 on CPU)
 
 On CUDA the real kernels are compiled (``TRITON_INTERPRET`` is removed from the environment
 before triton is imported) and every case calls the public dispatcher ``pipeline.kernels`` with
@@ -17,6 +17,9 @@ autograd), computed on the same device from the exact values of the same inputs.
 - dtype: float16, bfloat16 and int8 (per-row scale/offset) teachers, every C;
 - extreme: ±100 logits at T = 1 (targets at +100 for the teacher, -100 for the student), and a
   500-wide gap for DKD;
+- edge: -inf teacher logits (p = 0, at a non-target class, at the target, every 7th class) for
+  KD, DKD, their fused-CE forms and ATS, with per-sample temperatures that get a gradient; and
+  constant rows z-scored with eps = 0 (zeros, not 0 / 0) for LS, DKD+LS and their CE forms;
 - odd_b: batches that are not a multiple of the rows-per-program tile, and C = 50257 (a partial
   last column block);
 - student: float16 and bfloat16 students (gradient in the student's dtype);
@@ -124,7 +127,8 @@ class Case:
     teacher: str = "f32"
     student: str = "f32"
     temp: str = "T"  # T (float), T_b (per-sample, with grad), theta (CTKD global), T_vec (ATS)
-    inputs: str = "randn"  # randn, extreme (±100), gap (DKD, 500 wide)
+    inputs: str = "randn"  # randn, extreme (±100), gap (DKD, 500 wide), neginf, constant
+    eps: float = 1e-7  # z-score's (0: a constant row's std + eps is 0)
 
     @property
     def name(self) -> str:
@@ -133,6 +137,7 @@ class Case:
         return (
             f"{self.group:<8} {self.method:<16} C={self.classes:<6} B={self.batch:<5} "
             f"t={self.teacher:<4} s={self.student:<4} {self.temp:<5} {self.inputs}"
+            + ("" if self.eps == 1e-7 else f" eps={self.eps:g}")
         )
 
 
@@ -250,6 +255,21 @@ def make_inputs(env: Env, case: Case, g: torch.Generator):
         student = 250.0 + 10.0 * _randn(g, b, c, env=env)
         teacher[rows, target] = 250.0
         student[rows, target] = -250.0
+    elif case.inputs in ("neginf", "constant"):
+        student = _randn(g, b, c, env=env) * 3.0
+        teacher = 0.8 * student + 1.5 * _randn(g, b, c, env=env) + 0.5
+        if case.inputs == "neginf":  # p = 0: row 0 at a non-target class, row 1 at its target,
+            if c > 2:  # row 2 at every 7th class (C = 2: no non-target mass left, NCKD is 0 / 0)
+                teacher[0, (target[0] + 1) % c] = float("-inf")
+            teacher[1 % b, target[1 % b]] = float("-inf")
+            if b > 2 and c > 2:
+                teacher[2, ::7] = float("-inf")
+                teacher[2, target[2]] = 1.0
+        else:  # z-scores to zeros: row 0's teacher, row 1's student, both of row 2
+            teacher[0] = 2.5
+            student[1 % b] = -1.5
+            if b > 2:
+                teacher[2], student[2] = 0.75, 4.0
     else:
         raise ValueError(case.inputs)
     scale = offset = None
@@ -309,10 +329,15 @@ def _row_temps(temp64: torch.Tensor, b: int) -> torch.Tensor:
     return temp64.detach().reshape(-1).expand(b)
 
 
+#: Inputs judged at T = 1 (ATS at 1, 1, 1): saturated logits, where a larger T hides nothing.
+HARD_INPUTS = ("extreme", "gap")
+
+
 def _grad_floor(student: torch.Tensor, go: torch.Tensor, temp: torch.Tensor, zs: bool) -> float:
     scale = go.double() * temp
-    if zs:
-        scale = scale / (student.detach().double().std(dim=1) + 1e-7)
+    if zs:  # a constant row's z-score gradient is 0 (eps = 0) or its own size (eps): not a floor
+        sd = student.detach().double().std(dim=1)
+        scale = torch.where(sd > 0, scale / (sd + 1e-7), 0.0)
     return scale.max().item()
 
 
@@ -357,10 +382,12 @@ def run_kd(env: Env, case: Case) -> list[Check]:
     g = _seed(env, case)
     zs = case.method == "ls"
     student, teacher, _, scale, offset = make_inputs(env, case, g)
-    base = 1.0 if case.inputs != "randn" else (2.0 if zs else 4.0)
+    base = 1.0 if case.inputs in HARD_INPUTS else (2.0 if zs else 4.0)
     temp, extra, temp64, extra64 = _temperature(env, case, g, base)
     go = 0.1 + _rand(g, case.batch, env=env)
-    loss = k.kd_rows(student, teacher, temp, zscore=zs, scale=scale, offset=offset, impl="triton")
+    loss = k.kd_rows(
+        student, teacher, temp, zs, case.eps, scale=scale, offset=offset, impl="triton"
+    )
     if case.temp == "theta":
         total = (loss * go).sum()
         grads = torch.autograd.grad(total, [student, *extra])
@@ -368,7 +395,7 @@ def run_kd(env: Env, case: Case) -> list[Check]:
         grads = torch.autograd.grad(loss, [student, *extra], go)
     s64 = student.detach().double().requires_grad_()
     t64 = o.decode(teacher, scale, offset)
-    ref = o.kd_rows(s64, t64, temp64, zs)
+    ref = o.kd_rows(s64, t64, temp64, zs, case.eps)
     total64 = (ref * go.double()).sum()
     refs = torch.autograd.grad(total64, [s64, *extra64])
     rows_t = _row_temps(temp64, case.batch)
@@ -388,15 +415,16 @@ def run_kd_ce(env: Env, case: Case) -> list[Check]:
     g = _seed(env, case)
     zs = case.method == "ls_ce"
     student, teacher, target, scale, offset = make_inputs(env, case, g)
-    base = 1.0 if case.inputs != "randn" else (2.0 if zs else 4.0)
+    base = 1.0 if case.inputs in HARD_INPUTS else (2.0 if zs else 4.0)
     temp, extra, temp64, extra64 = _temperature(env, case, g, base)
     ce_w, kd_w = (0.1, 9.0) if zs else (0.1, 0.9)  # the methods' defaults
     total, ce, kd = k.kd_ce(
-        student, teacher, target, temp, ce_w, kd_w, zs, scale=scale, offset=offset, impl="triton"
-    )
+        student, teacher, target, temp, ce_w, kd_w, zs, case.eps, scale=scale, offset=offset,
+        impl="triton",
+    )  # fmt: skip
     grads = torch.autograd.grad(total, [student, *extra])
     s64 = student.detach().double().requires_grad_()
-    rows64 = o.kd_rows(s64, o.decode(teacher, scale, offset), temp64, zs)
+    rows64 = o.kd_rows(s64, o.decode(teacher, scale, offset), temp64, zs, case.eps)
     ce64 = torch.nn.functional.cross_entropy(s64, target)
     total64 = ce_w * ce64 + kd_w * rows64.mean()
     refs = torch.autograd.grad(total64, [s64, *extra64])
@@ -419,20 +447,20 @@ def run_dkd(env: Env, case: Case) -> list[Check]:
     g = _seed(env, case)
     zs = case.method == "dkd_ls"
     student, teacher, target, scale, offset = make_inputs(env, case, g)
-    base = 1.0 if case.inputs != "randn" else (2.0 if zs else 4.0)
+    base = 1.0 if case.inputs in HARD_INPUTS else (2.0 if zs else 4.0)
     temp, extra, temp64, extra64 = _temperature(env, case, g, base)
     go_t = 0.1 + _rand(g, case.batch, env=env)
     go_n = 0.1 + _rand(g, case.batch, env=env)
     if case.method == "ctkd_dkd":
         go_n = 2.0 * go_t  # CTKD+DKD: alpha 1, beta 2 (per-row weights of the mean)
     tckd, nckd = k.dkd_rows(
-        student, teacher, target, temp, zscore=zs, scale=scale, offset=offset, impl="triton"
+        student, teacher, target, temp, zs, case.eps, scale=scale, offset=offset, impl="triton"
     )
     total = (tckd * go_t).sum() + (nckd * go_n).sum()
     grads = torch.autograd.grad(total, [student, *extra])
     s64 = student.detach().double().requires_grad_()
     t64 = o.decode(teacher, scale, offset)
-    ref_t, ref_n = o.dkd_rows(s64, t64, target, temp64, zs)
+    ref_t, ref_n = o.dkd_rows(s64, t64, target, temp64, zs, case.eps)
     total64 = (ref_t * go_t.double()).sum() + (ref_n * go_n.double()).sum()
     refs = torch.autograd.grad(total64, [s64, *extra64])
     rows_t = _row_temps(temp64, case.batch)
@@ -457,15 +485,16 @@ def run_dkd_ce(env: Env, case: Case) -> list[Check]:
     g = _seed(env, case)
     zs = case.method == "dkd_ls_ce"
     student, teacher, target, scale, offset = make_inputs(env, case, g)
-    base = 1.0 if case.inputs != "randn" else (2.0 if zs else 4.0)
+    base = 1.0 if case.inputs in HARD_INPUTS else (2.0 if zs else 4.0)
     temp, extra, temp64, extra64 = _temperature(env, case, g, base)
     weights = (1.0, 9.0, 72.0) if zs else (1.0, 1.0, 8.0)  # LS+DKD's and DKD's defaults
     out = k.dkd_ce(
-        student, teacher, target, temp, *weights, zs, scale=scale, offset=offset, impl="triton"
-    )
+        student, teacher, target, temp, *weights, zs, case.eps, scale=scale, offset=offset,
+        impl="triton",
+    )  # fmt: skip
     grads = torch.autograd.grad(out[0], [student, *extra])
     s64 = student.detach().double().requires_grad_()
-    ref_t, ref_n = o.dkd_rows(s64, o.decode(teacher, scale, offset), target, temp64, zs)
+    ref_t, ref_n = o.dkd_rows(s64, o.decode(teacher, scale, offset), target, temp64, zs, case.eps)
     ce64 = torch.nn.functional.cross_entropy(s64, target)
     total64 = weights[0] * ce64 + weights[1] * ref_t.mean() + weights[2] * ref_n.mean()
     refs = torch.autograd.grad(total64, [s64, *extra64])
@@ -510,7 +539,7 @@ def run_ats(env: Env, case: Case) -> list[Check]:
         temps: tuple = (tau1, tau2, st)
         st_rows = st.double()
     else:
-        temps = (1.0, 1.0, 1.0) if case.inputs != "randn" else (4.0, 2.0, 1.5)
+        temps = (1.0, 1.0, 1.0) if case.inputs in HARD_INPUTS else (4.0, 2.0, 1.5)
         st_rows = torch.full((b,), temps[2], dtype=torch.float64, device=env.device)
     go = 0.1 + _rand(g, b, env=env)
     loss = k.ats_rows(student, teacher, target, *temps, scale=scale, offset=offset, impl="triton")
@@ -536,7 +565,7 @@ def run_ats_ce(env: Env, case: Case) -> list[Check]:
     g = _seed(env, case)
     student, teacher, target, scale, offset = make_inputs(env, case, g)
     b = case.batch
-    temps = (1.0, 1.0, 1.0) if case.inputs != "randn" else (4.0, 2.0, 1.5)
+    temps = (1.0, 1.0, 1.0) if case.inputs in HARD_INPUTS else (4.0, 2.0, 1.5)
     out = k.ats_ce(
         student, teacher, target, *temps, 0.5, 0.5, scale=scale, offset=offset, impl="triton"
     )
@@ -770,6 +799,13 @@ def build_cases(profile: Profile) -> list[Case]:
             cases.append(Case("extreme", method, c, b, inputs="extreme"))
         cases.append(Case("extreme", "dkd", c, b, inputs="gap"))
         cases.append(Case("extreme", "dkd_ce", c, b, inputs="gap"))
+    for c in profile.classes:  # -inf teacher logits (p = 0); constant rows z-scored, eps = 0
+        b = profile.batch[c]
+        for method in ("kd", "dkd", "kd_ce", "dkd_ce"):
+            cases.append(Case("edge", method, c, b, temp="T_b", inputs="neginf"))
+        cases.append(Case("edge", "ats", c, b, inputs="neginf"))
+        for method, temp in (("ls", "T_b"), ("dkd_ls", "T_b"), ("ls_ce", "T"), ("dkd_ls_ce", "T")):
+            cases.append(Case("edge", method, c, b, temp=temp, inputs="constant", eps=0.0))
     for c, b in profile.odd_batch.items():
         odd_cases = (("kd", "T_b"), ("ls", "T"), ("dkd", "T_b"), ("dkd_ls", "T"), ("kd_ce", "T_b"))
         odd_cases += (("dkd_ce", "T_b"),)

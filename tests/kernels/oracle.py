@@ -9,8 +9,26 @@ import torch.nn.functional as F
 
 
 def zscore(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """(x - mean) / (unbiased std + eps) per row."""
-    return (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)
+    """(x - mean) / (unbiased std + eps) per row; a row whose std + eps is 0 (constant, with
+    eps = 0) is all zeros, as METHODS.md has it. The std's root is taken only where the variance
+    is positive, so a constant row's gradient is finite (torch.std's is NaN there)."""
+    centered = x - x.mean(dim=1, keepdim=True)
+    var = centered.square().sum(dim=1, keepdim=True) / (x.shape[1] - 1)
+    std = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), 0.0)
+    d = std + eps
+    return torch.where(d > 0, centered / torch.where(d > 0, d, 1.0), 0.0)
+
+
+def _tempered(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x / t, a -inf logit kept -inf (and kept out of t's gradient, where it would be NaN)."""
+    finite = torch.isfinite(x)
+    return torch.where(finite, torch.where(finite, x, 0.0) / t, x)
+
+
+def _p_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p · (log p - log q) elementwise with 0 · log 0 = 0 (a -inf teacher logit adds 0)."""
+    p = log_p.exp()
+    return p * (torch.where(p > 0, log_p, 0.0) - torch.where(p > 0, log_q, 0.0))
 
 
 def _column(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -19,15 +37,19 @@ def _column(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tens
 
 
 def kd_rows(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, zs: bool
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float | torch.Tensor,
+    zs: bool,
+    eps: float = 1e-7,
 ) -> torch.Tensor:
     """T² · KL(softmax(t'/T) || softmax(s'/T)) per row, float64 (B,)."""
     if zs:
-        student, teacher = zscore(student), zscore(teacher)
+        student, teacher = zscore(student, eps), zscore(teacher, eps)
     t = _column(temperature, student)
-    log_p = F.log_softmax(teacher / t, dim=1)
+    log_p = F.log_softmax(_tempered(teacher, t), dim=1)
     log_q = F.log_softmax(student / t, dim=1)
-    return t[:, 0] ** 2 * (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return t[:, 0] ** 2 * _p_log_ratio(log_p, log_q).sum(dim=1)
 
 
 def dkd_rows(
@@ -36,10 +58,11 @@ def dkd_rows(
     target: torch.Tensor,
     temperature: float | torch.Tensor,
     zs: bool,
+    eps: float = 1e-7,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T² · TCKD, T² · NCKD) per row, float64, the target column dropped for NCKD."""
     if zs:
-        student, teacher = zscore(student), zscore(teacher)
+        student, teacher = zscore(student, eps), zscore(teacher, eps)
     t = _column(temperature, student)
     batch, classes = student.shape
     keep = ~F.one_hot(target, classes).bool()  # (B, C)
@@ -49,13 +72,13 @@ def dkd_rows(
         rest = torch.logsumexp(x[keep].reshape(batch, classes - 1), dim=1)
         return x.gather(1, target[:, None])[:, 0] - lse, rest - lse
 
-    a, b = teacher / t, student / t
+    a, b = _tempered(teacher, t), student / t
     lp_y, lp_n = binary(a)
     lq_y, lq_n = binary(b)
-    tckd = lp_y.exp() * (lp_y - lq_y) + lp_n.exp() * (lp_n - lq_n)
+    tckd = _p_log_ratio(lp_y, lq_y) + _p_log_ratio(lp_n, lq_n)
     log_p = F.log_softmax(a[keep].reshape(batch, classes - 1), dim=1)
     log_q = F.log_softmax(b[keep].reshape(batch, classes - 1), dim=1)
-    nckd = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    nckd = _p_log_ratio(log_p, log_q).sum(dim=1)
     return t[:, 0] ** 2 * tckd, t[:, 0] ** 2 * nckd
 
 
@@ -70,7 +93,7 @@ def ats_rows(
     """s_tau² · (-Σ p_ats · log_softmax(s / s_tau)), p_ats one softmax with tau1 on the target."""
     tau = torch.full_like(teacher, tau2)
     tau.scatter_(1, target[:, None], tau1)
-    p = F.softmax(teacher / tau, dim=1)
+    p = F.softmax(_tempered(teacher, tau), dim=1)
     log_q = F.log_softmax(student / student_temperature, dim=1)
     return student_temperature**2 * -(p * log_q).sum(dim=1)
 

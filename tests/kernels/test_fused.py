@@ -217,17 +217,128 @@ def test_extreme_logits_stay_finite(classes: int, zs: bool) -> None:
     _check(grads, ref_grads, _grad_floor(student, torch.full((B,), 4.0), 1.0, zs))
 
 
-def test_constant_rows_standardize_to_uniform() -> None:
-    """A constant row z-scores to exact zeros (uniform softmax), never NaN, gradient finite."""
+def _check_rows(actual: torch.Tensor, expected: torch.Tensor, groups, floor=0.0) -> None:
+    """``_check`` on each group of rows apart: a row of huge gradients (a constant student row
+    divided by eps) must not set the bound for the others."""
+    for rows in groups:
+        _check(actual[rows], expected[rows], floor)
+
+
+@pytest.mark.parametrize("eps", [1e-7, 0.0], ids=["eps1e-7", "eps0"])
+def test_constant_rows_standardize_to_uniform(eps: float) -> None:
+    """A constant row z-scores to exact zeros (a uniform softmax), never NaN, also with eps = 0
+    (0 / 0 before 2026-11-27): losses, the student's gradient and a per-sample temperature's
+    equal the float64 oracle, row by row, for KD, DKD and their fused-CE forms."""
     student, teacher, target, _, _ = _case(10, seed=5)
     teacher[0] = 3.25
     student[1] = -7.5
+    teacher[2], student[2] = 1.0, 2.0  # both constant
+    temp = _temperature(True, seed=5)
     student.requires_grad_()
-    kd = fused_kd(student, teacher, 2.0, True)
-    tckd, nckd = fused_dkd(student, teacher, target, 2.0, True)
-    (grad,) = torch.autograd.grad((kd + tckd + nckd).sum(), [student])
-    assert torch.isfinite(grad).all()
-    _check(kd, oracle.kd_rows(student.detach().double(), teacher.double(), 2.0, True))
+    s64, t64 = _leaf64(student), _leaf64(temp)
+    kd = fused_kd(student, teacher, temp, True, eps)
+    tckd, nckd = fused_dkd(student, teacher, target, temp, True, eps)
+    ref_kd = oracle.kd_rows(s64, teacher.double(), t64, True, eps)
+    ref_t, ref_n = oracle.dkd_rows(s64, teacher.double(), target, t64, True, eps)
+    for out, ref in [(kd, ref_kd), (tckd, ref_t), (nckd, ref_n)]:
+        _check(out, ref)
+    groups = ([0, 3, 4], [1], [2])  # the constant student rows' gradients are ~1/eps apart
+    ref_rows = ref_kd + ref_t + 2 * ref_n
+    grads = torch.autograd.grad((kd + tckd + 2 * nckd).sum(), [student, temp])
+    refs = torch.autograd.grad(ref_rows.sum(), [s64, t64])
+    # dL/dT = 2T·loss - T·(...) nearly cancels: judged against 2·loss/T (the module's floors)
+    t_floor = (2 * ref_rows / t64).abs().max().item()
+    _check_rows(grads[0], refs[0], groups, 1e-3)
+    _check_rows(grads[1], refs[1], groups, t_floor)
+    total, ce, kd_mean = fused_kd_ce(student, teacher, target, temp, 0.1, 0.9, True, eps)
+    ref_kd_mean = oracle.kd_rows(s64, teacher.double(), t64, True, eps).mean()
+    ref_ce = torch.nn.functional.cross_entropy(s64, target)
+    _check_means((total, ce, kd_mean), (0.1 * ref_ce + 0.9 * ref_kd_mean, ref_ce, ref_kd_mean))
+    grads = torch.autograd.grad(total, [student, temp])
+    refs = torch.autograd.grad(0.1 * ref_ce + 0.9 * ref_kd_mean, [s64, t64])
+    _check_rows(grads[0], refs[0], groups, 1e-3 / B)
+    _check_rows(grads[1], refs[1], groups, t_floor / B)
+    out = fused_dkd_ce(student, teacher, target, temp, 1.0, 0.5, 4.0, True, eps)
+    rows = oracle.dkd_rows(s64, teacher.double(), target, t64, True, eps)
+    ref_t, ref_n = (x.mean() for x in rows)
+    ref_ce = torch.nn.functional.cross_entropy(s64, target)  # afresh: the last was backpropagated
+    ref = (ref_ce + 0.5 * ref_t + 4.0 * ref_n, ref_ce, ref_t, ref_n)
+    _check_means(out, ref)
+    grads = torch.autograd.grad(out[0], [student, temp])
+    refs = torch.autograd.grad(ref[0], [s64, t64])
+    _check_rows(grads[0], refs[0], groups, 1e-3 / B)
+    _check_rows(grads[1], refs[1], groups, 4 * t_floor / B)
+
+
+@pytest.mark.parametrize("zs_ats", [False, True], ids=["kd_dkd", "ats"])
+def test_minus_inf_teacher_logits_add_nothing(zs_ats: bool) -> None:
+    """A -inf teacher logit has p = 0 and adds 0 (0 · log 0 = 0), in the fused kernels as in
+    the oracle: finite losses, student and temperature gradients equal to float64 (it gave NaN
+    before 2026-11-27). Row 0 has one at a non-target class, row 1 three, row 2 at its target."""
+    student, teacher, target, _, _ = _case(37, seed=21)
+    teacher[0, (target[0] + 1) % 37] = float("-inf")
+    teacher[1, [(target[1] + k) % 37 for k in (1, 5, 9)]] = float("-inf")
+    teacher[2, target[2]] = float("-inf")
+    temp = _temperature(True, seed=21)
+    student.requires_grad_()
+    s64, t64, t_64 = _leaf64(student), _leaf64(temp), teacher.double()
+    if zs_ats:  # ATS's temperatures get no gradient in the fused kernels: floats
+        ats = fused_ats(student, teacher, target, 2.0, 3.0, 1.5, config=(2, 16))
+        ref = oracle.ats_rows(s64, t_64, target, 2.0, 3.0, 1.5)
+        _check(ats, ref)
+        (grad,) = torch.autograd.grad(ats.sum(), [student])
+        (ref_grad,) = torch.autograd.grad(ref.sum(), [s64])
+        _check(grad, ref_grad, 1.5)
+        return
+    kd = fused_kd(student, teacher, temp, config=(2, 16))
+    split = fused_kd(student, teacher, temp, config=(1, 16, 4, 3))
+    tckd, nckd = fused_dkd(student, teacher, target, temp, config=(2, 16))
+    ref_kd = oracle.kd_rows(s64, t_64, t64, False)
+    ref_t, ref_n = oracle.dkd_rows(s64, t_64, target, t64, False)
+    for out, ref in [(kd, ref_kd), (split, ref_kd), (tckd, ref_t), (nckd, ref_n)]:
+        _check(out, ref)
+    grads = torch.autograd.grad((kd + split + tckd + 2 * nckd).sum(), [student, temp])
+    refs = torch.autograd.grad((2 * ref_kd + ref_t + 2 * ref_n).sum(), [s64, t64])
+    floor = _grad_floor(student, torch.full((B,), 4.0), temp, False)
+    _check(grads[0], refs[0], floor)
+    _check(grads[1], refs[1], (2 * ref_kd / t64).abs().max().item())
+    total, _, _ = fused_kd_ce(student, teacher, target, temp, 0.1, 0.9, config=(2, 16))
+    ref_total = _kd_ce64(s64, t_64, target, t64, False)[0]
+    _check(total, ref_total)
+    grads = torch.autograd.grad(total, [student, temp])
+    refs = torch.autograd.grad(ref_total, [s64, t64])
+    _check(grads[0], refs[0], 1.0 / B)
+    _check(grads[1], refs[1], (2 * 0.9 * ref_kd / t64 / B).abs().max().item())
+    out = fused_dkd_ce(student, teacher, target, temp, 1.0, 0.5, 4.0, config=(2, 16))
+    ref = _dkd_ce64(s64, t_64, target, t64, False)
+    _check_means(out, ref)
+    grads = torch.autograd.grad(out[0], [student, temp])
+    refs = torch.autograd.grad(ref[0], [s64, t64])
+    _check(grads[0], refs[0], 4.0 / B)
+    _check(grads[1], refs[1], (8 * ref_n / t64 / B).abs().max().item())
+
+
+def test_minus_inf_teacher_logits_in_the_reference() -> None:
+    """The PyTorch reference (what the CPU runs) agrees: a -inf teacher logit gives a learned
+    temperature no NaN gradient (0 · inf in ``t / T``'s backward before 2026-11-27)."""
+    from pipeline.kernels import reference
+
+    student, teacher, target, _, _ = _case(37, seed=21)
+    teacher[0, (target[0] + 1) % 37] = float("-inf")
+    teacher[2, target[2]] = float("-inf")
+    temp = _temperature(True, seed=21)
+    s64, t64, t_64 = _leaf64(student), _leaf64(temp), teacher.double()
+    student, temp = _leaf64(student), _leaf64(temp)  # the reference in float64: its formulas
+    kd = reference.kd_rows(student, t_64, temp)
+    tckd, nckd = reference.dkd_rows(student, t_64, target, temp)
+    ref_kd = oracle.kd_rows(s64, t_64, t64, False)
+    ref_t, ref_n = oracle.dkd_rows(s64, t_64, target, t64, False)
+    for out, ref in [(kd, ref_kd), (tckd, ref_t), (nckd, ref_n)]:
+        _check(out, ref)
+    grads = torch.autograd.grad((kd + tckd + 2 * nckd).sum(), [student, temp])
+    refs = torch.autograd.grad((ref_kd + ref_t + 2 * ref_n).sum(), [s64, t64])
+    _check(grads[0], refs[0], _grad_floor(student, torch.ones(B), temp, False))
+    _check(grads[1], refs[1], (2 * (ref_kd + ref_t + 2 * ref_n) / t64).abs().max().item())
 
 
 def test_global_learnable_temperature() -> None:
