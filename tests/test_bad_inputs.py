@@ -172,6 +172,21 @@ def _cut(name: str) -> Callable[[Path], None]:
     return go
 
 
+def flip_a_tensor_bit(path: Path) -> None:
+    """One flipped bit in the middle of the largest member (a tensor's bytes) of a torch.save
+    zip: ``torch.load`` alone would load another value without a word."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[header + 26 : header + 30])
+    data[header + 30 + name_len + extra_len + info.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def _reseal_parity(run: Path) -> None:
     """Make the parity record name the ONNX file as it is now (a file someone else made)."""
     from pipeline.onnx_export import parity_path, sha256_file
@@ -343,6 +358,10 @@ CASES: list[Case] = [
          prepare=_remove("teacher.pt")),
     Case("ckpt-truncated", "checkpoint", "a checkpoint cut short", stage("export"),
          "RUN/teacher.pt is truncated or corrupt (…); re-create it", prepare=_cut("teacher.pt")),
+    Case("ckpt-bit-flip", "checkpoint", "one flipped bit inside the checkpoint's weights",
+         stage("export"),
+         "RUN/teacher.pt is truncated or corrupt (the bytes of … are not those written: CRC-32 "
+         "mismatch); re-create it", prepare=_teacher(lambda p: flip_a_tensor_bit(p))),
     Case("ckpt-not-a-checkpoint", "checkpoint", "a text file as the checkpoint", stage("export"),
          "RUN/teacher.pt is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
          "something else, e.g. a bare pickle); re-create it",

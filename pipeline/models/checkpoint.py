@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,8 @@ def load_weights_only(path: str | os.PathLike[str], fix: str) -> Any:
             f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
             f"{'an empty file' if not head else 'something else, e.g. a bare pickle'}); {fix}"
         )
+    if (bad := _damaged_member(path)) is not None:
+        raise ModelError(f"{path} is truncated or corrupt ({bad}); {fix}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's advice to retry unsafely is not for us
@@ -168,6 +171,18 @@ def load_weights_only(path: str | os.PathLike[str], fix: str) -> Any:
         ) from e
     except Exception as e:  # a damaged archive raises RuntimeError, KeyError, EOFError, ...
         raise ModelError(f"{path} is truncated or corrupt ({_first_line(e)}); {fix}") from e
+
+
+def _damaged_member(path: str | os.PathLike[str]) -> str | None:
+    """Why the archive's bytes are not those written, or None when every member's CRC-32
+    matches. ``torch.load`` checks none: a flipped bit inside a tensor loads as another value
+    (a resumed run would then end with other weights, silently)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        return _first_line(e)
+    return None if bad is None else f"the bytes of {bad} are not those written: CRC-32 mismatch"
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ from pipeline.models import (
     read_checkpoint,
     save_checkpoint,
 )
+from tests.test_bad_inputs import flip_a_tensor_bit
 
 SHAPES = [(1, 28), (3, 32)]  # Fashion-MNIST, CIFAR
 
@@ -164,6 +165,11 @@ def test_truncated_and_corrupt_checkpoints(tmp_path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="truncated or corrupt"):
+        load_model_from_checkpoint(path)
+    # One flipped bit inside a weight tensor: torch.load would load another value, silently.
+    path.write_bytes(data)
+    flip_a_tensor_bit(path)
+    with pytest.raises(ModelError, match=r"truncated or corrupt \(the bytes of .* CRC-32"):
         load_model_from_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ModelError, match="not a PyTorch checkpoint"):
