@@ -29,8 +29,8 @@ from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from storage import urls
-from storage.base import LogitStore, name_final
-from storage.errors import StoreExistsError
+from storage.base import LogitStore, _first, name_final
+from storage.errors import StoreCorruptError, StoreExistsError
 from storage.layout import Layout
 from storage.locking import WriterLock, remove_abandoned
 from storage.shard_reader import ShardReader, supports_fast_path, write_shard
@@ -237,7 +237,14 @@ class ZarrLogitStore(LogitStore):
     def _array(self, name: str) -> zarr.Array:
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = self._group[name]
+            try:
+                arr = self._group[name]
+            except (ValueError, KeyError, TypeError) as exc:  # its zarr.json damaged or gone
+                raise StoreCorruptError(
+                    f"store {self.path}: the metadata of its {name} array ({name}/zarr.json) "
+                    f"is unreadable ({_first(exc)}): delete the store and run precompute again"
+                ) from None
+            self._arrays[name] = arr
         return arr
 
     def _write_block(self, view: int, start: int, parts: dict[str, np.ndarray]) -> None:

@@ -12,6 +12,7 @@ import pytest
 from storage import (
     BadWriteError,
     NotAStoreError,
+    StoreCorruptError,
     StoreError,
     StoreExistsError,
     create_store,
@@ -166,6 +167,31 @@ def test_damaged_metadata_is_named(tmp_path, drop, message):
         json.dump(meta, f)
     with pytest.raises(NotAStoreError, match=message):
         open_store(path)
+
+
+@pytest.mark.parametrize("array", ["logits", "view_params", "labels"])
+@pytest.mark.parametrize("damage", ["cut", "removed"])
+def test_damaged_array_metadata_is_named(tmp_path, array, damage):
+    """An array's own zarr.json cut short or gone: a StoreCorruptError naming the file on first
+    use (a JSONDecodeError traceback from zarr before 2026-11-27), not a crash."""
+    path = str(tmp_path / "s.zarr")
+    with create_store(path, N, C, chunk_rows=2, view_param_width=2) as store:
+        store.write(0, 0, np.ones((N, C), np.float32), np.zeros((N, 2), np.int16))
+    meta = os.path.join(path, array, "zarr.json")
+    if damage == "cut":
+        with open(meta, "rb") as f:
+            data = f.read()
+        with open(meta, "wb") as f:
+            f.write(data[: len(data) // 2])
+    else:
+        os.remove(meta)
+    with open_store(path) as store, pytest.raises(StoreCorruptError) as caught:
+        store.verify()
+        store.read(np.arange(N))
+        store.read_array("view_params", np.arange(N))
+        store.labels  # noqa: B018 (a property that reads)
+    assert len(str(caught.value).splitlines()) == 1
+    assert f"{array}/zarr.json" in str(caught.value) or "labels are unreadable" in str(caught.value)
 
 
 def test_a_producer_giving_the_wrong_row_count_fails_its_task(tmp_path):
