@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import os
 from types import ModuleType
 
 import torch
 
 from pipeline.errors import MethodError
+from pipeline.transforms import check_temperature
 
 __all__ = [
     "ENV_VAR",
@@ -132,12 +132,6 @@ def _why_unsupported(student: torch.Tensor | None, teacher: torch.Tensor) -> str
     return None
 
 
-def _check_temperature(name: str, value: float | torch.Tensor) -> None:
-    # Tensors are not checked: that would cost a host sync per step on CUDA.
-    if not isinstance(value, torch.Tensor) and not (float(value) > 0 and math.isfinite(value)):
-        raise MethodError(f"{name} must be a finite number > 0, got {value}")
-
-
 def _decoded(
     teacher: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None
 ) -> torch.Tensor:
@@ -162,8 +156,8 @@ def _reference_teacher(
     PyTorch reference, None when the fused kernel takes it. The temperatures are checked first;
     ``grad_unsupported``, when given, sends temperatures that require a gradient to the
     reference, with that reason."""
-    for name, value in temperatures.items():
-        _check_temperature(name, value)
+    for name, value in temperatures.items():  # (a tensor's values only on the CPU: no sync)
+        check_temperature(name, value, student.shape[0] if student.dim() else None)
     why = _why_unsupported(student, teacher)
     grads = any(isinstance(v, torch.Tensor) and v.requires_grad for v in temperatures.values())
     if grad_unsupported and grads:
@@ -239,8 +233,9 @@ def kd_ce(
     decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
     if decoded is not None:
         return _reference().kd_ce(
-            student, decoded, target, temperature, ce_weight, kd_weight, zscore=zscore, eps=eps
-        )
+            student, decoded, target, temperature, ce_weight, kd_weight, zscore=zscore, eps=eps,
+            target_checked=target_checked,
+        )  # fmt: skip
     return _fused("kd").kd_ce(
         student, teacher, target, temperature, ce_weight, kd_weight, zscore, eps,
         scale=scale, offset=offset, target_checked=target_checked,
@@ -269,7 +264,9 @@ def dkd_rows(
     temps = {"temperature": temperature}
     decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
     if decoded is not None:
-        return _reference().dkd_rows(student, decoded, target, temperature, zscore=zscore, eps=eps)
+        return _reference().dkd_rows(
+            student, decoded, target, temperature, zscore, eps, target_checked
+        )
     return _fused("dkd").dkd_rows(
         student, teacher, target, temperature, zscore, eps, scale=scale, offset=offset,
         target_checked=target_checked,
@@ -302,7 +299,7 @@ def dkd_ce(
     decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
     if decoded is not None:
         return _reference().dkd_ce(
-            student, decoded, target, temperature, *weights, zscore=zscore, eps=eps
+            student, decoded, target, temperature, *weights, zscore, eps, target_checked
         )
     return _fused("dkd").dkd_ce(
         student, teacher, target, temperature, *weights, zscore, eps, scale=scale,
@@ -334,7 +331,9 @@ def ats_rows(
         impl, student, teacher, target, scale, offset, temps, _ATS_TEMPERATURE_GRADS
     )
     if decoded is not None:
-        return _reference().ats_rows(student, decoded, target, tau1, tau2, student_temperature)
+        return _reference().ats_rows(
+            student, decoded, target, tau1, tau2, student_temperature, target_checked
+        )
     return _fused("ats").ats_rows(
         student, teacher, target, tau1, tau2, student_temperature, scale=scale, offset=offset,
         target_checked=target_checked,
@@ -367,7 +366,9 @@ def ats_ce(
     )
     taus = tuple(temps.values())
     if decoded is not None:
-        return _reference().ats_ce(student, decoded, target, *taus, ce_weight, ats_weight)
+        return _reference().ats_ce(
+            student, decoded, target, *taus, ce_weight, ats_weight, target_checked
+        )
     return _fused("ats").ats_ce(
         student, teacher, target, *taus, ce_weight, ats_weight, scale=scale, offset=offset,
         target_checked=target_checked,

@@ -69,6 +69,16 @@ def decode_teacher(
     if teacher.dtype == torch.int8:
         if scale is None or offset is None:
             raise MethodError("an int8 teacher needs its per-row scale and offset, (B,) each")
+        rows = teacher.shape[0] if teacher.dim() == 2 else None
+        for name, value in (("scale", scale), ("offset", offset)):
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or (
+                rows is None or value.shape != (rows,)
+            ):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise MethodError(
+                    f"an int8 teacher (B, C) needs a float (B,) {name}, got {got} for teacher "
+                    f"logits of shape {tuple(teacher.shape)}"
+                )
         return teacher.float() * scale.float()[:, None] + offset.float()[:, None]
     if scale is not None or offset is not None:
         raise MethodError(f"scale/offset belong to int8 teachers only, got a {teacher.dtype} one")
@@ -104,14 +114,29 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p * (log_p - log_q)).sum(dim=1)
 
 
-def _check_target(target: torch.Tensor, batch: int) -> torch.Tensor:
-    if target.shape != (batch,):
-        raise MethodError(
-            f"target must be ({batch},) to match the logits, got {tuple(target.shape)}"
-        )
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
+def check_target(
+    target: torch.Tensor, batch: int, classes: int, checked: bool = False
+) -> torch.Tensor:
+    """Targets (B,) of integer classes in [0, C), as contiguous int64; MethodError otherwise.
+
+    The range is checked without a host sync on CUDA (a device-side assert: a sync per training
+    step would stall it). ``checked``: the caller already checked shape and range (the methods'
+    ``check_inputs``), so a training step does not pay for the same check twice.
+    """
+    if checked:
+        return target.to(torch.int64).contiguous()
+    if not isinstance(target, torch.Tensor) or target.shape != (batch,):
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
+        raise MethodError(f"target must be ({batch},) to match the logits, got {shape}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise MethodError(f"target must hold integer class indices, not {target.dtype}")
-    return target.long()
+    ok = ((target >= 0) & (target < classes)).all()
+    if target.is_cuda:
+        torch._assert_async(ok)
+    elif not bool(ok):
+        bad = target[(target < 0) | (target >= classes)][0].item()
+        raise MethodError(f"target class {bad} is out of range: classes are 0..{classes - 1}")
+    return target.to(torch.int64).contiguous()
 
 
 def kd_rows(
@@ -138,14 +163,16 @@ def kd_ce(
     kd_weight: float,
     zscore: bool = False,
     eps: float = 1e-7,
+    target_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KD with its cross-entropy, batch means ``(total, ce, kd)``: 0-d each.
 
     ``ce`` is the cross-entropy of the raw student logits (also under ``zscore``), ``kd`` the
-    mean of ``kd_rows``, total = ce_weight · ce + kd_weight · kd.
+    mean of ``kd_rows``, total = ce_weight · ce + kd_weight · kd. ``target_checked``: as in
+    ``check_target``.
     """
     kd = kd_rows(student, teacher, temperature, zscore, eps).mean()
-    return with_ce(student, target, ce_weight, (kd_weight, kd))
+    return with_ce(student, target, ce_weight, (kd_weight, kd), target_checked=target_checked)
 
 
 def with_ce(
@@ -153,12 +180,14 @@ def with_ce(
     target: torch.Tensor,
     ce_weight: float,
     *terms: tuple[float, torch.Tensor],
+    target_checked: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """``(total, ce, *terms)`` of a method's training loss: ce the cross-entropy of the raw
     student logits (in the wider of their dtype and float32), total = ce_weight · ce + Σ w · term
     over the (weight, batch-mean term) pairs."""
     wide = torch.promote_types(student.dtype, torch.float32)
-    ce = torch.nn.functional.cross_entropy(student.to(wide), _check_target(target, len(student)))
+    target = check_target(target, *student.shape, target_checked)
+    ce = torch.nn.functional.cross_entropy(student.to(wide), target)
     weighted = terms[0][0] * terms[0][1]
     for weight, term in terms[1:]:
         weighted = weighted + weight * term
@@ -174,13 +203,15 @@ def ats_ce(
     student_temperature: Temperature,
     ce_weight: float,
     ats_weight: float,
+    target_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ATS with its cross-entropy, batch means ``(total, ce, ats)``: 0-d each.
 
     total = ce_weight · ce + ats_weight · ats, the CE of the raw student logits.
     """
-    ats = ats_rows(student, teacher, target, tau1, tau2, student_temperature).mean()
-    return with_ce(student, target, ce_weight, (ats_weight, ats))
+    temps = (tau1, tau2, student_temperature)
+    ats = ats_rows(student, teacher, target, *temps, target_checked=target_checked).mean()
+    return with_ce(student, target, ce_weight, (ats_weight, ats), target_checked=True)
 
 
 def nontarget_index(target: torch.Tensor, classes: int) -> torch.Tensor:
@@ -210,13 +241,14 @@ def dkd_rows(
     temperature: Temperature,
     zscore: bool = False,
     eps: float = 1e-7,
+    target_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row DKD parts ``(T² · TCKD, T² · NCKD)``: (B,), (B,)."""
     s, t = _prepared(student, teacher, zscore, eps)
     batch, classes = s.shape
     if classes < 2:
         raise MethodError(f"DKD needs 2 classes or more (a target and a non-target), got {classes}")
-    target = _check_target(target, batch)
+    target = check_target(target, batch, classes, target_checked)
     check_temperature("temperature", temperature, batch)
     a, b = apply_temperature(t, temperature), apply_temperature(s, temperature)  # (B, C)
     rest = nontarget_index(target, classes)  # (B, C - 1)
@@ -240,16 +272,16 @@ def dkd_ce(
     nckd_weight: float,
     zscore: bool = False,
     eps: float = 1e-7,
+    target_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DKD with its cross-entropy, batch means ``(total, ce, tckd, nckd)``: 0-d each.
 
     total = ce_weight · ce + (tckd_weight · tckd + nckd_weight · nckd), the CE of the raw student
     logits (also under ``zscore``).
     """
-    tckd, nckd = dkd_rows(student, teacher, target, temperature, zscore, eps)
-    return with_ce(
-        student, target, ce_weight, (tckd_weight, tckd.mean()), (nckd_weight, nckd.mean())
-    )
+    tckd, nckd = dkd_rows(student, teacher, target, temperature, zscore, eps, target_checked)
+    terms = ((tckd_weight, tckd.mean()), (nckd_weight, nckd.mean()))
+    return with_ce(student, target, ce_weight, *terms, target_checked=True)
 
 
 def ats_rows(
@@ -259,11 +291,12 @@ def ats_rows(
     tau1: Temperature,
     tau2: Temperature,
     student_temperature: Temperature,
+    target_checked: bool = False,
 ) -> torch.Tensor:
     """Per-row ATS cross-entropy ``s_tau² · (-Σ_c p_ats,c · log_softmax(s / s_tau)_c)``: (B,)."""
     s, t = _prepared(student, teacher, False, 0.0)
     batch = s.shape[0]
-    target = _check_target(target, batch)
+    target = check_target(target, batch, s.shape[1], target_checked)
     for name, value in (
         ("tau1", tau1),
         ("tau2", tau2),

@@ -25,12 +25,12 @@ from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
 from pipeline.kernels import reference
+from pipeline.kernels.reference import check_target
 from pipeline.kernels.triton_common import (
     Launch,
     affine,
     batch_means,
     check_inputs,
-    check_target,
     launch_config,
     load_affine,
     load_at,

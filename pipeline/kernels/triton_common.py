@@ -236,29 +236,6 @@ def _constant_rows(value: float, batch: int, device: torch.device) -> torch.Tens
     return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
-def check_target(
-    target: torch.Tensor, batch: int, classes: int, checked: bool = False
-) -> torch.Tensor:
-    """Targets as contiguous int64 (B,); out-of-range classes are an error, not a stray read.
-
-    ``checked``: the caller already checked shape and range (the methods' ``check_inputs``), so
-    a training step does not pay for the same check twice (four small launches on CUDA).
-    """
-    if checked:
-        return target.to(torch.int64).contiguous()
-    if target.shape != (batch,):
-        raise MethodError(f"target must be ({batch},), got {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise MethodError(f"target must hold integer class indices, not {target.dtype}")
-    target = target.to(torch.int64).contiguous()
-    ok = ((target >= 0) & (target < classes)).all()
-    if target.is_cuda:
-        torch._assert_async(ok)  # a device-side check: no host sync per training step
-    elif not bool(ok):
-        raise MethodError(f"target classes must lie in [0, {classes})")
-    return target
-
-
 @triton.jit
 def load_affine(scale_ptr, offset_ptr, rows, rmask, HAS_SCALE: tl.constexpr):
     """Per-row (scale, offset) of an int8 teacher, or (1, 0): ``(ROWS,)`` each."""

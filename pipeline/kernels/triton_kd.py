@@ -39,12 +39,12 @@ from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
 from pipeline.kernels import reference
+from pipeline.kernels.reference import check_target
 from pipeline.kernels.triton_common import (
     Launch,
     affine,
     batch_means,
     check_inputs,
-    check_target,
     launch_config,
     load_affine,
     load_at,
@@ -608,7 +608,8 @@ def kd_ce(
         return reference.kd_ce(student, teacher, target, temp, ce_weight, kd_weight, zscore, eps)
     if split:  # the split KD kernels, PyTorch's cross-entropy beside them
         kd = KDRows.apply(student, teacher, temp, scale, offset, zscore, float(eps), config)
-        return reference.with_ce(student, target, ce_weight, (kd_weight, kd.mean()))
+        terms = (kd_weight, kd.mean())
+        return reference.with_ce(student, target, ce_weight, terms, target_checked=True)
     weights = (float(ce_weight), float(kd_weight))
     return KDCE.apply(
         student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch

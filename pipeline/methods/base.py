@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import MethodError
+from pipeline.kernels import reference
 from pipeline.transforms import Temperature, check_temperature
 
 STUDENT_DTYPES = (torch.float32, torch.float64)
@@ -37,10 +38,17 @@ class MethodContext:
     """Global optimizer step (for logging; no method here depends on it)."""
 
     def __post_init__(self) -> None:
+        for name in ("epoch", "num_epochs", "step"):  # a float epoch would warm DKD up halfway
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MethodError(f"{name} must be a whole number, got {value!r}")
         if self.num_epochs < 1:
             raise MethodError(f"num_epochs must be >= 1, got {self.num_epochs}")
-        if self.epoch < 0:
-            raise MethodError(f"epoch must be >= 0 (0-based), got {self.epoch}")
+        if not 0 <= self.epoch < self.num_epochs:
+            raise MethodError(
+                f"epoch must be in 0..{self.num_epochs - 1} (0-based, num_epochs="
+                f"{self.num_epochs}), got {self.epoch}"
+            )
         if self.step < 0:
             raise MethodError(f"step must be >= 0, got {self.step}")
 
@@ -127,17 +135,7 @@ def check_inputs(
 
 def check_target(target: torch.Tensor, batch: int, classes: int) -> None:
     """Targets (B,) of integer classes in [0, C); the range is checked without a host sync."""
-    if not isinstance(target, torch.Tensor) or target.shape != (batch,):
-        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
-        raise MethodError(f"target must be ({batch},) to match the logits, got {shape}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise MethodError(f"target must hold integer class indices, not {target.dtype}")
-    ok = ((target >= 0) & (target < classes)).all()
-    if target.is_cuda:
-        torch._assert_async(ok)  # device-side: a host sync per training step would stall it
-    elif not bool(ok):
-        bad = target[(target < 0) | (target >= classes)][0].item()
-        raise MethodError(f"target class {bad} is out of range: classes are 0..{classes - 1}")
+    reference.check_target(target, batch, classes)
 
 
 def check_number(

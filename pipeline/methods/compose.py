@@ -9,6 +9,7 @@ Compositions assemble ``KD``/``DKD`` with a ``ZScore`` (``ls``) and/or a learned
 from __future__ import annotations
 
 from pipeline.errors import MethodError
+from pipeline.methods.base import check_number
 from pipeline.methods.ctkd import learned_temperature
 from pipeline.methods.dkd import DKD
 from pipeline.methods.kd import KD
@@ -65,6 +66,9 @@ def ls_dkd(
     population_std: bool = False,
 ) -> DKD:
     """``ls+dkd``: DKD on z-scored logits, alpha and beta multiplied by the LS kd weight (9)."""
+    # Each checked as given, before the products (a bad one is named as the user wrote it).
+    kd_weight = check_number("kd_weight", kd_weight, 0.0)
+    alpha, beta = check_number("alpha", alpha, 0.0), check_number("beta", beta, 0.0)
     return DKD(
         alpha=alpha * kd_weight,
         beta=beta * kd_weight,

@@ -100,6 +100,11 @@ class InstanceTemperature(nn.Module):
         self, student: torch.Tensor, teacher: torch.Tensor, lambda_: float = 1.0
     ) -> torch.Tensor:
         dtype = self.mlp[0].weight.dtype
+        if 2 * student.shape[-1] != self.mlp[0].in_features:
+            raise MethodError(
+                f"instance-wise CTKD was built for {self.mlp[0].in_features // 2} classes, got "
+                f"logits of {student.shape[-1]}: build it with num_classes={student.shape[-1]}"
+            )
         x = torch.cat([teacher.detach().to(dtype), student.detach().to(dtype)], dim=1)  # (B, 2C)
         theta = gradient_reversal(self.mlp(x)[:, 0], lambda_)  # (B,)
         return self.t_start + self.t_range * torch.sigmoid(theta)

@@ -74,8 +74,12 @@ def test_reference_path_decodes_int8_first(monkeypatch: pytest.MonkeyPatch) -> N
     fake = SimpleNamespace(
         decode_teacher=decode,
         kd_rows=lambda s, t, temp, zscore=False, eps=1e-7: calls.append(("kd", t.dtype, zscore)),
-        dkd_rows=lambda s, t, y, temp, zscore=False, eps=1e-7: calls.append(("dkd", t.dtype)),
-        ats_rows=lambda s, t, y, t1, t2, st: calls.append(("ats", t.dtype, t1, t2, st)),
+        dkd_rows=lambda s, t, y, temp, zscore=False, eps=1e-7, checked=False: calls.append(
+            ("dkd", t.dtype, checked)
+        ),
+        ats_rows=lambda s, t, y, t1, t2, st, checked=False: calls.append(
+            ("ats", t.dtype, t1, t2, st, checked)
+        ),
     )
     monkeypatch.setattr(kernels, "_reference", lambda: fake)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
@@ -84,14 +88,16 @@ def test_reference_path_decodes_int8_first(monkeypatch: pytest.MonkeyPatch) -> N
     target = torch.tensor([0, 4, 2])
     kernels.kd_rows(student, q, 2.0, zscore=True, scale=scale, offset=offset)
     kernels.dkd_rows(student, q, target, 2.0, scale=scale, offset=offset)
-    kernels.ats_rows(student, q, target, 4.0, 2.0, 1.0, scale=scale, offset=offset)
+    kernels.ats_rows(
+        student, q, target, 4.0, 2.0, 1.0, scale=scale, offset=offset, target_checked=True
+    )
     assert calls == [
         ("decode", torch.int8),
         ("kd", torch.float32, True),
         ("decode", torch.int8),
-        ("dkd", torch.float32),
+        ("dkd", torch.float32, False),
         ("decode", torch.int8),
-        ("ats", torch.float32, 4.0, 2.0, 1.0),
+        ("ats", torch.float32, 4.0, 2.0, 1.0, True),  # the caller's target check passed on
     ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import kernels
 from pipeline.errors import MethodError
 from pipeline.kernels import reference
 from pipeline.methods import MethodContext, build_method
@@ -123,8 +124,49 @@ CASES = {
         lambda: soft_targets(T, Y, 1.5, 1, 10),
         r"alpha_T must be a number in \[0, 1\], got 1.5",
     ),
-    "context epoch": (lambda: MethodContext(epoch=-1), r"epoch must be >= 0"),
+    "context epoch": (lambda: MethodContext(epoch=-1), r"epoch must be in 0..0 \(0-based"),
+    "context epoch past the end": (
+        lambda: MethodContext(epoch=10, num_epochs=10),
+        r"epoch must be in 0..9 \(0-based, num_epochs=10\), got 10",
+    ),
+    "context fractional epoch": (
+        lambda: MethodContext(epoch=1.5, num_epochs=10),
+        r"epoch must be a whole number, got 1.5",
+    ),
     "context num_epochs": (lambda: MethodContext(num_epochs=0), r"num_epochs must be >= 1"),
+    # The kernels' own API on its reference path (what the CPU runs): as checked as the fused.
+    "kernel api target out of range": (
+        lambda: kernels.ats_rows(S, T, Y + 6, 2.0, 1.0, 1.0, impl="reference"),
+        r"target class \d+ is out of range: classes are 0..5",
+    ),
+    "kernel api negative target": (
+        lambda: kernels.dkd_ce(S, T, Y - 9, 4.0, 1.0, 1.0, 8.0, impl="reference"),
+        r"target class -\d+ is out of range",
+    ),
+    "kernel api string temperature": (
+        lambda: kernels.kd_rows(S, T, "4", impl="reference"),
+        r"temperature must be a number > 0 or a tensor, got '4'",
+    ),
+    "kernel api scale shape": (
+        lambda: kernels.decode_teacher(T.to(torch.int8), torch.ones(4, 1), torch.zeros(4)),
+        r"needs a float \(B,\) scale, got \(4, 1\) for teacher logits of shape \(4, 6\)",
+    ),
+    "ls+dkd kd_weight": (
+        lambda: build_method({"name": "ls+dkd", "kd_weight": -1}),
+        r"kd_weight must be a finite number >= 0, got -1",
+    ),
+    "ls+dkd beta as given": (
+        lambda: build_method({"name": "ls+dkd", "beta": -1}),
+        r"beta must be a finite number >= 0, got -1$",
+    ),
+    "ls+dkd kd_weight type": (
+        lambda: build_method({"name": "ls+dkd", "kd_weight": "9"}),
+        r"kd_weight must be a finite number >= 0, got '9'",
+    ),
+    "instance ctkd class count": (
+        lambda: build_method({"name": "ctkd", "variant": "instance"}, num_classes=12)(S, T, Y, CTX),
+        r"instance-wise CTKD was built for 12 classes, got logits of 6",
+    ),
     "module target": (
         lambda: build_method("kd")(S, T, Y + 10, CTX),
         r"target class 1\d is out of range",
