@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config, save_resolved, to_dict
 from pipeline.data import Split, splits
-from pipeline.distill_data import StoreRows, ToDevice, prefetch
+from pipeline.distill_data import ToDevice, prefetch
 from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
 from pipeline.distill_inputs import DistillError, Sources, build_sources, store_path
 from pipeline.distill_pskd import HostCopies
@@ -111,32 +111,41 @@ def config_key(config: Config, legacy: bool = False) -> str:
 def _block_layout(config: Config) -> dict | None:
     """The encoding and chunk_rows of the store the run reads its teacher's logits from (what
     ``build_sources`` cuts the batches from), or None when it reads none or there is none yet."""
-    return _from_teacher_store(
-        config,
-        lambda store: {"encoding": store.layout.encoding, "chunk_rows": store.layout.chunk_rows},
-    )
+
+    def layout(store: LogitStore) -> dict:
+        return {"encoding": store.layout.encoding, "chunk_rows": store.layout.chunk_rows}
+
+    try:
+        return _from_teacher_store(config, layout)
+    except StoreError:  # the key of a config whose store is not made yet
+        return None
 
 
 def teacher_store_fingerprint(config: Config) -> dict | None:
     """The fingerprint of the store this run reads its teacher's logits from: a finished or
     saved run made from another store (a teacher retrained, precompute rerun) is refused rather
-    than reused. None when it reads none (ce, pskd, online) or there is no store yet (the run's
-    own checks say so)."""
+    than reused. None when it reads none (ce, pskd, online).
+
+    Raises:
+        StoreError: the run reads a store that is not there or cannot be opened (its own line:
+            a student whose store was moved away is not one "of another config").
+    """
     return _from_teacher_store(config, lambda store: dict(store.fingerprint))
 
 
-def _from_teacher_store(config: Config, read: Callable[[LogitStore], dict]) -> dict | None:
-    """``read`` of the teacher store the run reads, or None when it reads none (ce, pskd,
-    online) or the store is not there (yet)."""
+def reads_teacher_store(config: Config) -> bool:
+    """Whether the run's method reads its teacher's logits from a store (not ce, pskd, online)."""
     cfg = config.distill
     method = cfg.method.strip().lower().replace(" ", "")
-    if cfg.teacher_source != "store" or method in ("ce", "pskd"):
+    return cfg.teacher_source == "store" and method not in ("ce", "pskd")
+
+
+def _from_teacher_store(config: Config, read: Callable[[LogitStore], dict]) -> dict | None:
+    """``read`` of the teacher store the run reads, or None when it reads none."""
+    if not reads_teacher_store(config):
         return None
-    try:
-        with open_store(store_path(config)) as store:
-            return read(store)
-    except StoreError:
-        return None
+    with open_store(store_path(config)) as store:
+        return read(store)
 
 
 @torch.no_grad()
@@ -223,10 +232,9 @@ def _train_epoch(
     method.train()
     previous = writer = None
     if src.self_teacher is not None:
-        prev_store = src.self_teacher.reader(epoch)
-        if prev_store is not None:
-            open_stores.append(prev_store)
-            previous = StoreRows(prev_store, view=0)
+        previous = src.self_teacher.rows(epoch)
+        if previous is not None:
+            open_stores.append(previous.store)
         writer = src.self_teacher.writer(epoch)
         open_stores.append(writer.store)
         copies = HostCopies(writer.add, feeder.device)

@@ -95,7 +95,15 @@ def open_teacher_store(config: Config, train: Split) -> tuple[LogitStore, int, n
         raise
 
 
-def _check_store(store: LogitStore, config: Config, train: Split) -> int:
+def check_teacher_store(config: Config, train: Split) -> None:
+    """``open_teacher_store``'s checks of the store against ``train`` and the config's views,
+    without reading every chunk's checksum or the view parameters (the run does both): what the
+    sweep runs for each store before its first student trains."""
+    with open_store(store_path(config)) as store:
+        _check_store(store, config, train, intact=False)
+
+
+def _check_store(store: LogitStore, config: Config, train: Split, intact: bool = True) -> int:
     path = store.path
     if store.num_classes != train.num_classes:
         raise DistillError(
@@ -136,8 +144,8 @@ def _check_store(store: LogitStore, config: Config, train: Split) -> int:
             f"store {path} is unfinished ({len(missing)} chunk(s) of the first {wanted} view(s) "
             f"missing): rerun precompute to finish it"
         )
-    # Damaged chunks are refused now, not epochs into the run (every read checks them anyway).
-    store.require_intact(range(wanted), config.distill.memory_budget_mb << 20)
+    if intact:  # damaged chunks are refused now, not epochs into the run (reads check them too)
+        store.require_intact(range(wanted), config.distill.memory_budget_mb << 20)
     if store.layout.view_param_width != NUM_VIEW_PARAMS:
         raise DistillError(
             f"store {path} keeps {store.layout.view_param_width} augmentation parameter(s) per "

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.distill_data import StoreRows
 from pipeline.errors import UserError
-from storage import LogitStore, create_store, open_store
+from storage import LogitStore, StoreError, create_store, open_store
 
 if TYPE_CHECKING:
     from pipeline.distill_ddp import World
@@ -238,7 +239,13 @@ class SelfTeacher:
                 f"PS-KD self-teacher store {path} of epoch {epoch} is missing, so the run cannot "
                 f"resume: delete {self.folder.parent} to train this student afresh"
             )
-        store = open_store(path, fingerprint={**self.fingerprint, "epoch": epoch - 1})
+        try:
+            store = open_store(path, fingerprint={**self.fingerprint, "epoch": epoch - 1})
+        except StoreError as exc:  # its metadata damaged: the run's own file, not precompute's
+            raise UserError(
+                f"PS-KD self-teacher store {path} cannot be opened ({_cause(exc, path)}): "
+                f"delete {self.folder.parent} to train this student afresh"
+            ) from None
         if not store.complete:
             store.close()
             raise UserError(
@@ -246,6 +253,12 @@ class SelfTeacher:
                 f"train this student afresh"
             )
         return store
+
+    def rows(self, epoch: int) -> SelfTeacherRows | None:
+        """The previous epoch's predictions to read in ``epoch`` (None in epoch 0), opened by
+        ``reader``."""
+        store = self.reader(epoch)
+        return None if store is None else SelfTeacherRows(store, self.folder.parent)
 
     def keep_only(self, epoch: int) -> None:
         """Remove every epoch's store except ``epoch``'s (the one the next epoch reads)."""
@@ -255,6 +268,38 @@ class SelfTeacher:
         for path in self.folder.glob("epoch*"):
             if path.name != keep:
                 _remove(path)
+
+
+class SelfTeacherRows(StoreRows):
+    """``StoreRows`` of a self-teacher store: a chunk found damaged is the run's own file, which
+    precompute never writes, so the error says to train the student afresh, not the teacher
+    store's fix (``verify --repair`` and precompute)."""
+
+    def __init__(self, store: LogitStore, run_folder: Path):
+        super().__init__(store, view=0)
+        self.run_folder = run_folder
+
+    def window(self, group: np.ndarray, rows: np.ndarray, views: np.ndarray):
+        try:
+            return super().window(group, rows, views)
+        except StoreError as exc:
+            raise UserError(
+                f"PS-KD self-teacher store {self.store.path} is damaged "
+                f"({_cause(exc, self.store.path)}): delete {self.run_folder} to train this "
+                f"student afresh"
+            ) from None
+
+
+#: How the store's messages begin their fix, which is a teacher store's (precompute's) fix.
+_FIXES = (": give ", ": run ", ": rerun ", ": delete ", ": pass ", ": use ")
+
+
+def _cause(exc: StoreError, path: Path | str) -> str:
+    """What a store error says went wrong, without the path it starts with or its fix."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.removeprefix(f"store {path}: ").removeprefix(f"{path} ")
+    cut = min((i for i in (text.find(f) for f in _FIXES) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def _remove(path: Path) -> None:

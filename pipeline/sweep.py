@@ -5,7 +5,8 @@
         train_student(config with that distill)                         are not inherited)
 
 Every (run, seed) is checked before the first one trains — unknown method, unknown student, bad
-value, two runs writing one folder, a folder already holding another config's or another teacher
+value, a teacher store missing, unfinished, made for other data or with fewer views than asked,
+two runs writing one folder, a folder already holding another config's or another teacher
 store's student — so a typo fails in a second, not after hours. At run time a
 failing student is reported and the sweep goes on with the others; ``sweep.done`` is written when
 none failed (a run that diverged counts as done: it stopped on purpose, and the report lists
@@ -32,17 +33,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, save_resolved
+from pipeline.data import splits
 from pipeline.distill import (
     DivergedError,
     check_not_diverged,
     config_key,
     output_dir,
+    reads_teacher_store,
     teacher_store_fingerprint,
     train_student,
 )
 from pipeline.distill_ddp import World
-from pipeline.distill_inputs import DistillError, build_student_method
-from pipeline.distill_state import finished, load_state
+from pipeline.distill_inputs import (
+    DistillError,
+    build_student_method,
+    check_teacher_store,
+    store_path,
+)
+from pipeline.distill_state import finished, load_state, restore_metrics
 from pipeline.errors import (
     EXPECTED_ERRORS,
     ConfigError,
@@ -142,6 +150,33 @@ def plan_sweep(config: Config) -> list[SweepRun]:
     return planned
 
 
+def check_stores(planned: list[SweepRun]) -> None:
+    """Refuse, before anything trains, a run whose teacher store is missing, unfinished, made
+    for other data or holding fewer views than it asks for (found at the run's turn, after the
+    runs before it had trained, the CE students first). Each (store, views) is checked once;
+    chunk checksums are left to each run, as they take a pass over the store.
+
+    Raises:
+        DistillError, StoreError: the first such run, named, with the store's own line.
+    """
+    seen: set[tuple[str, int | None]] = set()
+    train = None
+    for item in planned:
+        if not reads_teacher_store(item.config):
+            continue
+        key = (str(store_path(item.config)), item.config.distill.views)
+        if key in seen:
+            continue
+        seen.add(key)
+        if train is None:  # every run of a sweep has the run's data and augmentation
+            train, _ = splits(item.config)
+        try:
+            check_teacher_store(item.config, train)
+        except EXPECTED_ERRORS as exc:
+            where = f"sweep.runs[{item.index}] ({item.config.distill.method}, seed {item.seed})"
+            raise type(exc)(f"{where}: {exc}") from None
+
+
 def check_folders(planned: list[SweepRun]) -> None:
     """Refuse, before anything trains, a run whose folder already holds a student or a training
     state of another config or another teacher store (``train_student`` would refuse it at the
@@ -156,10 +191,7 @@ def check_folders(planned: list[SweepRun]) -> None:
             continue
         where = f"sweep.runs[{item.index}] ({item.config.distill.method}, seed {item.seed})"
         key = config_key(item.config)
-        try:
-            source = teacher_store_fingerprint(item.config)
-        except EXPECTED_ERRORS:  # no store to compare with: the run says so at its turn
-            continue
+        source = teacher_store_fingerprint(item.config)  # check_stores opened it already
         try:
             if not finished(ckpt, (key, config_key(item.config, legacy=True)), source):
                 load_state(state, key, source)
@@ -266,6 +298,7 @@ def run_sweep(
     planned = plan_sweep(config)  # before anything trains: a bad entry costs nothing
     marker = done_path(config)
     marker.unlink(missing_ok=True)  # a sweep with other runs is not done because an old one was
+    check_stores(planned)
     check_folders(planned)
     outcomes: list[Outcome] = []
     for position, item in enumerate(planned, 1):
@@ -277,6 +310,8 @@ def run_sweep(
             # retrained, precompute --overwrite) is not this sweep's finished run.
             source = teacher_store_fingerprint(item.config)
             status = "finished" if finished(ckpt, keys, source) else "trained"
+            if status == "finished":  # its metrics.jsonl rebuilt from the checkpoint if damaged
+                restore_metrics(ckpt, item.folder / "metrics.jsonl")
             if status == "trained":
                 check_not_diverged(item.config)  # before any process starts for it
             if status == "trained" and nproc is not None:

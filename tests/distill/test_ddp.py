@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -371,11 +372,16 @@ def test_killed_under_torchrun_resumes_to_the_same_weights(tiny_run, kd_two, scr
 
 
 def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch, tmp_path):
-    """``sweep --nproc 2``: each student is its own 2-rank torchrun; a student that fails (more
-    views asked than stored) or diverges is reported and the others go on; a rerun finds the
-    finished one."""
+    """``sweep --nproc 2``: each student is its own 2-rank torchrun; a student that fails (its
+    store has a damaged chunk, which each run checks when it starts, not the sweep before the
+    first) or diverges is reported and the others go on; a rerun finds the finished one."""
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_run.config().store_path, damaged)
+    chunks = (p for p in (damaged / "logits" / "c").rglob("*") if p.is_file())
+    chunk = max(chunks, key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:-7])
     runs = (
-        "[{method: kd, name: swp-kd}, {method: kd, name: swp-bad, views: 9}, "
+        f"[{{method: kd, name: swp-kd}}, {{method: kd, name: swp-bad, store: {damaged}}}, "
         "{method: kd, name: swp-hot, lr: 1.0e+8}]"
     )
     sets = [*tiny_run.sets("distill.epochs=2", "distill.milestones=[1]"), f"sweep.runs={runs}"]
@@ -398,7 +404,7 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch, tmp_pat
         "processes under torchrun; rank 0's line above says more)"
     )
     errors = first.stderr.splitlines()
-    assert errors[0].startswith("error: distill.views=9 but store "), errors  # rank 0's line
+    assert errors[0].startswith(f"error: store {damaged}"), errors  # rank 0's line
     assert errors[1].startswith("error: swp-hot-s0 diverged: its loss became non-finite"), errors
     assert errors[2].startswith("error: 1 of 3 sweep runs failed (swp-bad-s0)"), errors
     assert len(errors) == 3, errors  # nothing from torchrun's launcher

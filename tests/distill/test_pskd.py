@@ -115,6 +115,35 @@ def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
         train_student(config, progress=False)
 
 
+@pytest.mark.parametrize("damage", ["chunk", "metadata"])
+def test_a_damaged_self_teacher_store_says_to_train_afresh(tiny_run, damage):
+    """A damaged self-teacher store is the run's own file: the fix is to train the student
+    afresh, not the teacher store's (``verify --repair`` and precompute, which never writes it)."""
+    name = f"pskd-damaged-{damage}"
+    config = tiny_run.config("distill.method=pskd", "distill.epochs=2", f"distill.name={name}")
+    out = output_dir(config)
+
+    def stop(epoch, step, terms):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_student(config, progress=False, on_step=stop)
+    store = out / "pskd" / "epoch0000.zarr"
+    if damage == "chunk":
+        target = max((p for p in (store / "logits" / "c").rglob("*") if p.is_file()),
+                     key=lambda p: p.stat().st_size)  # fmt: skip
+    else:
+        target = store / "zarr.json"
+    target.write_bytes(target.read_bytes()[:-9])
+    with pytest.raises(UserError) as caught:
+        train_student(config, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"PS-KD self-teacher store {store} ")
+    assert message.endswith(f": delete {out} to train this student afresh")
+    assert "precompute" not in message and len(message.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -153,12 +154,19 @@ def test_rerunning_the_sweep_trains_nothing(swept, monkeypatch):
 
 
 def test_a_failing_run_does_not_stop_the_others(tiny_store, tmp_path, capsys):
-    runs = "[{method: kd, store: /nonexistent/store.zarr, name: broken}, {method: ce, epochs: 1}]"
+    """A run that fails when it trains (its store has a damaged chunk: chunk checksums are read
+    by each run, not by the sweep's checks before the first) is reported; the others train."""
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_store / "store.zarr", damaged)
+    chunks = (p for p in (damaged / "logits" / "c").rglob("*") if p.is_file())
+    chunk = max(chunks, key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    runs = f"[{{method: kd, store: {damaged}, name: broken}}, {{method: ce, epochs: 1}}]"
     sets = (f"distill.store={tiny_store / 'store.zarr'}", f"sweep.runs={runs}", "sweep.seeds=[3]")
     assert main(argv("sweep", tmp_path, *sets)) == 1
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
-    assert lines[0].startswith("sweep 1/2 broken-s3: FAILED: ") and "does not exist" in lines[0]
+    assert lines[0].startswith("sweep 1/2 broken-s3: FAILED: ") and "damaged.zarr" in lines[0]
     assert lines[1].startswith("sweep 2/2 small_cnn-ce-s3: trained, test top-1 ")
     assert err.strip().splitlines()[-1] == (
         "error: 1 of 2 sweep runs failed (broken-s3); the others are kept, rerun to retry only "
@@ -174,6 +182,25 @@ def test_a_failing_run_does_not_stop_the_others(tiny_store, tmp_path, capsys):
     (group,) = results["methods"]
     assert group["final_acc"]["std"] is None and group["teacher_test_acc"] is None
     assert (tmp_path / "report" / "methods.png").read_bytes()[:8] == PNG
+
+
+def test_a_missing_store_is_refused_before_anything_trains(tiny_store, tmp_path, capsys):
+    """A typo in a run's store (or a store with fewer views than a run asks for) is found
+    before the first student trains, CE runs included: one line, exit 2, nothing trained."""
+    runs = "[{method: ce, epochs: 1}, {method: kd, store: /nonexistent/store.zarr}]"
+    sets = (f"distill.store={tiny_store / 'store.zarr'}", f"sweep.runs={runs}", "sweep.seeds=[3]")
+    assert main(argv("sweep", tmp_path, *sets)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip() == (
+        "error: sweep.runs[1] (kd, seed 3): /nonexistent/store.zarr does not exist: give the "
+        "path of a store made by precompute (a .zarr directory or an .h5 file)"
+    )
+    runs = "[{method: ce, epochs: 1}, {method: kd, views: 9}]"
+    assert main(argv("sweep", tmp_path, sets[0], f"sweep.runs={runs}", "sweep.seeds=[3]")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: sweep.runs[1] (kd, seed 3): distill.views=9 but store "), err
+    assert not (tmp_path / "distill").exists()
 
 
 def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):

@@ -43,6 +43,35 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 # ---- 1. sweep: a student of another teacher store is not "already finished" ----------------
 
 
+def test_a_student_whose_store_moved_away_is_not_of_another_config(tiny_store, tmp_path, capsys):
+    """Its store moved away (e.g. to free disk): distill and sweep say the store is missing; they
+    said "a finished run with another config ... delete the folder", which would throw away a
+    finished student (the key fell back to the config's chunk_rows without a store)."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store / "store.zarr", store)
+    run = tmp_path / "run"
+    sets = (
+        f"distill.store={store}",
+        "distill.method=kd",
+        "distill.epochs=1",
+        "precompute.chunk_rows=null",
+    )
+    assert main(argv("distill", run, *sets)) == 0
+    store.rename(tmp_path / "moved.zarr")
+    capsys.readouterr()
+    for stage, extra in (
+        ("distill", ()),
+        ("sweep", ("sweep.runs=[{method: kd, epochs: 1}]", "sweep.seeds=[0]")),
+    ):
+        assert main(argv(stage, run, *sets, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(
+            f"{store} does not exist: give the path of a store made by precompute (a .zarr "
+            "directory or an .h5 file)"
+        ), err
+        assert "another config" not in err
+
+
 def test_sweep_does_not_skip_a_student_of_another_teacher_store(tiny_store, tmp_path, capsys):
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_store / "store.zarr", store)
@@ -178,10 +207,16 @@ def test_a_damaged_metrics_file_is_one_line_and_a_rerun_repairs_it(tiny_store, t
         assert main(argv("report", run, *sets)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "rerun its student" in err, err
-        # ... and rerunning the finished student does repair it, as the message says.
-        assert main(argv("distill", run, *sets)) == 0
+        # ... and rerunning the finished student does repair it, as the message says: by
+        # distill, or by the sweep that trained it (it only said "already finished" before).
+        rerun = ("distill", ()) if damage == good[:-30] else ("sweep", SWEEP_OF_IT)
+        assert main(argv(rerun[0], run, *sets, *rerun[1])) == 0
         assert metrics.read_bytes() == good
         assert main(argv("report", run, *sets)) == 0
+
+
+#: A sweep of one run: the student ``distill`` trains with ``sets`` above.
+SWEEP_OF_IT = ("sweep.runs=[{method: kd}]", "sweep.seeds=[0]")
 
 
 # ---- 7. Makefile ---------------------------------------------------------------------------------
