@@ -435,7 +435,8 @@ def test_kd_split_extreme_and_zscore() -> None:
     _check(grad, ref_grad, _grad_floor(student, torch.ones(B), 1.0, False))
     with pytest.raises(MethodError, match="plain KD only"):
         fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 3))
-    fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 1))
+    one = fused_kd(student, teacher, 1.0, True, config=(1, 16, 4, 1))  # segments = 1: allowed
+    _check(one, oracle.kd_rows(s64, teacher.double(), 1.0, True))
 
 
 def _backprop(outputs, weights, leaves) -> tuple[torch.Tensor, ...]:

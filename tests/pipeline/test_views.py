@@ -171,11 +171,19 @@ def test_apply_view_rejects_bad_params() -> None:
 
 
 def test_works_on_a_dataset_batch() -> None:
+    """A dataset's batch through the replay and normalisation a training step applies, against
+    the per-sample reference and the formula in float64."""
     ds = synthetic("train", num_samples=32)
     x, _ = ds.get_batch(np.arange(32))
-    v = apply_view(x, view_params(0, 1, np.arange(32), SPEC), SPEC)
+    params = view_params(0, 1, np.arange(32), SPEC)
+    v = apply_view(x, params, SPEC)
     y = normalize(v, PreprocessSpec(ds.mean, ds.std))
     assert y.dtype == torch.float32 and y.shape == (32, 1, 16, 16)
+    crops = _reference(x.numpy(), params, SPEC.pad).astype(np.float64)
+    want = (crops / 255 - np.asarray(ds.mean).reshape(1, -1, 1, 1)) / np.asarray(ds.std).reshape(
+        1, -1, 1, 1
+    )
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-6, atol=1e-6)
 
 
 # --- normalisation, specs, policies --------------------------------------------------------------
