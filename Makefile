@@ -18,7 +18,9 @@ RUN_DIR ?= $(or $(shell sed -n -E 's/^run_dir:[[:space:]]*("([^"]*)"|'\''([^'\''
 ifneq ($(words $(RUN_DIR)),1)
 $(error RUN_DIR '$(RUN_DIR)' holds a space, which make's file targets cannot: choose a run folder without spaces, or run the stages as python -m pipeline STAGE --set "run_dir=...")
 endif
-STORE ?= $(RUN_DIR)/store.zarr
+# STORE=path: the store `make verify` and `make audit` read; unset: the one CONFIG's precompute
+# stage writes (CONFIG_STORE below).
+STORE ?=
 # Extra config overrides, space-separated: make teacher SET="teacher.epochs=1 data.train_subset=5000".
 # Each word reaches the stage as it is (no shell quoting or $ expansion), so a mapping is written
 # without spaces, as JSON: SET='distill.method_options={"beta":6}'.
@@ -27,6 +29,28 @@ SET ?=
 quote = '$(subst ','\'',$(1))'
 STAGE_ARGS = --config $(call quote,$(CONFIG)) --set $(call quote,run_dir=$(RUN_DIR)) \
   $(foreach s,$(SET),--set $(call quote,$(s)))
+# The store CONFIG's precompute stage writes, printed by pipeline.config as that stage resolves it
+# (Config.store_path: precompute.store, else RUN_DIR/store.zarr, or store.h5 with
+# precompute.backend=hdf5), RUN_DIR and SET applied; a config it refuses is one line, exit 2.
+# CONFIG_STORE runs only inside the recipes of verify and audit, so `make -n` and the other
+# targets stay cheap.
+define CONFIG_STORE_PY
+import sys
+from pipeline.config import load_config
+from pipeline.errors import UserError
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).store_path)
+except UserError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+endef
+export CONFIG_STORE_PY
+CONFIG_STORE = $(PY) -c "$$CONFIG_STORE_PY" $(call quote,$(CONFIG)) \
+  $(call quote,run_dir=$(RUN_DIR)) $(foreach s,$(SET),$(call quote,$(s)))
+# The shell assignment of `store` in verify and audit (whose recipes echo the command with the
+# store resolved): STORE if given, else CONFIG_STORE's line (with -e, a config that CONFIG_STORE
+# refuses stops the recipe there).
+store_arg = store=$(if $(STORE),$(call quote,$(STORE)),"$$($(CONFIG_STORE))")
 # Where Debian's dataset-fashion-mnist package puts the files (the default config reads them).
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
@@ -80,7 +104,7 @@ $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
-distill: precompute ## one student from the store (METHOD=kd STUDENT=small_cnn SEED=0 NPROC=n)
+distill: precompute ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)
 	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(NPROC),--nproc $(NPROC)) \
 	  $(if $(METHOD),--set distill.method=$(METHOD)) $(if $(STUDENT),--set distill.student=$(STUDENT)) \
 	  $(if $(SEED),--set distill.seed=$(SEED))
@@ -106,11 +130,11 @@ lint: $(STAMP) ## ruff: style and common bugs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check pipeline stages storage tests
 
-verify: $(STAMP) ## check a store's checksums and completeness (STORE=path, default RUN_DIR/store.zarr)
-	$(PY) -m pipeline verify $(STORE)
+verify: $(STAMP) ## check a store's checksums and completeness (STORE=path; default: the store CONFIG's precompute writes)
+	@$(store_arg); echo "$(PY) -m pipeline verify $$store"; $(PY) -m pipeline verify "$$store"
 
-audit: $(STAMP) ## bytes per row and KD-loss error of every encoding on a store (STORE=path)
-	$(PY) -m pipeline audit $(STORE)
+audit: $(STAMP) ## bytes per row and KD-loss error of every encoding on a store (STORE=path; default: as verify)
+	@$(store_arg); echo "$(PY) -m pipeline audit $$store"; $(PY) -m pipeline audit "$$store"
 
 plan: $(STAMP) ## disk bytes, files and memory of a store before a run (N=, C=, V=, ENCODING=)
 	$(PY) -m pipeline plan --num-samples $(or $(N),1281167) --num-classes $(or $(C),1000) \
