@@ -101,17 +101,17 @@ $(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt $(CONFIG) $(SETTINGS)
 
 precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into the run's store (precompute.store, default RUN_DIR/store.zarr; WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
 $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
-	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(call quote,$(WORKERS))) $(if $(SCHEDULER),--scheduler $(call quote,$(SCHEDULER)))
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
 distill: precompute ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)
-	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(NPROC),--nproc $(NPROC)) \
-	  $(if $(METHOD),--set distill.method=$(METHOD)) $(if $(STUDENT),--set distill.student=$(STUDENT)) \
-	  $(if $(SEED),--set distill.seed=$(SEED))
+	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(NPROC),--nproc $(call quote,$(NPROC))) \
+	  $(if $(METHOD),--set $(call quote,distill.method=$(METHOD))) $(if $(STUDENT),--set $(call quote,distill.student=$(STUDENT))) \
+	  $(if $(SEED),--set $(call quote,distill.seed=$(SEED)))
 
 sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store (NPROC=n: each under torchrun)
 $(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done $(CONFIG) $(SETTINGS)
-	$(PY) -m pipeline sweep $(STAGE_ARGS) $(if $(NPROC),--nproc $(NPROC))
+	$(PY) -m pipeline sweep $(STAGE_ARGS) $(if $(NPROC),--nproc $(call quote,$(NPROC)))
 
 report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's students
 	$(PY) -m pipeline report $(STAGE_ARGS)

@@ -63,6 +63,7 @@ from pipeline.fingerprint import spec_hash
 from pipeline.methods import MethodContext
 from pipeline.metrics import divergence, write_metrics
 from pipeline.models import save_checkpoint
+from pipeline.onnx_export import sha256_file
 from storage import LogitStore, StoreError, StoreWarning, open_store
 
 StepHook = Callable[[int, int, dict[str, torch.Tensor]], None]
@@ -75,7 +76,7 @@ def output_dir(config: Config) -> Path:
     cfg = config.distill
     name = cfg.name
     if name is None:
-        method = cfg.method.strip().lower().replace(" ", "")
+        method = cfg.method  # one spelling (DistillConfig)
         online = (
             "-online" if cfg.teacher_source == "online" and method not in ("ce", "pskd") else ""
         )
@@ -121,23 +122,29 @@ def _block_layout(config: Config) -> dict | None:
         return None
 
 
-def teacher_store_fingerprint(config: Config) -> dict | None:
-    """The fingerprint of the store this run reads its teacher's logits from: a finished or
-    saved run made from another store (a teacher retrained, precompute rerun) is refused rather
-    than reused. None when it reads none (ce, pskd, online).
+def teacher_fingerprint(config: Config) -> dict | None:
+    """What the run's teacher logits come from: the fingerprint of the store it reads, or for an
+    online run ``{"teacher_sha256": ...}`` of the checkpoint it runs. A finished or saved run
+    made from another (a teacher retrained, precompute rerun) is refused rather than reused. None
+    when it reads no teacher (ce, pskd).
 
     Raises:
         StoreError: the run reads a store that is not there or cannot be opened (its own line:
             a student whose store was moved away is not one "of another config").
     """
+    cfg = config.distill
+    if cfg.teacher_source == "online" and cfg.method not in ("ce", "pskd"):
+        path = config.teacher_checkpoint
+        if not path.is_file():  # the run's own check says so, in its words
+            return None
+        return {"teacher_sha256": sha256_file(path)}
     return _from_teacher_store(config, lambda store: dict(store.fingerprint))
 
 
 def reads_teacher_store(config: Config) -> bool:
     """Whether the run's method reads its teacher's logits from a store (not ce, pskd, online)."""
     cfg = config.distill
-    method = cfg.method.strip().lower().replace(" ", "")
-    return cfg.teacher_source == "store" and method not in ("ce", "pskd")
+    return cfg.teacher_source == "store" and cfg.method not in ("ce", "pskd")
 
 
 def _from_teacher_store(config: Config, read: Callable[[LogitStore], dict]) -> dict | None:
@@ -398,7 +405,7 @@ def _train(
     ckpt_path, state_path = out / "student.pt", out / "state.pt"
     key = config_key(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
-        source = teacher_store_fingerprint(config)
+        source = teacher_fingerprint(config)
         if finished(ckpt_path, (key, config_key(config, legacy=True)), source):
             if world.main:
                 restore_metrics(ckpt_path, out / "metrics.jsonl")
@@ -527,9 +534,9 @@ def _train(
                 "config_hash": key,
                 "config": json.dumps(to_dict(config)),
                 "teacher_store": src.store.path if src.store is not None else None,
-                "store_fingerprint": (
-                    None if src.store is None else json.dumps(src.store.fingerprint)
-                ),
+                # The teacher store's fingerprint (or the online teacher's sha256), as checked
+                # when the run started; None for ce and pskd.
+                "store_fingerprint": None if source is None else json.dumps(source),
             },
         )
         state_path.unlink(missing_ok=True)

@@ -67,10 +67,11 @@ def _check_source(path: Path, saved: str | None, source: dict | None, what: str)
     except (ValueError, TypeError, AttributeError):  # not a fingerprint: not comparable
         keys = ["(unreadable)"]
     if keys:
+        teacher = "teacher checkpoint" if "teacher_sha256" in keys else "teacher store"
         raise DistillError(
-            f"{path} is {what} from another teacher store (its fingerprint differs in "
-            f"{', '.join(keys)}): set distill.name to train from this store elsewhere, or "
-            f"delete the folder"
+            f"{path} is {what} from another {teacher} (its fingerprint differs in "
+            f"{', '.join(keys)}): set distill.name to train from this {teacher.split()[1]} "
+            f"elsewhere, or delete the folder"
         )
 
 

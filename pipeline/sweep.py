@@ -40,7 +40,7 @@ from pipeline.distill import (
     config_key,
     output_dir,
     reads_teacher_store,
-    teacher_store_fingerprint,
+    teacher_fingerprint,
     train_student,
 )
 from pipeline.distill_ddp import World
@@ -191,7 +191,7 @@ def check_folders(planned: list[SweepRun]) -> None:
             continue
         where = f"sweep.runs[{item.index}] ({item.config.distill.method}, seed {item.seed})"
         key = config_key(item.config)
-        source = teacher_store_fingerprint(item.config)  # check_stores opened it already
+        source = teacher_fingerprint(item.config)  # check_stores opened it already
         try:
             if not finished(ckpt, (key, config_key(item.config, legacy=True)), source):
                 load_state(state, key, source)
@@ -296,10 +296,10 @@ def run_sweep(
             "`python -m pipeline sweep --nproc N` (make sweep NPROC=N), not under torchrun"
         )
     planned = plan_sweep(config)  # before anything trains: a bad entry costs nothing
+    check_stores(planned)
+    check_folders(planned)  # a refused sweep changes nothing, the last one's sweep.done included
     marker = done_path(config)
     marker.unlink(missing_ok=True)  # a sweep with other runs is not done because an old one was
-    check_stores(planned)
-    check_folders(planned)
     outcomes: list[Outcome] = []
     for position, item in enumerate(planned, 1):
         t0 = time.perf_counter()
@@ -308,7 +308,7 @@ def run_sweep(
             keys = (config_key(item.config), config_key(item.config, legacy=True))
             # As train_student checks it: a student of another teacher store (the teacher
             # retrained, precompute --overwrite) is not this sweep's finished run.
-            source = teacher_store_fingerprint(item.config)
+            source = teacher_fingerprint(item.config)
             status = "finished" if finished(ckpt, keys, source) else "trained"
             if status == "finished":  # its metrics.jsonl rebuilt from the checkpoint if damaged
                 restore_metrics(ckpt, item.folder / "metrics.jsonl")

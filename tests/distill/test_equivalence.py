@@ -46,3 +46,27 @@ def test_the_equivalence_check_can_fail(tiny_run):
     online, _ = _run(tiny_run, "distill.teacher_source=online", "distill.name=online16")
     stored16, _ = _run(tiny_run, "distill.name=offline16")
     assert _largest_gap(stored16, online) > ATOL
+
+
+def test_an_online_student_of_another_teacher_is_not_finished(tiny_run, tmp_path):
+    """An online run's teacher is part of what it was trained from: the same config pointed at
+    a retrained teacher checkpoint is refused, not reported as already finished (the checkpoint
+    was in no run's identity before 2026-11-27)."""
+    import pytest
+    import torch
+
+    from pipeline.distill_inputs import DistillError
+    from pipeline.models import load_model_from_checkpoint, save_checkpoint
+
+    sets = ("distill.teacher_source=online", "distill.name=online-retrained", "distill.epochs=1")
+    _run(tiny_run, *sets)
+    ckpt = read_checkpoint(tiny_run.run_dir / "teacher.pt")
+    teacher = load_model_from_checkpoint(tiny_run.run_dir / "teacher.pt")
+    with torch.no_grad():
+        next(teacher.parameters()).mul_(1.01)  # "retrained"
+    other = save_checkpoint(
+        tmp_path / "teacher.pt", teacher, model_name=ckpt.model_name, model_kwargs=ckpt.model_kwargs
+    )
+    with pytest.raises(DistillError, match=r"another teacher checkpoint .*teacher_sha256"):
+        _run(tiny_run, *sets, f"teacher.checkpoint={other}")
+    _run(tiny_run, *sets)  # the teacher it was trained from: finished, returned as it is

@@ -93,6 +93,10 @@ def test_config_key_ignores_device_and_loader_settings(tmp_path: Path) -> None:
 
     base = key()
     assert key("distill.device=cpu", "distill.prefetch=0", "distill.eval_batch_size=7") == base
+    # A respelt method is the same run (same key, same folder), not "another config".
+    assert key("distill.method= LS + DKD") == key("distill.method=ls+dkd")
+    respelt = load_config(tiny, [f"run_dir={tmp_path}", "distill.method=KD"])
+    assert respelt.distill.method == "kd"
     assert key("distill.lr=0.5") != base
     # The blocks each epoch is cut into, and the logits' encoding, change the batches: without
     # a store, those a precompute of the config would make.
