@@ -10,7 +10,16 @@ import torch
 # kernel module is first imported, so this is set here, before any test module imports them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import atexit
 import shutil
+import tempfile
+
+# Image folders' file digests are cached (pipeline.datasets.digests) in a folder of the session,
+# not the user's ~/.cache; the subprocesses the tests start inherit it.
+if "LOGITBANK_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="logitbank-test-cache-")
+    os.environ["LOGITBANK_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, True)
 import subprocess
 from pathlib import Path
 

@@ -7,13 +7,13 @@ ImageFolder convention). Files are decoded with Pillow per batch, never all at o
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.datasets.base import ImageDataset, LazyImages, check_split
+from pipeline.datasets.digests import file_digests
 from pipeline.errors import DatasetError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -77,10 +77,11 @@ class ImageFolderDataset(ImageDataset):
         return out
 
     def content_blocks(self) -> Iterator[bytes]:
-        """The encoded files (name, then bytes) and the decoding options: no full decode needed."""
+        """The encoded files (name, then their sha256) and the decoding options: no full decode
+        needed, and a file read again only when it changed (``pipeline.datasets.digests``)."""
         yield f"{self._mode} {self.images.shape} resize={self._resize}\n".encode()
-        for path in self.files:
-            digest = hashlib.sha256(path.read_bytes()).digest()
+        root = self.files[0].parent.parent
+        for path, digest in zip(self.files, file_digests(root, self.files)):
             yield f"{path.parent.name}/{path.name}\n".encode() + digest
 
 
