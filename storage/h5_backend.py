@@ -10,21 +10,33 @@ zeros, and fletcher32 of zeros is zero, so such a chunk would read back as valid
 its ``done`` marks as "not done"). Readers therefore compare the end-of-file address in the
 superblock with the file's size, and in a truncated file refuse every chunk whose bytes lie past
 the end; ``verify`` names those chunks and the file.
+
+Damaged metadata needs care too. A SWMR reader skips HDF5's end-of-file check (which is what lets a
+file cut inside its data open, for ``verify`` to name the lost chunks), and it takes a metadata
+checksum failure for a writer's half-done update: by default it retries 100 times, doubling a
+sleep that starts at 1 ns, so on a file cut inside its metadata or with a flipped bit there it
+never returns. Readers therefore check the superblock themselves first, and open with the number
+of read attempts capped (``READ_ATTEMPTS``); whatever HDF5 then cannot read makes the store
+"damaged", one line, rather than a hang or a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import struct
+import time
 import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py._objects import phil
 
-from storage.base import LogitStore, name_final
+from storage.base import READ_ERRORS, LogitStore, _first, name_final
 from storage.errors import StoreCorruptError, StoreError, StoreExistsError
 from storage.h5_recover import clear_status_flags, lookup3
 from storage.layout import Layout
@@ -37,6 +49,10 @@ COMPRESSORS = {
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Readers get a chunk cache that holds a training window's worth of chunks.
 READ_CACHE_BYTES = 64 << 20
+# A SWMR reader's tries at a metadata block whose checksum fails, sleeping 1, 2, 4 ... ns between
+# them: about 0.13 s in all. That rides out a writer's update caught half-way (microseconds)
+# and fails a damaged file at once (HDF5's default, 100, sleeps for 2**100 ns: for ever).
+READ_ATTEMPTS = 27
 
 
 def _lock_path(path: str) -> Path:
@@ -58,7 +74,10 @@ class H5LogitStore(LogitStore):
         lock: WriterLock | None,
     ) -> None:
         try:
-            _refuse_data_elsewhere(file, path)
+            try:
+                _refuse_data_elsewhere(file, path)
+            except READ_ERRORS as exc:  # a dataset's object header is unreadable
+                raise _damaged(path, exc) from None
         except StoreError:
             file.close()
             if lock is not None:
@@ -80,6 +99,8 @@ class H5LogitStore(LogitStore):
         labels: np.ndarray | None,
     ) -> H5LogitStore:
         cls.check_compressor(compressor)
+        # The lock file lives beside the store: make its folder first, as the zarr backend does.
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         lock = WriterLock(_lock_path(path), path)
         lock.acquire()
         if os.path.lexists(path):  # made since create_store looked (creators share this lock)
@@ -180,14 +201,18 @@ class H5LogitStore(LogitStore):
 
     @staticmethod
     def read_attrs(path: str) -> dict | None:
-        """The file's attributes, or None if ``path`` is no HDF5 file."""
+        """The file's attributes, or None if ``path`` is no HDF5 file; a damaged one raises
+        :class:`StoreCorruptError`."""
         try:
             with open(path, "rb") as fh:
                 if fh.read(8) != HDF5_SIGNATURE:
                     return None
             with _open_read(path) as f:
-                return {k: _from_h5_attr(v) for k, v in f.attrs.items()}
-        except (OSError, IsADirectoryError):
+                try:
+                    return {k: _from_h5_attr(v) for k, v in f.attrs.items()}
+                except READ_ERRORS as exc:
+                    raise _damaged(path, exc) from None
+        except OSError:  # gone, unreadable, or locked by a creator that has not let go yet
             return None
 
     @staticmethod
@@ -338,7 +363,74 @@ def _truncation(path: str) -> str | None:
 
 
 def _open_read(path: str) -> h5py.File:
-    return h5py.File(path, "r", swmr=True, rdcc_nbytes=READ_CACHE_BYTES)
+    """``path`` open for reading in SWMR mode, its superblock checked first; a file HDF5 cannot
+    open raises :class:`StoreCorruptError`, an error of the file system (errno) itself."""
+    problem = _superblock_problem(path)
+    if problem:
+        raise StoreCorruptError(
+            f"store {path} is damaged ({problem}): delete it and run precompute again"
+        )
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    cache = list(fapl.get_cache())
+    cache[2] = READ_CACHE_BYTES
+    fapl.set_cache(*cache)
+    cap = _read_attempts_setter()
+    if cap is not None:
+        with phil:  # h5py's lock around HDF5 calls: the library may not be thread-safe
+            cap(fapl.id, READ_ATTEMPTS)
+    flags = h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ
+    try:
+        return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
+    except READ_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the file system's (a lock held by a creator, permissions): not damage
+        raise _damaged(path, exc) from None
+
+
+def _superblock_problem(path: str) -> str | None:
+    """What is wrong with the superblock of an HDF5 file, or None. Only version 2/3 superblocks
+    (this backend writes version 3) carry a checksum; HDF5 checks older ones itself. A checksum
+    that fails is read again a few times: a writer opening or closing the file may be rewriting
+    the superblock just now."""
+    for wait in (0.0, 0.01, 0.04):
+        time.sleep(wait)
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(12)
+                if len(head) < 12:
+                    return f"cut short: {len(head)} bytes, less than its superblock"
+                if head[8] not in (2, 3):
+                    return None
+                size = 12 + 4 * head[9]  # signature, version, sizes, flags, four addresses
+                head += fh.read(size + 4 - len(head))
+        except OSError:
+            return None  # the open that follows names it
+        if len(head) < size + 4:
+            return f"cut short: {len(head)} bytes, less than its {size + 4}-byte superblock"
+        if lookup3(head[:size]) == struct.unpack("<I", head[size:])[0]:
+            return None
+    return "its superblock fails its checksum"
+
+
+def _damaged(path: str, exc: BaseException) -> StoreCorruptError:
+    cut = _truncation(path)
+    return StoreCorruptError(
+        f"store {path} is damaged ({f'{cut}; ' if cut else ''}HDF5 cannot read its metadata: "
+        f"{_first(exc)}): delete it and run precompute again"
+    )
+
+
+@functools.cache
+def _read_attempts_setter():
+    """HDF5's ``H5Pset_metadata_read_attempts`` (h5py does not wrap it), found through an h5py
+    extension's own link to the library; None where it is not found."""
+    try:
+        setter = ctypes.CDLL(h5py.h5p.__file__).H5Pset_metadata_read_attempts
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes = [ctypes.c_int64, ctypes.c_uint]  # (hid_t plist, unsigned attempts)
+    setter.restype = ctypes.c_int
+    return setter
 
 
 def _to_h5_attr(value):
