@@ -14,13 +14,13 @@ import dataclasses
 import datetime
 import json
 import os
-import uuid
+import warnings
 from typing import Any
 
 import numpy as np
 
-from storage import urls
-from storage.base import LogitStore, checked_labels
+from storage import locking, urls
+from storage.base import LogitStore, StoreWarning, checked_labels
 from storage.errors import (
     FingerprintMismatchError,
     NotAStoreError,
@@ -74,7 +74,7 @@ def make_layout(
     topk: int | None = None,
     view_param_width: int = 0,
 ) -> Layout:
-    """A validated layout, with chunk and shard sizes chosen when not given."""
+    """A validated layout, with chunk and shard sizes chosen when not given (None)."""
     from storage.encodings import ENCODINGS
 
     for name, value in (
@@ -86,10 +86,18 @@ def make_layout(
             raise StoreError(f"{name} must be an integer, got {value!r}")
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
-    k = (topk or min(DEFAULT_TOPK, max(1, num_classes - 1))) if encoding == "topk" else 0
+    # A value given is used as given, or refused: never quietly replaced (0 by "auto", 2.5 by 2).
+    chunk_rows = _count("chunk_rows", chunk_rows, 1, "None for automatic")
+    chunks_per_shard = _count("chunks_per_shard", chunks_per_shard, 1, "None for automatic")
+    view_param_width = _count("view_param_width", view_param_width, 0, "0 for none")
+    k = 0  # only topk keeps k values; Layout refuses a k outside [1, C - 1]
+    if encoding == "topk":
+        k = _count("topk", topk, None, "None for the default")
+        k = min(DEFAULT_TOPK, max(1, num_classes - 1)) if k is None else k
     if num_samples > 0 and num_classes >= 2:
-        chunk_rows = chunk_rows or auto_chunk_rows(num_samples, num_classes, encoding, k)
-        if chunks_per_shard is None and chunk_rows > 0:
+        if chunk_rows is None:
+            chunk_rows = auto_chunk_rows(num_samples, num_classes, encoding, k)
+        if chunks_per_shard is None:
             chunks_per_shard = auto_chunks_per_shard(
                 chunk_rows, num_samples, num_classes, encoding, k
             )
@@ -98,11 +106,24 @@ def make_layout(
         int(num_classes),
         int(num_views),
         encoding,
-        int(chunk_rows or 1),
-        int(chunks_per_shard or 1),
+        chunk_rows or 1,
+        chunks_per_shard or 1,
         k,
-        int(view_param_width),
+        view_param_width,
     )
+
+
+def _count(name: str, value: Any, low: int | None, otherwise: str) -> int | None:
+    """``value`` as an int, None as None; a one-line StoreError for anything else or below
+    ``low``: a bool, a fraction, a string, 0 where at least 1 is needed."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        what = "an integer" if low is None else f"an integer >= {low}"
+        raise StoreError(f"{name} must be {what} ({otherwise}), got {value!r}")
+    if low is not None and value < low:
+        raise StoreError(f"{name} must be >= {low} ({otherwise}), got {value}")
+    return int(value)
 
 
 def create_store(
@@ -154,7 +175,9 @@ def create_store(
     labels = None if labels is None else checked_labels(labels, layout)
     fingerprint = plain_fingerprint(fingerprint or {})
     cls.check_compressor(compressor)
-    aside = None  # the store being replaced, moved aside until the new one is whole
+    if not urls.is_url(path):
+        _recover_overwrite(path)
+    aside = guard = None  # the store being replaced, moved aside until the new one is whole
     if _exists(path):
         existing = _read_attrs_any(path)
         if existing is None:
@@ -171,8 +194,14 @@ def create_store(
             if urls.is_url(path):  # no rename on object stores
                 BACKENDS[existing[0]].remove(path)
             else:
-                aside = f"{path}.replaced-{uuid.uuid4().hex[:12]}"
-                os.rename(path, aside)
+                # Its guard is held until the overwrite ends: a sweep (_recover_overwrite) then
+                # leaves it alone, and only treats an aside nobody holds as left by a killed one.
+                aside, guard = locking.new_aside(path)
+                try:
+                    os.rename(path, aside)
+                except BaseException:
+                    locking.drop_guard(aside, guard)
+                    raise
         finally:
             old.close()
     store_attrs = {
@@ -191,6 +220,10 @@ def create_store(
         if aside is not None:  # the old store goes back, untouched
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
+            if os.path.lexists(aside):
+                guard.release()  # not back (the new store is there): a later sweep removes it
+            else:
+                locking.drop_guard(aside, guard)
         elif urls.is_url(path) and not isinstance(exc, (FileExistsError, StoreError)):
             # Built in place (no rename on object stores): one cut short (a full disk) would
             # block every rerun as "not a store"; it holds nothing yet, so it goes. A local
@@ -200,8 +233,29 @@ def create_store(
                 cls.remove(path)
         raise
     if aside is not None:
-        BACKENDS[existing[0]].remove(aside)
+        locking.discard_aside(aside, guard)  # a removal cut short is swept up by the next open
     return store
+
+
+def _recover_overwrite(path: str) -> None:
+    """Clean up beside a local ``path`` after an overwrite killed half-way
+    (:func:`storage.locking.sweep_replaced`): the old store back when no new one was made,
+    else removed; each said in a :class:`StoreWarning`."""
+    restored, removed = locking.sweep_replaced(path, lambda p: _read_attrs_any(p) is not None)
+    if restored:
+        warnings.warn(
+            f"store {path}: an overwrite of it was interrupted before the new store was made; "
+            f"the old store it had moved aside ({os.path.basename(restored)}) is back in place",
+            StoreWarning,
+            stacklevel=3,
+        )
+    if removed:
+        shown = ", ".join(os.path.basename(p) for p in removed)
+        warnings.warn(
+            f"store {path}: removed {shown}: the store(s) an interrupted overwrite replaced",
+            StoreWarning,
+            stacklevel=3,
+        )
 
 
 def plain_fingerprint(fingerprint: dict) -> dict:
@@ -234,9 +288,18 @@ def open_store(
     path = os.fspath(path)
     if urls.is_url(path) and path.rstrip("/").endswith((".h5", ".hdf5")):
         _refuse_url(path, "hdf5")  # an HDF5 file by its name: refused before any network call
+    if mode == "a" and not urls.is_url(path):
+        _recover_overwrite(path)
     found = _read_attrs_any(path)
     if found is None:
         what = "does not exist" if not _exists(path) else "is not a logit store"
+        aside = None if urls.is_url(path) else next(iter(locking.replaced_stores(path)), None)
+        if aside is not None and not _exists(path):
+            raise NotAStoreError(
+                f"{path} does not exist: the store an overwrite replaces waits at {aside}; if "
+                f"that overwrite was interrupted, open the path with mode='a' (or rerun "
+                f"precompute) to put it back"
+            )
         if "zarr" not in BACKENDS and os.path.isfile(os.path.join(path, "zarr.json")):
             raise NotAStoreError(
                 f"{path} is a zarr store, but zarr is not installed: run `make setup`"

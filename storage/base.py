@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from storage.encodings import decode, decode_into, encode, row_arrays
+from storage.encodings import check_float32_range, decode, decode_into, encode, row_arrays
 from storage.errors import (
     BadWriteError,
     StoreCorruptError,
@@ -31,7 +31,8 @@ READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError)
 
 
 class StoreWarning(UserWarning):
-    """Something was not written (an unfinished chunk at close)."""
+    """Something was not written (an unfinished shard at close), or was cleaned up after an
+    interrupted overwrite (the old store put back, or removed)."""
 
 
 @dataclass
@@ -255,14 +256,40 @@ class LogitStore(abc.ABC):
         """
         if self.mode == "r":
             raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
-        lay = self.layout
-        logits = np.asarray(logits)
-        if logits.ndim != 2 or logits.shape[1] != lay.num_classes:
+        logits = checked_logits(logits, self.layout)
+        view, start, stop = self._check_rows(view, start, len(logits))
+        if len(logits) == 0:
+            if view_params is not None and self.layout.view_param_width:
+                self._check_view_params(view_params, 0)
+            return  # nothing to write (wherever it starts)
+        self._buffer_rows(view, start, stop, encode_rows(self.layout, start, logits, view_params))
+
+    def write_encoded(self, view: int, start: int, parts: dict[str, np.ndarray]) -> None:
+        """Write rows that :func:`encode_rows` encoded elsewhere (a dask task, which sends the
+        coordinator its shard encoded, not as raw float32 hundreds of times bigger with topk)."""
+        if self.mode == "r":
+            raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
+        arrays = self.layout.arrays()
+        parts = {k: np.asarray(p) for k, p in parts.items()}
+        rows = len(next(iter(parts.values()), ()))
+        for name, (dtype, width) in arrays.items():
+            part = parts.get(name)
+            want = (rows,) if width is None else (rows, width)
+            if part is None or part.shape != want or part.dtype != np.dtype(dtype):
+                got = "missing" if part is None else f"{part.dtype} {part.shape}"
+                raise BadWriteError(f"encoded {name} must be {dtype} {want}, got {got}")
+        if parts.keys() != arrays.keys():
             raise BadWriteError(
-                f"logits must have shape (rows, {lay.num_classes}), got {tuple(logits.shape)}"
+                f"encoded rows hold {', '.join(parts)}; the store's row arrays are "
+                f"{', '.join(arrays)}"
             )
-        if logits.dtype.kind != "f":
-            raise BadWriteError(f"logits must be floating point, got dtype {logits.dtype}")
+        view, start, stop = self._check_rows(view, start, rows)
+        if rows:
+            self._buffer_rows(view, start, stop, parts)
+
+    def _check_rows(self, view: Any, start: Any, rows: int) -> tuple[int, int, int]:
+        """(view, start, stop) as integers, refused unless inside the store."""
+        lay = self.layout
         for name, value in (("view", view), ("start", start)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise BadWriteError(f"{name} must be an integer, got {value!r}")
@@ -271,23 +298,18 @@ class LogitStore(abc.ABC):
             raise BadWriteError(
                 f"view {view} out of range: the store has views 0..{lay.num_views - 1}"
             )
-        stop = start + len(logits)
+        stop = start + rows
         if start < 0 or stop > lay.num_samples:
             raise BadWriteError(
                 f"rows {start}..{stop - 1} out of range: the store has rows "
                 f"0..{lay.num_samples - 1}"
             )
-        if len(logits) == 0:
-            if view_params is not None and lay.view_param_width:
-                self._check_view_params(view_params, 0)
-            return  # nothing to write (wherever it starts)
-        parts = encode(lay.encoding, logits.astype(np.float32, copy=False), lay.topk, start)
-        if lay.view_param_width:
-            parts["view_params"] = self._check_view_params(view_params, len(logits))
-        elif view_params is not None:
-            raise BadWriteError(
-                "view_params given, but the store was created without them (view_param_width=0)"
-            )
+        return view, start, stop
+
+    def _buffer_rows(self, view: int, start: int, stop: int, parts: dict[str, np.ndarray]) -> None:
+        """Encoded rows [start, stop) of one view into their shards' buffers; whole shards are
+        written and marked done."""
+        lay = self.layout
         shards = range(start // lay.shard_rows, -(-stop // lay.shard_rows))
         for s in shards:  # check everything before writing anything
             if self.done[view, list(lay.shard_chunks(s))].any():
@@ -332,17 +354,7 @@ class LogitStore(abc.ABC):
         return {k: np.empty((rows, *p.shape[1:]), p.dtype) for k, p in piece.items()}
 
     def _check_view_params(self, view_params: Any, rows: int) -> np.ndarray:
-        width = self.layout.view_param_width
-        if view_params is None:
-            raise BadWriteError(
-                f"this store keeps view_params ({width} per row): pass them to write()"
-            )
-        vp = np.asarray(view_params)
-        if vp.shape != (rows, width):
-            raise BadWriteError(f"view_params must have shape ({rows}, {width}), got {vp.shape}")
-        if vp.dtype.kind not in "iu" or np.abs(vp.astype(np.int64)).max(initial=0) > 32767:
-            raise BadWriteError("view_params must be integers within int16's range")
-        return vp.astype(np.int16)
+        return checked_view_params(view_params, rows, self.layout.view_param_width)
 
     def _flush(self, view: int, shard: int, parts: dict[str, np.ndarray]) -> None:
         start, _ = self.layout.shard_range(shard)
@@ -368,16 +380,29 @@ class LogitStore(abc.ABC):
         self._labels = None
 
     def close(self) -> None:
-        """Flush, release the writer lock, and close. Rows of a shard left unfinished are dropped
-        (with a warning): the chunk is not marked done, so a resumed run computes it again."""
+        """Release the writer lock and close. Every whole shard is written and marked done as
+        soon as its last row arrives; rows of a shard left unfinished are dropped, with a
+        :class:`StoreWarning` that counts them (their chunks are not marked done, so a resumed
+        run computes them again). A shard is the unit of writing and of ``done`` marks, even
+        for its complete chunks: written now, a shard file would have to be rewritten to add
+        the rest, and a shard is written once, whole (``storage.zarr_backend``)."""
         if self._closed:
             return
         self._closed = True
         if self._pending:
-            left = ", ".join(f"view {v} shard {s}" for v, s in sorted(self._pending))
+            cr, rows, chunks, shown = self.layout.chunk_rows, 0, 0, []
+            for (v, s), pend in sorted(self._pending.items()):
+                filled = int(pend.filled.sum())
+                whole = sum(
+                    bool(pend.filled[a : a + cr].all()) for a in range(0, len(pend.filled), cr)
+                )
+                rows, chunks = rows + filled, chunks + whole
+                shown.append(f"view {v} shard {s}: {filled} of {len(pend.filled)} rows")
             warnings.warn(
-                f"store {self.path}: unfinished shard(s) not written at close: {left}; "
-                f"their rows will be computed again on resume",
+                f"store {self.path}: {rows} row(s) written to unfinished shards not kept at close "
+                f"({'; '.join(shown[:4])}{' ...' if len(shown) > 4 else ''}; {chunks} whole "
+                f"chunk(s) among them): a shard is written and marked done only once all its "
+                f"rows are there; a resumed run computes them again",
                 StoreWarning,
                 stacklevel=2,
             )
@@ -661,6 +686,50 @@ def _first(exc: BaseException, limit: int = 120) -> str:
     """An exception as ``Type: first line``, cut to ``limit`` characters."""
     text = str(exc).splitlines()[0][:limit] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"
+
+
+def checked_logits(logits: Any, layout: Layout) -> np.ndarray:
+    """``logits`` as an array of shape (rows, C) and a float dtype, or a BadWriteError."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] != layout.num_classes:
+        raise BadWriteError(
+            f"logits must have shape (rows, {layout.num_classes}), got {tuple(logits.shape)}"
+        )
+    if logits.dtype.kind != "f":
+        raise BadWriteError(f"logits must be floating point, got dtype {logits.dtype}")
+    return logits
+
+
+def checked_view_params(view_params: Any, rows: int, width: int) -> np.ndarray:
+    """View parameters (rows, width) as int16, or a BadWriteError naming the problem."""
+    if view_params is None:
+        raise BadWriteError(f"this store keeps view_params ({width} per row): pass them to write()")
+    vp = np.asarray(view_params)
+    if vp.shape != (rows, width):
+        raise BadWriteError(f"view_params must have shape ({rows}, {width}), got {vp.shape}")
+    if vp.dtype.kind not in "iu" or np.abs(vp.astype(np.int64)).max(initial=0) > 32767:
+        raise BadWriteError("view_params must be integers within int16's range")
+    return vp.astype(np.int16)
+
+
+def encode_rows(
+    layout: Layout, start: int, logits: Any, view_params: Any = None
+) -> dict[str, np.ndarray]:
+    """Raw float logits of rows ``start ..`` encoded as a store of ``layout`` keeps them: every
+    row array, ``view_params`` included. Refused (a BadWriteError naming the rows) when a value
+    cannot be stored; a row's encoding depends on that row alone."""
+    logits = checked_logits(logits, layout)
+    check_float32_range(logits, start)  # a float64 value past float32's would be cast to inf
+    parts = encode(layout.encoding, logits.astype(np.float32, copy=False), layout.topk, start)
+    if layout.view_param_width:
+        parts["view_params"] = checked_view_params(
+            view_params, len(logits), layout.view_param_width
+        )
+    elif view_params is not None:
+        raise BadWriteError(
+            "view_params given, but the store was created without them (view_param_width=0)"
+        )
+    return parts
 
 
 def checked_labels(labels: Any, layout: Layout) -> np.ndarray:

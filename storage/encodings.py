@@ -26,6 +26,10 @@ import numpy as np
 from storage.errors import BadWriteError, StoreError
 
 FLOAT16_MAX = 65504.0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Bytes of float32 rows the topk selection works on at once: ``argpartition`` of the negated rows
+#: allocates 3x its input (the negated copy, int64 indices), so a big block goes a slice at a time.
+TOPK_BLOCK_BYTES = 8 << 20
 
 
 # Row arrays each encoding writes besides ``stats``: name → (stored dtype, last axis), where the
@@ -118,6 +122,23 @@ def check_finite(logits: np.ndarray, first_row: int) -> None:
         )
 
 
+def check_float32_range(logits: np.ndarray, first_row: int) -> None:
+    """Refuse rows of finite wider-than-float32 logits (float64) that float32 cannot hold: every
+    encoding starts from float32, where they would become inf (and be called "NaN or inf")."""
+    if logits.dtype.itemsize <= 4:
+        return
+    peak = np.abs(logits).max(axis=1)  # NaN if the row holds one: refused as such later
+    bad = np.isfinite(peak) & (peak > FLOAT32_MAX)
+    if bad.any():
+        rows = np.flatnonzero(bad) + first_row
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        raise BadWriteError(
+            f"logits beyond float32's range (|x| > 3.40e38) in rows {shown}: every encoding "
+            f"stores float32 or less; fix the teacher or its inputs for these samples; nothing "
+            f"was written"
+        )
+
+
 def _refuse_rows(bad: np.ndarray, dtype: str, first_row: int, note: str = "") -> None:
     """Refuse rows whose logits a ``dtype`` cannot hold (they would be stored as inf)."""
     if bad.any():
@@ -158,17 +179,30 @@ def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> 
         out["scale"] = scale.astype(np.float32)
         out["offset"] = offset.astype(np.float32)
     elif name == "topk":
-        idx = np.argpartition(-logits, topk - 1, axis=1)[:, :topk]
-        vals = np.take_along_axis(logits, idx, axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")  # largest first, for readers
-        out["topk_indices"] = np.take_along_axis(idx, order, axis=1).astype(np.int32)
-        kept = np.take_along_axis(vals, order, axis=1)
+        out["topk_indices"], kept = _top_k(logits, topk)
         bad = np.abs(kept).max(axis=1) > FLOAT16_MAX
         _refuse_rows(bad, "float16", first_row, " (topk keeps its values in float16)")
         out["topk_values"] = kept.astype(np.float16)
     else:
         row_arrays(name, logits.shape[1])  # raises: unknown encoding
     return out
+
+
+def _top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 (B, k) class indices of each row's k largest logits, largest first, and those values
+    (B, k); a block of rows at a time (each row's result depends on that row alone)."""
+    b, c = logits.shape
+    step = max(1, min(b, TOPK_BLOCK_BYTES // (4 * c)))
+    indices = np.empty((b, k), np.int32)
+    values = np.empty((b, k), logits.dtype)
+    for a in range(0, b, step):
+        x = logits[a : a + step]
+        idx = np.argpartition(-x, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(x, idx, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")  # largest first, for readers
+        indices[a : a + step] = np.take_along_axis(idx, order, axis=1)
+        values[a : a + step] = np.take_along_axis(vals, order, axis=1)
+    return indices, values
 
 
 def decode(name: str, parts: dict, num_classes: int) -> np.ndarray:

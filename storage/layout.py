@@ -28,6 +28,10 @@ MIN_SHARDS = 8  # per view, when it has that many chunks
 MIN_CHUNK_ROWS = 64
 MAX_CHUNK_ROWS = 8192
 DEFAULT_TOPK = 32
+#: Raw float32 logits a dask task computes and encodes at once. Shards are sized by their bytes
+#: on disk, and raw rows can be far bigger (topk at C = 21843: 455x, a 13 GiB shard of raw
+#: logits), so a task fills its shard a block of rows at a time and holds only the encoded shard.
+TASK_BLOCK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,15 @@ def auto_chunks_per_shard(
     return max(1, min(per_shard, -(-chunks // MIN_SHARDS)))
 
 
+def task_block_rows(layout: Layout, multiple: int = 1) -> int:
+    """Rows a dask task computes and encodes at once: about ``TASK_BLOCK_BYTES`` of raw float32,
+    a multiple of ``multiple`` (the producer's batch size, so that its batches start where a serial
+    precompute's do: at the shard's start, every batch_size rows), and at most a shard."""
+    multiple = max(1, int(multiple))
+    rows = TASK_BLOCK_BYTES // (4 * layout.num_classes)
+    return min(max(multiple, rows // multiple * multiple), layout.shard_rows)
+
+
 def row_bytes(num_classes: int, encoding: str, topk: int = 0) -> int:
     """Bytes of one stored row of logits (without ``stats``)."""
     if encoding == "topk":
@@ -185,7 +198,9 @@ def plan(layout: Layout, backend: str = "zarr") -> dict:
         "files": files,
         "chunks": chunks,
         "shards": v * layout.num_shards,
-        "writer_buffer_bytes": layout.shard_rows * (per_row + 4 * c),
+        # One shard encoded (rows are buffered to shard boundaries) + one block of raw float32
+        # rows being encoded (a dask task's; a serial writer's batch is smaller).
+        "writer_buffer_bytes": layout.shard_rows * per_row + task_block_rows(layout) * 4 * c,
         "ram_bytes_per_view_decoded": n * c * 4,
         "float32_disk_bytes": v * n * c * 4,
     }

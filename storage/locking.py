@@ -9,12 +9,16 @@ object storage has no writer lock, its single writer being the coordinator by co
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import glob
 import os
+import re
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,3 +93,161 @@ def remove_abandoned(final: str, lock_name: str | None) -> list[str]:
             if lock is not None:
                 lock.release()
     return removed
+
+
+# ---- a store replaced by ``create_store(overwrite=True)`` ----------------------------------------
+# The old store is renamed aside to FINAL.replaced-<hex> while the new one is built, and removed
+# once the new one is in place. The overwrite holds the aside's guard lock (FINAL.replaced-<hex>
+# .lock, taken before the rename) from the rename to the end: an aside whose guard nobody holds
+# was left by an overwrite killed half-way. Before its removal an aside is renamed to
+# FINAL.removing-<hex>, so an aside under its .replaced- name is always a whole store.
+_HEX = r"[0-9a-f]{12}"
+
+
+def new_aside(final: str) -> tuple[str, WriterLock]:
+    """A free FINAL.replaced-<hex> name for the store being replaced, and its guard, held."""
+    while True:
+        aside = f"{final}.replaced-{uuid.uuid4().hex[:12]}"
+        guard = _take_guard(aside, quiet=False)  # a folder we cannot write: its OSError
+        if guard is not None and not os.path.lexists(aside):
+            return aside, guard
+        if guard is not None:
+            guard.release()
+
+
+def _take_guard(aside: str, quiet: bool = True) -> WriterLock | None:
+    """The guard lock of ``aside``, taken; None when another process holds it (or, ``quiet``,
+    when it cannot be made). A guard file that a sweep unlinked while this process was locking
+    it does not count: taken again."""
+    path = Path(f"{aside}.lock")
+    while True:
+        lock = WriterLock(path, aside)
+        try:
+            lock.acquire()
+        except WriterLockedError:
+            return None
+        except OSError:
+            if quiet:
+                return None
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(lock._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return lock
+        lock.release()
+
+
+def drop_guard(aside: str, guard: WriterLock) -> None:
+    """Release the guard of an aside that is gone (put back or removed), and delete its file."""
+    with contextlib.suppress(OSError):
+        os.unlink(f"{aside}.lock")
+    guard.release()
+
+
+def discard_aside(aside: str, guard: WriterLock) -> None:
+    """Remove a replaced store: first renamed to FINAL.removing-<hex> (a removal cut short is
+    then never taken for a whole store), then deleted."""
+    final, _, tag = aside.rpartition(".replaced-")
+    doomed = f"{final}.removing-{tag}"
+    try:
+        os.rename(aside, doomed)
+    except OSError:
+        guard.release()  # left whole, under its name: a later sweep removes it
+        return
+    drop_guard(aside, guard)
+    _delete(doomed)
+
+
+def put_back(aside: str, final: str) -> bool:
+    """Move a replaced store back to ``final`` unless something is there (never replacing it,
+    even if it appeared a moment ago); whether it moved."""
+    try:
+        if os.path.isdir(aside) and not os.path.islink(aside):
+            os.rename(aside, final)  # a directory never replaces a non-empty one
+            return True
+        try:
+            os.link(aside, final)  # a file: link + unlink, which never replaces one either
+        except OSError as exc:
+            if exc.errno == errno.EEXIST or os.path.lexists(final):
+                return False
+            os.rename(aside, final)  # a file system without hard links
+            return True
+        os.unlink(aside)
+    except OSError:
+        return False
+    return True
+
+
+def sweep_replaced(final: str, is_store: Callable[[str], bool]) -> tuple[str | None, list[str]]:
+    """Clean up after overwrites of ``final`` that were killed half-way.
+
+    With nothing at ``final`` (killed while the new store was being built), the newest replaced
+    store goes back there: what the interrupted command would have replaced is not lost. Once a
+    store is at ``final``, the replaced ones left beside it are removed, as well as removals cut
+    short. While another process holds an aside's guard (an overwrite in progress) no replaced
+    store is touched. Returns (the aside put back or None, the paths removed).
+    """
+    removed = []
+    for doomed in _siblings(final, rf"\.removing-{_HEX}"):
+        _delete(doomed)
+        removed.append(doomed)
+    taken = []
+    for aside in replaced_stores(final):
+        guard = _take_guard(aside)
+        if guard is None:  # an overwrite of final in progress: it cleans up after itself
+            for _, held in taken:
+                held.release()
+            return None, removed
+        taken.append((aside, guard))
+    restored = None
+    for aside, guard in taken:
+        if not os.path.lexists(aside):  # another sweep took care of it
+            drop_guard(aside, guard)
+        elif restored is None and not os.path.lexists(final) and put_back(aside, final):
+            restored = aside
+            drop_guard(aside, guard)
+        elif is_store(final):
+            discard_aside(aside, guard)
+            removed.append(aside)
+        else:
+            guard.release()  # something else is at final: left as it is
+    for lock in _siblings(final, rf"\.replaced-{_HEX}\.lock"):
+        aside = lock[: -len(".lock")]  # a guard whose aside is gone (killed at its end)
+        if not os.path.lexists(aside) and (guard := _take_guard(aside)) is not None:
+            if os.path.lexists(aside):
+                guard.release()
+            else:
+                drop_guard(aside, guard)
+    return restored, removed
+
+
+def replaced_stores(final: str) -> list[str]:
+    """The FINAL.replaced-<hex> stores beside ``final``, the newest first."""
+
+    def changed(path: str) -> float:
+        with contextlib.suppress(OSError):
+            return os.lstat(path).st_ctime  # set by the rename aside
+        return 0.0
+
+    return sorted(_siblings(final, rf"\.replaced-{_HEX}"), key=changed, reverse=True)
+
+
+def _siblings(final: str, suffix: str) -> list[str]:
+    """Paths beside ``final`` named FINAL + a match of the regular expression ``suffix``."""
+    parent, name = os.path.split(os.path.abspath(final))
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    pattern = re.compile(re.escape(name) + suffix)
+    return [os.path.join(parent, e) for e in sorted(entries) if pattern.fullmatch(e)]
+
+
+def _delete(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -3,9 +3,11 @@
 The coordinator holds the writer lock and is the only one to touch ``done``: a task writes its
 shards' data (zarr: straight into the shard files) and reports back; the coordinator marks them
 done as they complete. A crash anywhere therefore loses at most the shards in flight, which a
-rerun computes again. HDF5 has one file and one writer, so its tasks send rows back to the
-coordinator, which writes them. Either way the result is byte-identical to a serial write: the
-encoding of a row depends on that row alone.
+rerun computes again. HDF5 has one file and one writer, so its tasks send their rows back to the
+coordinator, encoded, and it writes them. Either way the result is byte-identical to a serial
+write: the encoding of a row depends on that row alone. A task computes its shard a block of rows
+at a time (``storage.layout.TASK_BLOCK_BYTES`` of raw float32): shards are sized by their bytes on
+disk, and with topk at large C a shard's raw logits would be hundreds of times that.
 
 On a dask.distributed cluster the workers are other processes, usually on other machines: the
 store's path is made absolute (it must be the same path on every worker: shared storage, or an
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +29,9 @@ import numpy as np
 
 from storage import urls
 from storage.api import open_store
+from storage.base import StoreWarning, encode_rows
 from storage.errors import StoreError
+from storage.layout import Layout, task_block_rows
 
 #: ``produce(view, start, stop)`` → float logits (stop - start, C), or (logits, view_params). It may
 #: have a ``describe()`` method naming the device it runs on (reported per task).
@@ -104,25 +109,57 @@ def _run_task(produce: Producer, view: int, start: int, stop: int, body: Callabl
 
 
 def produce_and_write(path: str, produce: Producer, view: int, start: int, stop: int) -> dict:
-    """Task body for backends that take parallel writes: compute one shard and write it."""
+    """Task body for backends that take parallel writes: compute one shard and write it, a block
+    of rows at a time (:func:`task_blocks`), so that the task holds the shard encoded and one
+    block raw, never the whole shard as raw float32."""
 
     def body() -> dict:
-        logits, params = _produced(produce, view, start, stop)
-        with open_store(path, mode="task") as store:
-            store.write(view, start, logits, params)
-            return {"shards": store.written_shards}
+        store = open_store(path, mode="task")
+        try:
+            for a, b in task_blocks(store.layout, produce, start, stop):
+                logits, params = _produced(produce, view, a, b)
+                store.write(view, a, logits, params)
+                del logits, params  # before the next block is computed
+        except BaseException:
+            with warnings.catch_warnings():  # the task failed: its part-filled shard goes
+                warnings.simplefilter("ignore", StoreWarning)
+                store.close()
+            raise
+        store.close()
+        return {"shards": store.written_shards}
 
     return _run_task(produce, view, start, stop, body)
 
 
-def produce_only(produce: Producer, view: int, start: int, stop: int) -> dict:
-    """Task body for single-writer backends: compute one shard, hand it to the coordinator."""
+def produce_only(layout: Layout, produce: Producer, view: int, start: int, stop: int) -> dict:
+    """Task body for single-writer backends: compute one shard, a block of rows at a time, and
+    hand it to the coordinator encoded (as it will be stored: with topk hundreds of times smaller
+    than raw float32), for :meth:`LogitStore.write_encoded`."""
 
     def body() -> dict:
-        logits, params = _produced(produce, view, start, stop)
-        return {"start": start, "logits": np.asarray(logits, np.float32), "params": params}
+        parts: dict[str, np.ndarray] = {}
+        for a, b in task_blocks(layout, produce, start, stop):
+            logits, params = _produced(produce, view, a, b)
+            block = encode_rows(layout, a, logits, params)
+            del logits, params
+            for name, part in block.items():
+                if name not in parts:
+                    parts[name] = np.empty((stop - start, *part.shape[1:]), part.dtype)
+                parts[name][a - start : b - start] = part
+        return {"start": start, "parts": parts}
 
     return _run_task(produce, view, start, stop, body)
+
+
+def task_blocks(layout: Layout, produce: Producer, start: int, stop: int) -> list[tuple[int, int]]:
+    """The row blocks [a, b) a task computes its rows [start, stop) in: about
+    ``TASK_BLOCK_BYTES`` of raw float32 each, whole batches of the producer's ``batch_size``
+    (when it has one) counted from ``start``, as a serial precompute batches a shard."""
+    batch = getattr(produce, "batch_size", None)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        batch = 1
+    step = task_block_rows(layout, batch)
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
 
 
 def task_resources(workers: dict[str, dict]) -> dict[str, float] | None:
@@ -250,8 +287,8 @@ def write_parallel(
             if parallel:
                 store.mark_done(result["shards"])
             else:
-                store.write(result["view"], result["start"], result["logits"], result["params"])
-                del result["logits"], result["params"]
+                store.write_encoded(result["view"], result["start"], result["parts"])
+                del result["parts"]
             if progress is not None:
                 progress(int(result["rows"]))
             if on_task is not None:
@@ -259,7 +296,8 @@ def write_parallel(
 
         with dask_client(workers, scheduler) as client:
             resources = task_resources(client.scheduler_info()["workers"])
-            body, first = (produce_and_write, (path,)) if parallel else (produce_only, ())
+            first = (path,) if parallel else (store.layout,)
+            body = produce_and_write if parallel else produce_only
             futures = {}
             for v, a, b in units:
                 fut = client.submit(body, *first, produce, v, a, b, pure=False, resources=resources)
