@@ -178,13 +178,13 @@ class H5LogitStore(LogitStore):
         lock.acquire()
         try:
             try:
-                f = h5py.File(path, "r+", libver="latest")
+                f = _while_locked(path, lambda: h5py.File(path, "r+", libver="latest"))
             except OSError as exc:
                 if "already open for write" not in str(exc):
                     raise
                 # Our lock proves no writer is alive: a killed writer left its SWMR flags set.
                 clear_status_flags(path)
-                f = h5py.File(path, "r+", libver="latest")
+                f = _while_locked(path, lambda: h5py.File(path, "r+", libver="latest"))
             f.swmr_mode = True
         except OSError as exc:
             lock.release()
@@ -380,11 +380,37 @@ def _open_read(path: str) -> h5py.File:
             cap(fapl.id, READ_ATTEMPTS)
     flags = h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ
     try:
-        return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
+        return h5py.File(
+            _while_locked(path, lambda: h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
+        )
     except READ_ERRORS as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the file system's (a lock held by a creator, permissions): not damage
         raise _damaged(path, exc) from None
+
+
+#: Seconds an open waits, retrying, while HDF5's own file lock is held by another process's open.
+LOCK_WAIT_S = 5.0
+
+
+def _while_locked(path: str, open_file):
+    """``open_file()``, retried while HDF5's file lock (a flock taken for the length of an open
+    call, and by a writer until it switches to SWMR) is held by another process: a reader opening
+    as precompute starts or resumes, or a writer while a reader opens, met BlockingIOError
+    (a traceback) a few times in thousands of opens. Past ``LOCK_WAIT_S``, one line."""
+    delay, waited = 0.002, 0.0
+    while True:
+        try:
+            return open_file()
+        except BlockingIOError:
+            if waited >= LOCK_WAIT_S:
+                raise StoreError(
+                    f"store {path} stayed locked by another process's HDF5 open for "
+                    f"{LOCK_WAIT_S:g} s: wait for its writer to start or finish, then rerun"
+                ) from None
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.25)
 
 
 def _superblock_problem(path: str) -> str | None:

@@ -175,3 +175,29 @@ def test_a_store_is_created_in_a_folder_that_does_not_exist_yet(tmp_path, backen
         store.write(0, 0, np.ones((64, 5), np.float32))
     with open_store(path) as store:
         assert store.complete
+
+
+def test_hdf5s_own_file_lock_is_waited_for_then_named(monkeypatch):
+    """HDF5 flocks a file for the length of an open (and a writer until it switches to SWMR):
+    a reader opening just then met a raw BlockingIOError. Opens now retry while the lock is held,
+    and a lock that stays is one line."""
+    from storage import StoreError, h5_backend
+
+    tries = []
+
+    def busy_then_open():
+        tries.append(1)
+        if len(tries) < 4:
+            raise BlockingIOError(11, "unable to lock file")
+        return "opened"
+
+    assert h5_backend._while_locked("s.h5", busy_then_open) == "opened" and len(tries) == 4
+
+    def always_busy():
+        raise BlockingIOError(11, "unable to lock file")
+
+    monkeypatch.setattr(h5_backend, "LOCK_WAIT_S", 0.05)
+    with pytest.raises(
+        StoreError, match=r"store s.h5 stayed locked by another process's HDF5 open"
+    ):
+        h5_backend._while_locked("s.h5", always_busy)
