@@ -60,14 +60,19 @@ def temperature_column(temperature: Temperature) -> Temperature:
     return float(temperature)
 
 
-def apply_temperature(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
-    """``logits / T`` with T a float or a 0-d/(1,)/(B,) tensor: (B, C)."""
-    return _divided(logits, temperature_column(temperature))
+def apply_temperature(
+    logits: torch.Tensor, temperature: Temperature, *, teacher: bool = False
+) -> torch.Tensor:
+    """``logits / T`` with T a float or a 0-d/(1,)/(B,) tensor: (B, C). ``teacher``: the logits
+    are data that may hold -inf (p = 0), kept out of a learned T's gradient (``_divided``)."""
+    column = temperature_column(temperature)
+    return _divided(logits, column) if teacher else logits / column
 
 
 def _divided(logits: torch.Tensor, column: torch.Tensor | float) -> torch.Tensor:
     """``logits / column``; for a temperature that requires a gradient, a -inf logit (p = 0)
-    stays -inf and gives T no gradient, where plain division's would be 0 · inf = NaN."""
+    stays -inf and gives T no gradient, where plain division's would be 0 · inf = NaN. (Three
+    more ops: only for teacher logits, and only under a learned temperature.)"""
     if not (isinstance(column, torch.Tensor) and column.requires_grad):
         return logits / column
     finite = torch.isfinite(logits)

@@ -156,8 +156,11 @@ def _reference_teacher(
     PyTorch reference, None when the fused kernel takes it. The temperatures are checked first;
     ``grad_unsupported``, when given, sends temperatures that require a gradient to the
     reference, with that reason."""
-    for name, value in temperatures.items():  # (a tensor's values only on the CPU: no sync)
-        check_temperature(name, value, student.shape[0] if student.dim() else None)
+    for name, value in temperatures.items():
+        # Numbers here; a tensor's shape and values where it is used (the methods check theirs
+        # once a step already: a second pass would be more small ops a step).
+        if not isinstance(value, torch.Tensor):
+            check_temperature(name, value)
     why = _why_unsupported(student, teacher)
     grads = any(isinstance(v, torch.Tensor) and v.requires_grad for v in temperatures.values())
     if grad_unsupported and grads:

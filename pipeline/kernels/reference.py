@@ -149,7 +149,7 @@ def kd_rows(
     """Per-row ``T² · KL(softmax(t'/T) || softmax(s'/T))``: (B,)."""
     s, t = _prepared(student, teacher, zscore, eps)
     check_temperature("temperature", temperature, s.shape[0])
-    log_p = torch.log_softmax(apply_temperature(t, temperature), dim=1)  # (B, C)
+    log_p = torch.log_softmax(apply_temperature(t, temperature, teacher=True), dim=1)  # (B, C)
     log_q = torch.log_softmax(apply_temperature(s, temperature), dim=1)  # (B, C)
     return squared(temperature) * _kl_rows(log_p, log_q)
 
@@ -250,7 +250,8 @@ def dkd_rows(
         raise MethodError(f"DKD needs 2 classes or more (a target and a non-target), got {classes}")
     target = check_target(target, batch, classes, target_checked)
     check_temperature("temperature", temperature, batch)
-    a, b = apply_temperature(t, temperature), apply_temperature(s, temperature)  # (B, C)
+    a = apply_temperature(t, temperature, teacher=True)  # (B, C)
+    b = apply_temperature(s, temperature)
     rest = nontarget_index(target, classes)  # (B, C - 1)
     lp_y, lp_rest = _binary_log_probs(a, target, rest)
     lq_y, lq_rest = _binary_log_probs(b, target, rest)

@@ -54,3 +54,19 @@ def test_targets_are_range_checked_once_a_step(name: str, monkeypatch: pytest.Mo
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     counter = _count_a_step(name)
     assert counter.ops["ge"] == 1 and counter.ops["lt"] == 1, dict(counter.ops)
+
+
+#: Kernels a training step of these methods' losses launches (forward + backward), on the fused
+#: path: CTKD's learned temperature adds its own small ops (sigmoid, the gradient reversal, the
+#: (B,) broadcast), PS-KD builds its mixed targets. A check added on the step's path shows here.
+LAUNCH_BUDGET = {"ctkd": 19, "pskd": 25}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_BUDGET))
+def test_methods_with_their_own_ops_keep_to_their_count(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_interpreter()
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    count, _ = _kernels_a_step(name)
+    assert count <= LAUNCH_BUDGET[name], (count, LAUNCH_BUDGET[name])
