@@ -217,9 +217,8 @@ def create_store(
     try:
         store = cls.create(path, layout, store_attrs, compressor, labels)
     except BaseException as exc:
-        if aside is not None:  # the old store goes back, untouched
-            with contextlib.suppress(OSError):
-                os.rename(aside, path)
+        if aside is not None:  # the old store goes back, untouched (never over another's)
+            locking.put_back(aside, path)
             if os.path.lexists(aside):
                 guard.release()  # not back (the new store is there): a later sweep removes it
             else:

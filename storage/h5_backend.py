@@ -115,7 +115,7 @@ class H5LogitStore(LogitStore):
         building = f"{path}.creating-{uuid.uuid4().hex[:12]}"
         try:
             f = cls._build(building, layout, attrs, compressor, labels)
-            os.rename(building, path)  # the open file follows it
+            _place(building, path)  # the open file follows it
             f.swmr_mode = True  # from here on, readers may open the file while it is written
         except BaseException as exc:
             lock.release()
@@ -360,6 +360,26 @@ def _truncation(path: str) -> str | None:
     if size >= eoa:
         return None
     return f"file truncated: {size} bytes of the {eoa} its superblock records"
+
+
+def _place(building: str, path: str) -> None:
+    """``building`` renamed to ``path`` without ever replacing a file there: a store another
+    process put at ``path`` since we looked (a cleanup putting a replaced store back, which does
+    not take this backend's lock) is refused, not overwritten."""
+    exists = StoreExistsError(
+        f"a store was created at {path} by another process meanwhile: choose another path; "
+        f"nothing was changed"
+    )
+    try:
+        os.link(building, path)
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # a file system without hard links: rename, after a last look
+        if os.path.lexists(path):
+            raise exists from None
+        os.rename(building, path)
+    else:
+        os.unlink(building)
 
 
 def _open_read(path: str) -> h5py.File:

@@ -202,17 +202,24 @@ def sweep_replaced(final: str, is_store: Callable[[str], bool]) -> tuple[str | N
             return None, removed
         taken.append((aside, guard))
     restored = None
-    for aside, guard in taken:
-        if not os.path.lexists(aside):  # another sweep took care of it
-            drop_guard(aside, guard)
-        elif restored is None and not os.path.lexists(final) and put_back(aside, final):
-            restored = aside
-            drop_guard(aside, guard)
-        elif is_store(final):
-            discard_aside(aside, guard)
-            removed.append(aside)
-        else:
-            guard.release()  # something else is at final: left as it is
+    pending = list(taken)
+    try:
+        while pending:
+            aside, guard = pending[0]
+            if not os.path.lexists(aside):  # another sweep took care of it
+                drop_guard(aside, guard)
+            elif restored is None and not os.path.lexists(final) and put_back(aside, final):
+                restored = aside
+                drop_guard(aside, guard)
+            elif is_store(final):
+                discard_aside(aside, guard)
+                removed.append(aside)
+            else:
+                guard.release()  # something else is at final: left as it is
+            pending.pop(0)
+    finally:  # is_store raised (a damaged store at final): no guard stays held by us
+        for _, guard in pending:
+            guard.release()
     for lock in _siblings(final, rf"\.replaced-{_HEX}\.lock"):
         aside = lock[: -len(".lock")]  # a guard whose aside is gone (killed at its end)
         if not os.path.lexists(aside) and (guard := _take_guard(aside)) is not None:

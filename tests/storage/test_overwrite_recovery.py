@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,74 @@ def test_an_overwrite_in_progress_is_left_alone(tmp_path, backend, monkeypatch):
     assert len(seen) == 1
     assert _values(path) == 6.0
     assert _beside(tmp_path) == [os.path.basename(path)]
+
+
+def test_a_failed_overwrite_never_puts_the_old_store_over_a_new_one(tmp_path, backend):
+    """The overwrite's new store cannot be made because another process made one at the path
+    meanwhile: the old store waits aside (a later sweep removes it), and the other process's
+    store stays; it was replaced by the rename back (a file rename replaces a file)."""
+    path = str(tmp_path / f"s{SUFFIX[backend]}")
+    _filled(path, backend, 1.0)
+    cls = BACKENDS_BY_NAME[backend]
+    real = cls.create.__func__
+
+    def create(klass, where, *args, **kwargs):  # process B finishes its store first
+        other = real(klass, where, *args, **kwargs)
+        other.write(0, 0, np.full((N, C), 2.0, np.float32))
+        other.close()
+        return real(klass, where, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "create", classmethod(create))
+        with pytest.raises(Exception, match="created at .* by another process meanwhile"):
+            create_store(path, N, C, chunk_rows=2, backend=backend, overwrite=True)
+    with open_store(path) as store:
+        assert store.read(np.arange(N))[0, 0] == 2.0  # B's store, not the old one
+
+
+def test_a_damaged_store_at_the_path_leaves_no_guard_held(tmp_path):
+    """A sweep whose look at the path fails (a damaged .h5 there) releases the guards it took:
+    other processes would otherwise take the replaced stores for an overwrite in progress."""
+    import fcntl
+
+    from storage import StoreError
+
+    path = str(tmp_path / "s.h5")
+    _filled(path, "hdf5", 1.0)
+    shutil.copyfile(path, path + ".replaced-0123456789ab")  # left by an overwrite killed long ago
+    data = bytearray(Path(path).read_bytes())
+    data[30] ^= 1  # a flipped bit in the superblock
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(StoreError):
+        open_store(path, mode="a")
+    fd = os.open(path + ".replaced-0123456789ab.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if still held
+    finally:
+        os.close(fd)
+
+
+def test_an_hdf5_create_never_renames_over_a_store_put_back_meanwhile(tmp_path):
+    """A cleanup puts a replaced store back while a creator, which saw nothing at the path, is
+    building its file: the creator is refused; it replaced the store put back (a rename)."""
+    from storage import StoreExistsError, h5_backend, locking, make_layout
+    from storage.api import _read_attrs_any
+
+    path = str(tmp_path / "s.h5")
+    _filled(path, "hdf5", 1.0)
+    os.rename(path, path + ".replaced-0123456789ab")  # an overwrite killed while building
+    real_build = h5_backend.H5LogitStore._build
+
+    def build(*args, **kwargs):
+        f = real_build(*args, **kwargs)
+        locking.sweep_replaced(path, lambda p: _read_attrs_any(p) is not None)  # put back
+        return f
+
+    layout = make_layout(N, C, chunk_rows=2)
+    attrs = {"format": "logitbank", "schema_version": 1, **layout.to_attrs(), "fingerprint": {}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(h5_backend.H5LogitStore, "_build", staticmethod(build))
+        with pytest.raises(StoreExistsError, match="by another process meanwhile"):
+            h5_backend.H5LogitStore.create(path, layout, attrs, None, None)
+    with open_store(path) as store:
+        assert store.read(np.arange(N))[0, 0] == 1.0  # the store put back, untouched
