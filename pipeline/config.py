@@ -184,9 +184,6 @@ class DistillConfig:
     average, epoch end) before it stops with an error instead of hanging."""
 
     def __post_init__(self) -> None:
-        # One spelling of a method ("KD", "ls + dkd" are kd, ls+dkd): the run's folder, its key
-        # and the report all use this one, so a respelling is the same run, not "another config".
-        self.method = self.method.strip().lower().replace(" ", "")
         for key in (
             "epochs",
             "batch_size",

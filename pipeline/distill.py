@@ -76,7 +76,7 @@ def output_dir(config: Config) -> Path:
     cfg = config.distill
     name = cfg.name
     if name is None:
-        method = cfg.method  # one spelling (DistillConfig)
+        method = method_of(config)
         online = (
             "-online" if cfg.teacher_source == "online" and method not in ("ce", "pskd") else ""
         )
@@ -89,10 +89,28 @@ NOT_IN_KEY = ("device", "prefetch", "eval_batch_size", "ddp_timeout_s")
 is the world size under torchrun (see :mod:`pipeline.distill_ddp`)."""
 
 
-def config_key(config: Config, legacy: bool = False) -> str:
+def method_of(config: Config) -> str:
+    """``distill.method`` in one spelling ("KD", "ls + dkd" are kd, ls+dkd): the folder, the key
+    and every check use it, so a respelling is the same run."""
+    return config.distill.method.strip().lower().replace(" ", "")
+
+
+def accepted_keys(config: Config) -> tuple[str, ...]:
+    """The keys a finished or saved run of this config may carry: the key, then those of runs
+    made before it took the method in one spelling or the block layout in (``config_key``)."""
+    keys = [
+        config_key(config, legacy, spelled) for legacy in (False, True) for spelled in (False, True)
+    ]
+    return tuple(dict.fromkeys(keys))
+
+
+def config_key(config: Config, legacy: bool = False, spelled: bool = False) -> str:
     """What the weights depend on; a state or checkpoint made with another key is refused
-    (``legacy``: the key before the block layout was in it, which a finished run may have)."""
+    (``legacy``: the key before the block layout was in it, which a finished run may have;
+    ``spelled``: with the method as the config spells it, as before 2026-11-27)."""
     d = to_dict(config)
+    if not spelled:
+        d["distill"]["method"] = method_of(config)
     # Where and how fast it runs is not what it computes: a run may resume on another device or
     # with other prefetch / evaluation batch sizes.
     for key in NOT_IN_KEY:
@@ -133,7 +151,7 @@ def teacher_fingerprint(config: Config) -> dict | None:
             a student whose store was moved away is not one "of another config").
     """
     cfg = config.distill
-    if cfg.teacher_source == "online" and cfg.method not in ("ce", "pskd"):
+    if cfg.teacher_source == "online" and method_of(config) not in ("ce", "pskd"):
         path = config.teacher_checkpoint
         if not path.is_file():  # the run's own check says so, in its words
             return None
@@ -143,8 +161,7 @@ def teacher_fingerprint(config: Config) -> dict | None:
 
 def reads_teacher_store(config: Config) -> bool:
     """Whether the run's method reads its teacher's logits from a store (not ce, pskd, online)."""
-    cfg = config.distill
-    return cfg.teacher_source == "store" and cfg.method not in ("ce", "pskd")
+    return config.distill.teacher_source == "store" and method_of(config) not in ("ce", "pskd")
 
 
 def _from_teacher_store(config: Config, read: Callable[[LogitStore], dict]) -> dict | None:
@@ -359,8 +376,8 @@ def check_not_diverged(config: Config, world: World | None = None) -> None:
     """
     out = output_dir(config)
     marker = out / DIVERGED_FILE
-    record = diverged_before(marker, config_key(config)) or diverged_before(
-        marker, config_key(config, legacy=True)
+    record = next(
+        (r for k in accepted_keys(config) if (r := diverged_before(marker, k)) is not None), None
     )
     if record is not None:
         world = world or World.from_env()
@@ -406,13 +423,13 @@ def _train(
     key = config_key(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
         source = teacher_fingerprint(config)
-        if finished(ckpt_path, (key, config_key(config, legacy=True)), source):
+        if finished(ckpt_path, accepted_keys(config), source):
             if world.main:
                 restore_metrics(ckpt_path, out / "metrics.jsonl")
             world.agree(None)
             return ckpt_path
         check_not_diverged(config, world)
-        state = load_state(state_path, key, source)
+        state = load_state(state_path, accepted_keys(config), source)
         device = device or pick_device(cfg.device)
         train, test = splits(config)
         student, kwargs = build_student(config, train, device)
@@ -421,7 +438,7 @@ def _train(
             # One process per student folder (two would remove each other's temporary files
             # and PS-KD stores); one that finished or saved an epoch since we looked: rerun.
             lock.acquire()
-            now = load_state(state_path, key, source)
+            now = load_state(state_path, accepted_keys(config), source)
             if ckpt_path.exists() or (now or {}).get("epoch") != (state or {}).get("epoch"):
                 raise DistillError(
                     f"{out} was trained by another process while this one started: rerun the "

@@ -23,6 +23,7 @@ rank's rows to rank 0.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import deque
 from pathlib import Path
@@ -290,16 +291,18 @@ class SelfTeacherRows(StoreRows):
             ) from None
 
 
-#: How the store's messages begin their fix, which is a teacher store's (precompute's) fix.
-_FIXES = (": give ", ": run ", ": rerun ", ": delete ", ": pass ", ": use ")
+#: How the store's messages begin their fix, which is a teacher store's (precompute's) fix: a
+#: colon or semicolon, then a verb.
+_FIX = re.compile(r"[:;] (?:give|run|rerun|delete|pass|use|choose|wait) ")
 
 
 def _cause(exc: StoreError, path: Path | str) -> str:
-    """What a store error says went wrong, without the path it starts with or its fix."""
+    """What a store error says went wrong, without the path it names or its fix."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    text = text.removeprefix(f"store {path}: ").removeprefix(f"{path} ")
-    cut = min((i for i in (text.find(f) for f in _FIXES) if i >= 0), default=len(text))
-    return text[:cut]
+    for prefix in (f"store {path}: ", f"store {path} ", f"{path}: ", f"{path} "):
+        text = text.removeprefix(prefix)
+    found = _FIX.search(text)
+    return (text[: found.start()] if found else text) or type(exc).__name__
 
 
 def _remove(path: Path) -> None:

@@ -65,25 +65,30 @@ def _check_source(path: Path, saved: str | None, source: dict | None, what: str)
         before = json.loads(saved)
         keys = sorted(k for k in {*before, *source} if before.get(k) != source.get(k))
     except (ValueError, TypeError, AttributeError):  # not a fingerprint: not comparable
-        keys = ["(unreadable)"]
+        before, keys = {}, ["(unreadable)"]
     if keys:
-        teacher = "teacher checkpoint" if "teacher_sha256" in keys else "teacher store"
+        online = ("teacher_sha256" in dict(before), "teacher_sha256" in source)
+        teacher = {
+            (True, True): "teacher checkpoint",
+            (False, False): "teacher store",
+        }.get(online, "teacher source (a store against an online teacher)")
         raise DistillError(
             f"{path} is {what} from another {teacher} (its fingerprint differs in "
-            f"{', '.join(keys)}): set distill.name to train from this {teacher.split()[1]} "
-            f"elsewhere, or delete the folder"
+            f"{', '.join(keys)}): set distill.name to train from this one elsewhere, or delete "
+            f"the folder"
         )
 
 
-def load_state(path: Path, key: str, source: dict | None = None) -> dict | None:
+def load_state(path: Path, key: str | tuple[str, ...], source: dict | None = None) -> dict | None:
     """The state of the last finished epoch of this run, or None when there is none yet.
-    ``source``: the fingerprint of the teacher store the run reads now (None: it reads none)."""
+    ``key``: the run's config key, or the keys it accepts (``accepted_keys``); ``source``: the
+    fingerprint of the teacher store the run reads now (None: it reads none)."""
     if not path.is_file():
         return None
     state = load_weights_only(path, "delete it to train this student afresh")
     if not isinstance(state, dict) or "epoch" not in state:
         raise DistillError(f"{path} is not a distill state file: delete it to start afresh")
-    if state.get("config_hash") != key:
+    if state.get("config_hash") not in ((key,) if isinstance(key, str) else key):
         raise DistillError(
             f"{path} belongs to a run with another config: restore that config to resume it, "
             f"set distill.name to train this one elsewhere, or delete the folder"

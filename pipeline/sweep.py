@@ -36,8 +36,8 @@ from pipeline.config import Config, save_resolved
 from pipeline.data import splits
 from pipeline.distill import (
     DivergedError,
+    accepted_keys,
     check_not_diverged,
-    config_key,
     output_dir,
     reads_teacher_store,
     teacher_fingerprint,
@@ -190,11 +190,11 @@ def check_folders(planned: list[SweepRun]) -> None:
         if not (ckpt.exists() or state.exists()):
             continue
         where = f"sweep.runs[{item.index}] ({item.config.distill.method}, seed {item.seed})"
-        key = config_key(item.config)
+        keys = accepted_keys(item.config)
         source = teacher_fingerprint(item.config)  # check_stores opened it already
         try:
-            if not finished(ckpt, (key, config_key(item.config, legacy=True)), source):
-                load_state(state, key, source)
+            if not finished(ckpt, keys, source):
+                load_state(state, keys, source)
         except DistillError as exc:
             raise DistillError(f"{where}: {exc}") from None
 
@@ -305,7 +305,7 @@ def run_sweep(
         t0 = time.perf_counter()
         try:
             ckpt = item.folder / "student.pt"
-            keys = (config_key(item.config), config_key(item.config, legacy=True))
+            keys = accepted_keys(item.config)
             # As train_student checks it: a student of another teacher store (the teacher
             # retrained, precompute --overwrite) is not this sweep's finished run.
             source = teacher_fingerprint(item.config)

@@ -212,7 +212,7 @@ class H5LogitStore(LogitStore):
                     return {k: _from_h5_attr(v) for k, v in f.attrs.items()}
                 except READ_ERRORS as exc:
                     raise _damaged(path, exc) from None
-        except OSError:  # gone, unreadable, or locked by a creator that has not let go yet
+        except OSError:  # gone or unreadable (HDF5's own lock is waited for in _open_read)
             return None
 
     @staticmethod

@@ -37,7 +37,12 @@ def cache_dir() -> Path | None:
         return None
     if value:
         return Path(value)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no home (a container's user without one): no cache
+            return None
     return Path(base) / "logitbank"
 
 
@@ -59,16 +64,19 @@ def _load(path: Path | None) -> dict[str, tuple[tuple[int, int, int, int], bytes
         return {}
     try:
         with np.load(path, allow_pickle=False) as z:
-            if int(z["format"]) != _FORMAT:
+            fmt, raw = z["format"], z["names"]
+            if fmt.shape != () or int(fmt) != _FORMAT or raw.dtype != np.uint8:
                 return {}
-            names = bytes(z["names"]).decode("utf-8").split("\n") if z["names"].size else []
+            names = bytes(raw).decode("utf-8").split("\n") if raw.size else []
             stats, digests = z["stats"], z["digests"]
             if stats.shape != (len(names), 4) or digests.shape != (len(names), 32):
+                return {}
+            if stats.dtype != np.int64 or digests.dtype != np.uint8:
                 return {}
             return {
                 n: (tuple(int(v) for v in s), d.tobytes()) for n, s, d in zip(names, stats, digests)
             }
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return {}  # damaged or foreign: hashed again and rewritten
 
 

@@ -9,6 +9,7 @@ module lets learned parts (CTKD's temperature) reach the student's optimizer thr
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,15 +41,14 @@ class MethodContext:
     def __post_init__(self) -> None:
         for name in ("epoch", "num_epochs", "step"):  # a float epoch would warm DKD up halfway
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise MethodError(f"{name} must be a whole number, got {value!r}")
         if self.num_epochs < 1:
             raise MethodError(f"num_epochs must be >= 1, got {self.num_epochs}")
-        if not 0 <= self.epoch < self.num_epochs:
-            raise MethodError(
-                f"epoch must be in 0..{self.num_epochs - 1} (0-based, num_epochs="
-                f"{self.num_epochs}), got {self.epoch}"
-            )
+        # Past num_epochs is left to the methods whose schedule ends there (PS-KD refuses it):
+        # KD or DKD called with epoch=30 alone keeps num_epochs' default of 1.
+        if self.epoch < 0:
+            raise MethodError(f"epoch must be >= 0 (0-based), got {self.epoch}")
         if self.step < 0:
             raise MethodError(f"step must be >= 0, got {self.step}")
 

@@ -93,10 +93,16 @@ def test_config_key_ignores_device_and_loader_settings(tmp_path: Path) -> None:
 
     base = key()
     assert key("distill.device=cpu", "distill.prefetch=0", "distill.eval_batch_size=7") == base
-    # A respelt method is the same run (same key, same folder), not "another config".
+    # A respelt method is the same run (same key, same folder), not "another config"; a run
+    # saved before with the key of the method as spelled (the old key) is still this run's.
+    from pipeline.distill import accepted_keys, output_dir
+
     assert key("distill.method= LS + DKD") == key("distill.method=ls+dkd")
     respelt = load_config(tiny, [f"run_dir={tmp_path}", "distill.method=KD"])
-    assert respelt.distill.method == "kd"
+    plain = load_config(tiny, [f"run_dir={tmp_path}", "distill.method=kd"])
+    assert output_dir(respelt) == output_dir(plain)
+    assert config_key(respelt, spelled=True) != config_key(respelt)
+    assert config_key(respelt, spelled=True) in accepted_keys(respelt)
     assert key("distill.lr=0.5") != base
     # The blocks each epoch is cut into, and the logits' encoding, change the batches: without
     # a store, those a precompute of the config would make.

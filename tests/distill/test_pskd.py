@@ -231,3 +231,30 @@ def test_host_copies_wait_only_when_every_buffer_is_pending():
     for (i1, r1), (i2, r2) in zip(got, sent, strict=True):
         np.testing.assert_array_equal(i1, i2)
         np.testing.assert_array_equal(r1, r2)
+
+
+@pytest.mark.parametrize(
+    ("message", "cause"),
+    [
+        ("store P: the metadata of its logits array (logits/zarr.json) is unreadable (E: x): "
+         "delete the store and run precompute again",
+         "the metadata of its logits array (logits/zarr.json) is unreadable (E: x)"),
+        ("store P is damaged (HDF5 cannot read its metadata: OSError: x): delete it and run "
+         "precompute again", "is damaged (HDF5 cannot read its metadata: OSError: x)"),
+        ("store P lacks the attribute(s) num_views: its metadata is damaged; run precompute "
+         "again into a new path", "lacks the attribute(s) num_views: its metadata is damaged"),
+        ("P is not a logit store: give the path of a store made by precompute (a .zarr "
+         "directory or an .h5 file)", "is not a logit store"),
+        ("store P: reading view 0 chunk(s) 3 failed (ValueError: truncated): run `python -m "
+         "pipeline verify --repair P` (...) and rerun precompute, or delete the store",
+         "reading view 0 chunk(s) 3 failed (ValueError: truncated)"),
+    ],
+)  # fmt: skip
+def test_a_self_teacher_store_error_keeps_its_cause_not_its_fix(message, cause):
+    """What the store says went wrong goes into the PS-KD line; its fix (precompute's) and its
+    path (said once already) do not."""
+    from pipeline.distill_pskd import _cause
+    from storage import StoreCorruptError
+
+    path = "/run/distill/x/pskd/epoch0000.zarr"
+    assert _cause(StoreCorruptError(message.replace("P", path)), path) == cause.replace("P", path)

@@ -124,11 +124,7 @@ CASES = {
         lambda: soft_targets(T, Y, 1.5, 1, 10),
         r"alpha_T must be a number in \[0, 1\], got 1.5",
     ),
-    "context epoch": (lambda: MethodContext(epoch=-1), r"epoch must be in 0..0 \(0-based"),
-    "context epoch past the end": (
-        lambda: MethodContext(epoch=10, num_epochs=10),
-        r"epoch must be in 0..9 \(0-based, num_epochs=10\), got 10",
-    ),
+    "context epoch": (lambda: MethodContext(epoch=-1), r"epoch must be >= 0 \(0-based\)"),
     "context fractional epoch": (
         lambda: MethodContext(epoch=1.5, num_epochs=10),
         r"epoch must be a whole number, got 1.5",

@@ -110,3 +110,25 @@ def test_a_damaged_or_unwritable_cache_is_ignored(tmp_path, monkeypatch, damage)
         assert _fingerprint(tmp_path / "data") == expected  # rewritten, readable again
         with np.load(saved, allow_pickle=False) as z:
             assert z["digests"].shape == (6, 32)
+
+
+def test_a_cache_of_another_format_is_ignored(tmp_path, monkeypatch):
+    """An npz at the cache's path that is not this format (a non-scalar format entry, other
+    dtypes) is hashed over and rewritten, never a traceback or wrong digests."""
+    from pipeline.datasets import digests
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    _tree(tmp_path / "data")
+    expected = _by_hand(tmp_path / "data")
+    assert _fingerprint(tmp_path / "data") == expected
+    (saved,) = (tmp_path / "cache").glob("digests-*.npz")
+    with np.load(saved) as z:
+        good = {k: z[k] for k in z.files}
+    for bad in (
+        {**good, "format": np.array([1, 2])},
+        {**good, "digests": good["digests"].astype(np.int64)},  # 256 bytes a "digest"
+        {**good, "names": np.zeros(3, np.int64)},
+    ):
+        np.savez(saved, **bad)
+        assert _fingerprint(tmp_path / "data") == expected
+    assert digests.cache_dir() == tmp_path / "cache"
