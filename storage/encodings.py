@@ -110,14 +110,19 @@ def _row_stats64(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stats, row_min
 
 
+def _shown_rows(bad: np.ndarray, first_row: int) -> tuple[int, str]:
+    """(how many, the first ten global row numbers) of the rows marked in ``bad``."""
+    rows = np.flatnonzero(bad) + first_row
+    return len(rows), ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+
+
 def check_finite(logits: np.ndarray, first_row: int) -> None:
     """Refuse NaN/inf rows, naming them (global row numbers)."""
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
-        rows = np.flatnonzero(bad) + first_row
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        count, shown = _shown_rows(bad, first_row)
         raise BadWriteError(
-            f"{len(rows)} row(s) hold NaN or inf logits (rows {shown}): fix the teacher or its "
+            f"{count} row(s) hold NaN or inf logits (rows {shown}): fix the teacher or its "
             f"inputs for these samples; nothing was written"
         )
 
@@ -130,8 +135,7 @@ def check_float32_range(logits: np.ndarray, first_row: int) -> None:
     peak = np.abs(logits).max(axis=1)  # NaN if the row holds one: refused as such later
     bad = np.isfinite(peak) & (peak > FLOAT32_MAX)
     if bad.any():
-        rows = np.flatnonzero(bad) + first_row
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        _, shown = _shown_rows(bad, first_row)
         raise BadWriteError(
             f"logits beyond float32's range (|x| > 3.40e38) in rows {shown}: every encoding "
             f"stores float32 or less; fix the teacher or its inputs for these samples; nothing "
@@ -142,8 +146,7 @@ def check_float32_range(logits: np.ndarray, first_row: int) -> None:
 def _refuse_rows(bad: np.ndarray, dtype: str, first_row: int, note: str = "") -> None:
     """Refuse rows whose logits a ``dtype`` cannot hold (they would be stored as inf)."""
     if bad.any():
-        rows = np.flatnonzero(bad) + first_row
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        _, shown = _shown_rows(bad, first_row)
         limit = "3.39e38" if dtype == "bfloat16" else "65504"
         fix = "float32" if dtype == "bfloat16" else "float32 or bfloat16"
         raise BadWriteError(

@@ -97,9 +97,10 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
-    config = tiny_run.config("distill.method=pskd", "distill.epochs=2", "distill.name=pskd-gone")
-    out = output_dir(config)
+def _stopped_in_epoch_1(tiny_run, name: str):
+    """(config, run folder) of a 2-epoch PS-KD run stopped at its second epoch's first step:
+    epoch 0's self-teacher store written, the state saved."""
+    config = tiny_run.config("distill.method=pskd", "distill.epochs=2", f"distill.name={name}")
 
     def stop(epoch, step, terms):
         if epoch == 1:
@@ -107,6 +108,11 @@ def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
 
     with pytest.raises(Stop):
         train_student(config, progress=False, on_step=stop)
+    return config, output_dir(config)
+
+
+def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
+    config, out = _stopped_in_epoch_1(tiny_run, "pskd-gone")
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["epoch"] == 0
     assert not any(t.shape == (256, 10) for t in _tensors(state))  # no P_prev in the state
@@ -119,16 +125,7 @@ def test_a_missing_self_teacher_store_is_refused_on_resume(tiny_run):
 def test_a_damaged_self_teacher_store_says_to_train_afresh(tiny_run, damage):
     """A damaged self-teacher store is the run's own file: the fix is to train the student
     afresh, not the teacher store's (``verify --repair`` and precompute, which never writes it)."""
-    name = f"pskd-damaged-{damage}"
-    config = tiny_run.config("distill.method=pskd", "distill.epochs=2", f"distill.name={name}")
-    out = output_dir(config)
-
-    def stop(epoch, step, terms):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_student(config, progress=False, on_step=stop)
+    config, out = _stopped_in_epoch_1(tiny_run, f"pskd-damaged-{damage}")
     store = out / "pskd" / "epoch0000.zarr"
     if damage == "chunk":
         target = max((p for p in (store / "logits" / "c").rglob("*") if p.is_file()),
