@@ -115,6 +115,11 @@ def _launch_config(batch: int, classes: int, override: tuple[int, ...] | None) -
 SPLIT_MIN_CLASSES = 8192
 #: Programs per SM a split aims for (a row per program leaves SMs idle when rows are few).
 PROGRAMS_PER_SM = 4
+#: Rows are split only when there are fewer than this many a SM: with more, one program a row
+#: keeps the GPU as busy (512 rows of 32,768 classes on an H200's 132 SMs: the kernels alone
+#: 0.093 ms unsplit against 0.094 in 2 segments, tests/gpu/results/2026-11-27-h200/), and a
+#: split costs the host a third launch (~20 µs there) and an allocation a step.
+SPLIT_BELOW_ROWS_PER_SM = 2
 
 
 @functools.cache
@@ -128,8 +133,9 @@ def segments_for(
     """(segments, columns per segment): how a row's columns are shared among programs.
 
     One program a row (segments = 1) unless the row is long (C >= ``SPLIT_MIN_CLASSES``), the
-    tile takes one row, and there are fewer rows than ``PROGRAMS_PER_SM`` programs for every
-    SM of the device: 128 rows of 131,072 classes gave 128 programs for an H100's 132 SMs.
+    tile takes one row, and there are fewer than ``SPLIT_BELOW_ROWS_PER_SM`` rows for every SM
+    of the device: 128 rows of 131,072 classes gave 128 programs for an H100's 132 SMs. A split
+    aims for ``PROGRAMS_PER_SM`` programs an SM.
     ``override`` asks for a number of segments (tests, tile sweeps). Each segment covers whole
     ``launch.block`` column blocks, and none is empty.
     """
@@ -140,8 +146,9 @@ def segments_for(
         wanted = 1
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        programs = PROGRAMS_PER_SM * _sm_count(index)
-        wanted = -(-programs // batch) if batch < programs else 1
+        sms = _sm_count(index)
+        few = batch < SPLIT_BELOW_ROWS_PER_SM * sms
+        wanted = -(-(PROGRAMS_PER_SM * sms) // batch) if few else 1
     if wanted < 1:
         raise MethodError(f"segments must be >= 1, got {wanted}")
     per = -(-blocks // min(wanted, blocks))  # column blocks a segment
@@ -166,9 +173,17 @@ def mean_grads(grads: tuple[torch.Tensor | None, ...], like: torch.Tensor) -> to
     return torch.stack([zero if g is None else g.to(torch.float32) for g in grads])
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensor's GPU, not the current one (triton launches on the current device)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    """Launch on the tensor's GPU, not the current one (triton launches on the current device).
+
+    Nothing to switch when the tensor is on the current device (the usual case: a context
+    switches the device twice, host time on every launch)."""
+    if not tensor.is_cuda or tensor.get_device() == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(tensor.device)
 
 
 def interpreted() -> bool:

@@ -186,14 +186,16 @@ def _dkd_rows_fwd(
 @triton.jit
 def _dkd_rows_bwd(
     s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, target_ptr, stats_ptr, go_t_ptr, go_n_ptr,
-    gs_ptr, gt_ptr, g_ptr, B, C, s_stride, t_stride, eps, ce_w, w_t, w_n, inv_b,
+    gs_ptr, gt_ptr, g_ptr, B, C, s_stride, t_stride, eps, ce_w, w_t, w_n, inv_b, go_t_stride,
+    go_n_stride,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, WRITE_GS: tl.constexpr,
     NEED_T_GRAD: tl.constexpr, WITH_CE: tl.constexpr, EXTRA_GRADS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # WITH_CE: g_ptr holds the gradients of the four means (total, CE, TCKD, NCKD), (4,); each
     # row's TCKD gets (g_total·w_t + g_tckd) / B, NCKD (g_total·w_n + g_nckd) / B, CE
-    # (g_total·ce_w + g_ce) / B (the last three only when EXTRA_GRADS).
+    # (g_total·ce_w + g_ce) / B (the last three only when EXTRA_GRADS). Otherwise go_t_ptr and
+    # go_n_ptr are (B,) with their strides (0: a mean's gradient, one value expanded).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     s_off = rows.to(tl.int64) * s_stride
@@ -217,8 +219,8 @@ def _dkd_rows_bwd(
         go_n = zero + g_n * inv_b
         lse_c = tl.load(stats_ptr + 15 * B + rows, mask=rmask, other=0.0)
     else:
-        go_t = tl.load(go_t_ptr + rows, mask=rmask, other=0.0)
-        go_n = tl.load(go_n_ptr + rows, mask=rmask, other=0.0)
+        go_t = tl.load(go_t_ptr + rows * go_t_stride, mask=rmask, other=0.0)
+        go_n = tl.load(go_n_ptr + rows * go_n_stride, mask=rmask, other=0.0)
     lse_na = _stat(stats_ptr, 0, B, rows, rmask)
     lse_nb = _stat(stats_ptr, 1, B, rows, rmask)
     u = _stat(stats_ptr, 2, B, rows, rmask)
@@ -342,8 +344,8 @@ def _backward(
             go_n, stats if grad_s is None else grad_s, stats if grad_t is None else grad_t,
             grad_means if with_ce else stats, batch, classes, student.stride(0),
             teacher.stride(0), ctx.eps, *(ctx.weights or (0.0, 0.0, 0.0)), 1.0 / batch,
-            HAS_SCALE=scale is not None, ZSCORE=ctx.zscore, WRITE_GS=write_gs,
-            NEED_T_GRAD=need_t, WITH_CE=with_ce,
+            go_t.stride(0), go_n.stride(0), HAS_SCALE=scale is not None, ZSCORE=ctx.zscore,
+            WRITE_GS=write_gs, NEED_T_GRAD=need_t, WITH_CE=with_ce,
             EXTRA_GRADS=with_ce and grad_means.numel() > 1, **launch.meta(),
         )  # fmt: skip
     return grad_s, grad_t
@@ -374,7 +376,7 @@ class DKDRows(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_tckd: torch.Tensor, grad_nckd: torch.Tensor
     ) -> tuple:
-        rows = (g.to(torch.float32).contiguous() for g in (grad_tckd, grad_nckd))  # (B,) each
+        rows = (g.to(torch.float32) for g in (grad_tckd, grad_nckd))  # (B,) each, any stride
         grad_s, grad_t = _backward(ctx, tuple(rows), None)
         return grad_s, None, None, grad_t, None, None, None, None, None
 

@@ -267,7 +267,7 @@ def _kd_split_merge(
 @triton.jit
 def _kd_rows_bwd(
     s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, stats_ptr, go_ptr, gs_ptr, gt_ptr,
-    y_ptr, B, C, s_stride, t_stride, eps, SEG_LEN, ce_w, kd_w, inv_b,
+    y_ptr, B, C, s_stride, t_stride, eps, SEG_LEN, ce_w, kd_w, inv_b, go_stride,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, WRITE_GS: tl.constexpr,
     NEED_T_GRAD: tl.constexpr, SPLIT: tl.constexpr, WITH_CE: tl.constexpr,
     EXTRA_GRADS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -275,7 +275,8 @@ def _kd_rows_bwd(
     # Program (i, j): rows i*ROWS.., columns j*SEG_LEN.. (SEG_LEN = C: one program a row block).
     # WITH_CE: go_ptr holds the gradients of the means (total, CE, KD) (``mean_grads``: the
     # total's alone unless EXTRA_GRADS); each row's KD gets (g_total·kd_w + g_kd) / B, its CE
-    # (g_total·ce_w + g_ce) / B.
+    # (g_total·ce_w + g_ce) / B. Otherwise go_ptr is (B,) with stride go_stride (0: the
+    # gradient of a mean, one value expanded, read as it is rather than copied out first).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     col0 = tl.program_id(1) * SEG_LEN
     rmask = rows < B
@@ -300,7 +301,7 @@ def _kd_rows_bwd(
         lse_c = tl.load(stats_ptr + 12 * B + rows, mask=rmask, other=0.0)
         y = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
-        go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
+        go = tl.load(go_ptr + rows * go_stride, mask=rmask, other=0.0)
     lse_a = tl.load(stats_ptr + 0 * B + rows, mask=rmask, other=0.0)
     lse_b = tl.load(stats_ptr + 1 * B + rows, mask=rmask, other=0.0)
     e_ab = tl.load(stats_ptr + 2 * B + rows, mask=rmask, other=0.0)
@@ -407,8 +408,8 @@ def _launch_bwd(
             student, teacher, *affine(scale, offset, stats), temperature, stats, go,
             stats if grad_s is None else grad_s, stats if grad_t is None else grad_t, target,
             batch, classes, student.stride(0), teacher.stride(0), eps, seg_len, *weights,
-            1.0 / batch, HAS_SCALE=scale is not None, ZSCORE=zscore, WRITE_GS=write_gs,
-            NEED_T_GRAD=need_t, SPLIT=nseg > 1, WITH_CE=ce is not None,
+            1.0 / batch, go.stride(0), HAS_SCALE=scale is not None, ZSCORE=zscore,
+            WRITE_GS=write_gs, NEED_T_GRAD=need_t, SPLIT=nseg > 1, WITH_CE=ce is not None,
             EXTRA_GRADS=ce is not None and go.numel() > 1, **launch.meta(),
         )  # fmt: skip
     return grad_s, grad_t
@@ -465,7 +466,7 @@ class KDRows(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # type: ignore[override]
         *inputs, stats = ctx.saved_tensors
         write_gs, _, need_t = ctx.needs_input_grad[:3]
-        grad_loss = grad_loss.to(torch.float32).contiguous()  # (B,)
+        grad_loss = grad_loss.to(torch.float32)  # (B,), any stride (a mean's: 0)
         grad_s, grad_t = _launch_bwd(
             tuple(inputs), stats, grad_loss, None, ctx.zscore, ctx.eps, ctx.launch, write_gs,
             need_t, ctx.split,

@@ -16,8 +16,11 @@ DKD's, CE + TCKD + 8 · NCKD (``dkd_ce``), and ``ats+ce`` ATS's, 0.5 · CE + 0.5
   interpreter, which is not a performance path, so the row says so instead of a number).
 
 Timing: after warm-up steps, the median of many steps, each timed with CUDA events on GPU (a
-host clock and a synchronize on CPU). Each step takes the next of ``--sets`` input sets (distinct
-student/teacher/target tensors), so repeated steps do not find their inputs in the L2 cache.
+host clock and a synchronize on CPU): the step as a training loop launches it from Python, host
+time included. On a GPU each step is also captured in a CUDA graph and replayed (``GPU``
+columns): the kernels' own time, without the host's launches (one input set). Each step takes
+the next of ``--sets`` input sets (distinct student/teacher/target tensors), so repeated steps
+do not find their inputs in the L2 cache.
 Peak memory: what one step adds over its inputs (``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on CPU the resident set's high-water mark after resetting it through
 /proc/self/clear_refs, or n/a where that is refused). Ratios are to eager.
@@ -102,6 +105,7 @@ class Result:
     note: str = ""
     warmup_s: float | None = None  # the first call (torch.compile / triton compile included)
     steps: int = 0
+    gpu_ms: float | None = None  # the step replayed from a CUDA graph: its kernels alone
 
 
 class PeakMemory:
@@ -191,7 +195,40 @@ def _measure(step: Step, sets: list[Inputs], device: torch.device, seconds: floa
             times.append((time.perf_counter() - t0) * 1e3)
     for student, _, _ in sets:
         student.grad = None
-    return Result("", statistics.median(times), mem.peak, warmup_s=warmup, steps=steps)
+    gpu = _graph_ms(step, sets[0]) if device.type == "cuda" else None
+    return Result("", statistics.median(times), mem.peak, warmup_s=warmup, steps=steps, gpu_ms=gpu)
+
+
+def _graph_ms(step: Step, inputs: Inputs, replays: int = 10, groups: int = 5) -> float | None:
+    """Median ms of one step (forward + backward) replayed from a CUDA graph: the GPU's time
+    without the host's launches between kernels (None when the step cannot be captured)."""
+    student, teacher, target = inputs
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the capture (allocator, lazy inits)
+                torch.autograd.grad(step(student, teacher, target), student)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.autograd.grad(step(student, teacher, target), student)
+        graph.replay()
+        times = []
+        for _ in range(groups):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / replays)
+        del graph
+        return statistics.median(times)
+    except Exception as exc:  # a step that cannot be captured keeps its launched time
+        print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        torch.cuda.synchronize()
+        return None
 
 
 def _inputs(classes: int, device: torch.device, count: int) -> list[Inputs]:
@@ -287,32 +324,41 @@ def _format_row(method: str, classes: int, batch: int, results: list[Result]) ->
             out.append(f"{head} {r.note}")
             continue
         peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:8.1f}"
+        gpu = "" if r.gpu_ms is None else f"  GPU {r.gpu_ms:.3f} {_ratio(r.gpu_ms, base.gpu_ms)}"
         out.append(
             f"{head} {r.ms:9.3f} {_ratio(r.ms, base.ms):>7}  {peak:>8} "
-            f"{_ratio(r.peak_mb, base.peak_mb):>7}  {r.warmup_s or 0:7.1f}s {r.steps:>4}"
+            f"{_ratio(r.peak_mb, base.peak_mb):>7}  {r.warmup_s or 0:7.1f}s {r.steps:>4}{gpu}"
         )
     return "\n".join(out)
 
 
 def _table(rows: list[tuple[str, int, int, list[Result]]]) -> list[str]:
-    """One line per (method, C): ms and peak MB of each impl, ratios to eager."""
+    """One line per (method, C): ms and peak MB of each impl, ratios to eager; on a GPU also
+    each step's kernels alone (replayed from a CUDA graph, ``GPU``)."""
     impls = [r.impl for r in rows[0][3]] if rows else []
+    graphs = any(r.gpu_ms is not None for *_, rs in rows for r in rs)
     head = f"{'meth':<4} {'C':>6} {'B':>8} |"
     for impl in impls:
         head += f" {impl + ' ms':>14} {impl + ' MB':>15} |"
+        head += f" {impl + ' GPU':>14} |" if graphs else ""
     lines = [head]
     for method, c, b, results in rows:
         base = results[0]
         line = f"{method:<4} {c:>6} {b:>8} |"
         for r in results:
             if r.ms is None:
-                line += f" {'—':>14} {'—':>15} |"
+                line += f" {'—':>14} {'—':>15} |" + (f" {'—':>14} |" if graphs else "")
                 continue
             ms = f"{r.ms:.3f}" + ("" if r is base else f" {_ratio(r.ms, base.ms)}")
             mb = "n/a" if r.peak_mb is None else f"{r.peak_mb:.0f}"
             if r is not base and r.peak_mb is not None:
                 mb += f" {_ratio(r.peak_mb, base.peak_mb)}"
             line += f" {ms:>14} {mb:>15} |"
+            if graphs:
+                gpu = "—" if r.gpu_ms is None else f"{r.gpu_ms:.3f}"
+                if r is not base and r.gpu_ms is not None:
+                    gpu += f" {_ratio(r.gpu_ms, base.gpu_ms)}"
+                line += f" {gpu:>14} |"
         lines.append(line)
     return lines
 

@@ -24,6 +24,7 @@ Writes ``host_cost.json`` (and the profile as ``host_cost_profile.txt``) into ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     s_det = student.detach()
 
     def fwd_kernel():
-        triton_kd._kd_rows_fwd[launch.grid(batch)](
+        return triton_kd._kd_rows_fwd[launch.grid(batch)](
             s_det, teacher, *affine(None, None, loss), temp, loss, stats, loss, batch, classes,
             classes, classes, 1e-7, 0.0, 0.0, 1.0 / batch, HAS_SCALE=False, ZSCORE=False,
             NEED_T_STATS=False, WITH_CE=False, **launch.meta(),
@@ -116,19 +117,70 @@ def main(argv: list[str] | None = None) -> int:
     def eager_fb():
         torch.autograd.grad(reference.kd_rows(student, teacher.float(), 4.0).sum(), student)
 
+    # The same launch without triton's per-call work: the kernel compiled by the call above,
+    # launched through CompiledKernel[grid] with the argument list triton's binder makes.
+    compiled = fwd_kernel()
+    fwd_fn = triton_kd._kd_rows_fwd
+    binder_args = (s_det, teacher, *affine(None, None, loss), temp, loss, stats, loss, batch,
+                   classes, classes, classes, 1e-7, 0.0, 0.0, 1.0 / batch)  # fmt: skip
+    binder_kw = dict(HAS_SCALE=False, ZSCORE=False, NEED_T_STATS=False, WITH_CE=False)
+    binder_kw |= launch.meta()
+    direct = None
+    if device == "cuda" and compiled is not None:
+        dev = torch.cuda.current_device()
+        binder = fwd_fn.device_caches[dev][4]
+        params = list(binder(*binder_args, **binder_kw)[0].values())
+        stream = torch.cuda.current_stream().cuda_stream
+        runner = compiled[(*launch.grid(batch), 1, 1)]
+
+        def direct():
+            runner(*params, stream=stream)
+
+        def bind_only():
+            binder(*binder_args, **binder_kw)
+
+    def device_ctx():
+        with torch.cuda.device(student.device) if device == "cuda" else contextlib.nullcontext():
+            pass
+
+    def autograd_floor():
+        (student * 1.0).mean().backward()
+
+    def kd_bench_step():  # what bench_losses times for "kd"
+        student.grad = None
+        triton_kd.kd_rows(student, teacher, 4.0).mean().backward()
+
+    def eager_bench_step():
+        student.grad = None
+        reference.kd_rows(student, reference.decode_teacher(teacher), 4.0).mean().backward()
+
     rows: list[tuple[str, object]] = [
         ("torch.add (one launch)", lambda: torch.add(x, 1.0, out=y)),
+        ("torch.empty (B,)", lambda: torch.empty(batch, device=device)),
+        ("torch.cuda.device context", device_ctx),
+        ("autograd floor: (s*1).mean().backward()", autograd_floor),
         ("triton copy, 3 args (one launch)", lambda: _copy[(1,)](x, y, batch, BLOCK=64)),
         ("_kd_rows_fwd launched alone (JIT run)", fwd_kernel),
+        *(
+            [("  its binder alone", bind_only), ("  CompiledKernel[grid] launch", direct)]
+            if direct is not None
+            else []
+        ),
         ("kd_rows forward", lambda: triton_kd.kd_rows(s_det, teacher, 4.0)),
         ("kd_rows forward + backward", kd_fb),
         ("kd_ce forward + backward", kd_ce_fb),
         ("dkd_rows forward + backward", dkd_fb),
         ("eager KD forward + backward", eager_fb),
+        ("bench step: kd_rows.mean().backward()", kd_bench_step),
+        ("bench step: eager KD .mean().backward()", eager_bench_step),
     ]
     results = {}
     for name, fn in rows:
-        us = _time_us(fn, sync, calls, groups)
+        try:
+            us = _time_us(fn, sync, calls, groups)
+        except Exception as exc:  # a prototype row must not cost the others
+            print(f"{name:<40} failed: {type(exc).__name__}: {exc}")
+            continue
         results[name] = us
         print(f"{name:<40} {us:9.1f} us a call")
 

@@ -11,6 +11,9 @@
 #   tiles    python -m tests.gpu.tile_sweep: the fused KD/DKD kernels alone (CUDA-graph replay)
 #            for every candidate tile of each C, beside eager in a graph and both launched from
 #            Python (host time), killed at 240 s                        -> tile_sweep.{log,json}
+#   breakdown python -m tests.gpu.step_breakdown: eager and fused KD, KD+CE, DKD at C = 32768
+#            and 131072, each step launched (events), its host time and its kernels'
+#            (torch.profiler), killed at 90 s                        -> step_breakdown.{json,txt}
 #   host     python -m tests.gpu.host_cost: host µs a call of one launch (torch, triton), of the
 #            fused KD kernel alone, of kd_rows/kd_ce/dkd_rows forward + backward and eager's, and
 #            a cProfile of the fused step, killed at 90 s          -> host_cost.{log,json}
@@ -31,7 +34,10 @@
 # distill: test_cuda 17 s, bench_distill --repeats 2 ~2 min, batch 256 cut at its limit after
 # one repeat of CE and offline (the three steps took 460 s with the start-up, BUDGET=470); on an
 # H200 tiles 65 s in all, profile more than 130 s (cut after CE and offline at BUDGET=150).
-# host (~30 s estimated), ort ~1 min (plus the wheel's 4 carries, ~6 s each onto a warm
+# Seen (2026-11-27, second session, H200s): kernels 44-51 s (487 cases), losses 92-100 s,
+# breakdown ~25 s, host ~10 s; "kernels breakdown losses" took 189 s in all, each call's machine
+# started in about 30 s.
+# ort ~1 min (plus the wheel's 4 carries, ~6 s each onto a warm
 # machine) and dask ~1 min as measured 2026-11-26.
 # BUDGET=SECONDS (optional): the whole script's wall-clock budget, e.g. BUDGET=400 for a call
 # with timeout_s=420: every step's timeout is cut to what is left (a step with under 20 s left is
@@ -64,7 +70,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not pip-in
 unset TRITON_INTERPRET LOGITBANK_KERNELS  # compiled kernels; impl="auto" as shipped
 PY=${PYTHON:-python3}
 STEPS=" ${STEPS:-kernels losses} "
-KNOWN=" kernels losses tiles host ort distill profile dask "
+KNOWN=" kernels losses tiles breakdown host ort distill profile dask "
 for s in $STEPS; do  # a misspelt step would otherwise run nothing and spend the call
     [[ "$KNOWN" == *" $s "* ]] || { echo "error: unknown step '$s' (known:$KNOWN)" >&2; exit 2; }
 done
@@ -150,6 +156,12 @@ if has tiles; then
     echo "== tile_sweep ($(( $(date +%s) - start ))s)"
     run_step tiles 240 "$PY" -m tests.gpu.tile_sweep --out "$OUT" 2>&1 | tee "$OUT/tile_sweep.log" \
         || later_rc=3
+fi
+
+if has breakdown; then
+    echo "== step_breakdown ($(( $(date +%s) - start ))s)"
+    run_step breakdown 90 "$PY" -m tests.gpu.step_breakdown --out "$OUT" --classes 32768 131072 \
+        2>&1 | tee "$OUT/step_breakdown.log" || later_rc=3
 fi
 
 if has host; then

@@ -83,5 +83,5 @@ def test_host_cost_dry_run(tmp_path: Path) -> None:
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     payload = json.loads((tmp_path / "host_cost.json").read_text())
-    assert len(payload["us"]) == 8 and all(us > 0 for us in payload["us"].values())
+    assert len(payload["us"]) == 13 and all(us > 0 for us in payload["us"].values())
     assert "function calls" in (tmp_path / "host_cost_profile.txt").read_text()

@@ -361,6 +361,31 @@ def test_global_learnable_temperature() -> None:
     assert abs(grad.item() - ref_grad.item()) <= 1e-5 * max(abs(ref_grad.item()), floor.item())
 
 
+@pytest.mark.parametrize("layout", ["expanded", "strided"])
+def test_row_gradients_of_any_stride(layout: str) -> None:
+    """The per-row losses' backward reads its (B,) gradient as given: a mean's (one value
+    expanded, stride 0) and a strided view, without copying it out first."""
+    student, teacher, target, _, _ = _case(37, seed=17)
+
+    def go(seed: int) -> torch.Tensor:
+        if layout == "expanded":
+            return torch.tensor(0.3 + seed).expand(B)
+        return torch.randn(2 * B, generator=torch.Generator().manual_seed(seed))[::2]
+
+    s = student.detach().requires_grad_()
+    g_kd, g_t, g_n = go(1), go(2), go(3)
+    assert all(g.stride(0) == (0 if layout == "expanded" else 2) for g in (g_kd, g_t, g_n))
+    kd = fused_kd(s, teacher, 2.0, config=(2, 16))
+    tckd, nckd = fused_dkd(s, teacher, target, 2.0, config=(2, 16))
+    (grad,) = torch.autograd.grad([kd, tckd, nckd], [s], [g_kd, g_t, g_n])
+    s64 = _leaf64(student)
+    ref_t, ref_n = oracle.dkd_rows(s64, teacher.double(), target, 2.0, False)
+    ref = oracle.kd_rows(s64, teacher.double(), 2.0, False)
+    total = (ref * g_kd.double() + ref_t * g_t.double() + ref_n * g_n.double()).sum()
+    (ref_grad,) = torch.autograd.grad(total, [s64])
+    _check(grad, ref_grad, 2.0 * float(max(g.abs().max() for g in (g_kd, g_t, g_n))))
+
+
 def test_dkd_decomposes_kd() -> None:
     """METHODS.md's identity, kernel against kernel: KD = TCKD + (1 - p_y) · NCKD per sample."""
     student, teacher, target, _, _ = _case(130, seed=13)
@@ -604,8 +629,8 @@ def test_dkd_ce_extreme_logits_and_gaps() -> None:
 
 
 def test_segments_for(monkeypatch) -> None:
-    """Default: one program a row except long rows on CUDA with fewer rows than 4 programs an
-    SM; every segment whole column blocks, none empty."""
+    """Default: one program a row except long rows on CUDA with fewer than 2 rows an SM (then
+    about 4 programs an SM); every segment whole column blocks, none empty."""
     from pipeline.kernels import triton_common as common
 
     cpu = torch.device("cpu")
@@ -618,7 +643,9 @@ def test_segments_for(monkeypatch) -> None:
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(common, "_sm_count", lambda index: 132)  # an H100, without one
     assert common.segments_for(128, 131072, launch, gpu) == (5, 13 * 2048)
-    assert common.segments_for(512, 32768, common.launch_config(512, 32768), gpu) == (2, 16384)
+    assert common.segments_for(512, 32768, common.launch_config(512, 32768), gpu)[0] == 1
+    assert common.segments_for(263, 32768, common.launch_config(263, 32768), gpu) == (3, 12288)
+    assert common.segments_for(264, 32768, common.launch_config(264, 32768), gpu)[0] == 1
     assert common.segments_for(4096, 32768, common.launch_config(4096, 32768), gpu)[0] == 1
     assert common.segments_for(128, 4096, common.launch_config(128, 4096), gpu)[0] == 1
     small = common.launch_config(1 << 17, 100)
