@@ -27,7 +27,6 @@ import ctypes
 import functools
 import json
 import os
-import struct
 import time
 import uuid
 from pathlib import Path
@@ -38,7 +37,7 @@ from h5py._objects import phil
 
 from storage.base import READ_ERRORS, LogitStore, _first, name_final
 from storage.errors import StoreCorruptError, StoreError, StoreExistsError
-from storage.h5_recover import clear_status_flags, lookup3
+from storage.h5_recover import clear_status_flags, read_superblock
 from storage.layout import Layout
 from storage.locking import WriterLock, remove_abandoned
 
@@ -346,20 +345,16 @@ def _truncation(path: str) -> str | None:
     writer is alive or was killed (write flags set) records a stale end, so is not judged."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(64)
+            sb = read_superblock(fh)
             size = os.fstat(fh.fileno()).st_size
     except OSError:
         return None
-    if len(head) < 12 or head[:8] != HDF5_SIGNATURE or head[8] not in (2, 3) or head[11]:
+    # A superblock reaching past the file's first 64 bytes (addresses over 12 bytes) is not judged.
+    if not sb.signed or sb.version not in (2, 3) or sb.flags or sb.size + 4 > 64:
         return None
-    width = head[9]
-    end = 12 + 4 * width
-    if len(head) < end + 4 or lookup3(head[:end]) != struct.unpack("<I", head[end : end + 4])[0]:
+    if not sb.intact or size >= sb.eoa:
         return None
-    eoa = int.from_bytes(head[12 + 2 * width : 12 + 3 * width], "little")
-    if size >= eoa:
-        return None
-    return f"file truncated: {size} bytes of the {eoa} its superblock records"
+    return f"file truncated: {size} bytes of the {sb.eoa} its superblock records"
 
 
 def _place(building: str, path: str) -> None:
@@ -442,18 +437,16 @@ def _superblock_problem(path: str) -> str | None:
         time.sleep(wait)
         try:
             with open(path, "rb") as fh:
-                head = fh.read(12)
-                if len(head) < 12:
-                    return f"cut short: {len(head)} bytes, less than its superblock"
-                if head[8] not in (2, 3):
-                    return None
-                size = 12 + 4 * head[9]  # signature, version, sizes, flags, four addresses
-                head += fh.read(size + 4 - len(head))
+                sb = read_superblock(fh)
         except OSError:
             return None  # the open that follows names it
-        if len(head) < size + 4:
-            return f"cut short: {len(head)} bytes, less than its {size + 4}-byte superblock"
-        if lookup3(head[:size]) == struct.unpack("<I", head[size:])[0]:
+        if sb.version is None:
+            return f"cut short: {len(sb.raw)} bytes, less than its superblock"
+        if sb.version not in (2, 3):
+            return None
+        if sb.stored is None:
+            return f"cut short: {len(sb.raw)} bytes, less than its {sb.size + 4}-byte superblock"
+        if sb.intact:
             return None
     return "its superblock fails its checksum"
 
