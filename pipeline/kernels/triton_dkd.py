@@ -195,7 +195,7 @@ def _dkd_rows_bwd(
     # WITH_CE: g_ptr holds the gradients of the four means (total, CE, TCKD, NCKD), (4,); each
     # row's TCKD gets (g_total·w_t + g_tckd) / B, NCKD (g_total·w_n + g_nckd) / B, CE
     # (g_total·ce_w + g_ce) / B (the last three only when EXTRA_GRADS). Otherwise go_t_ptr and
-    # go_n_ptr are (B,) with their strides (0: a mean's gradient, one value expanded).
+    # go_n_ptr are (B,) with their strides (0: a sum's gradient, one value expanded).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     s_off = rows.to(tl.int64) * s_stride
@@ -219,8 +219,8 @@ def _dkd_rows_bwd(
         go_n = zero + g_n * inv_b
         lse_c = tl.load(stats_ptr + 15 * B + rows, mask=rmask, other=0.0)
     else:
-        go_t = tl.load(go_t_ptr + rows * go_t_stride, mask=rmask, other=0.0)
-        go_n = tl.load(go_n_ptr + rows * go_n_stride, mask=rmask, other=0.0)
+        go_t = tl.load(go_t_ptr + rows.to(tl.int64) * go_t_stride, mask=rmask, other=0.0)
+        go_n = tl.load(go_n_ptr + rows.to(tl.int64) * go_n_stride, mask=rmask, other=0.0)
     lse_na = _stat(stats_ptr, 0, B, rows, rmask)
     lse_nb = _stat(stats_ptr, 1, B, rows, rmask)
     u = _stat(stats_ptr, 2, B, rows, rmask)

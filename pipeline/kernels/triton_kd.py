@@ -275,8 +275,8 @@ def _kd_rows_bwd(
     # Program (i, j): rows i*ROWS.., columns j*SEG_LEN.. (SEG_LEN = C: one program a row block).
     # WITH_CE: go_ptr holds the gradients of the means (total, CE, KD) (``mean_grads``: the
     # total's alone unless EXTRA_GRADS); each row's KD gets (g_total·kd_w + g_kd) / B, its CE
-    # (g_total·ce_w + g_ce) / B. Otherwise go_ptr is (B,) with stride go_stride (0: the
-    # gradient of a mean, one value expanded, read as it is rather than copied out first).
+    # (g_total·ce_w + g_ce) / B. Otherwise go_ptr is (B,) with stride go_stride (0: a sum's
+    # gradient, one value expanded; 2: a column of a stack), read as it is, not copied first.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     col0 = tl.program_id(1) * SEG_LEN
     rmask = rows < B
@@ -301,7 +301,7 @@ def _kd_rows_bwd(
         lse_c = tl.load(stats_ptr + 12 * B + rows, mask=rmask, other=0.0)
         y = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
-        go = tl.load(go_ptr + rows * go_stride, mask=rmask, other=0.0)
+        go = tl.load(go_ptr + rows.to(tl.int64) * go_stride, mask=rmask, other=0.0)
     lse_a = tl.load(stats_ptr + 0 * B + rows, mask=rmask, other=0.0)
     lse_b = tl.load(stats_ptr + 1 * B + rows, mask=rmask, other=0.0)
     e_ab = tl.load(stats_ptr + 2 * B + rows, mask=rmask, other=0.0)
@@ -466,7 +466,7 @@ class KDRows(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # type: ignore[override]
         *inputs, stats = ctx.saved_tensors
         write_gs, _, need_t = ctx.needs_input_grad[:3]
-        grad_loss = grad_loss.to(torch.float32)  # (B,), any stride (a mean's: 0)
+        grad_loss = grad_loss.to(torch.float32)  # (B,), any stride (a sum's: 0)
         grad_s, grad_t = _launch_bwd(
             tuple(inputs), stats, grad_loss, None, ctx.zscore, ctx.eps, ctx.launch, write_gs,
             need_t, ctx.split,

@@ -667,8 +667,10 @@ def run_dispatch(env: Env, case: Case) -> list[Check]:
             os.environ[k.ENV_VAR] = saved
 
 
-#: A learned temperature's gradient against the size of the rows' terms it sums (``run_method``).
-TERMS_RTOL = 1e-2
+#: A learned parameter's gradient against float32's own error row by row (``run_method``): 2x,
+#: so that a 6% scale error in global CTKD's theta gradient fails (4x let it pass, CPU,
+#: 2026-11-27: float32's row errors there are ~3e-3 of the rows' terms, 2e-2 of the gradient).
+ROW_ERRORS = 2.0
 
 
 def run_method(env: Env, case: Case) -> list[Check]:
@@ -679,9 +681,10 @@ def run_method(env: Env, case: Case) -> list[Check]:
     that of the float32 PyTorch reference on the same device (``LOGITBANK_KERNELS=reference``):
     a learned temperature's gradient sums rows that pull both ways, and how much of it float32
     keeps is a property of the inputs, not of the kernels. A learned parameter's gradient also
-    passes within ``TERMS_RTOL`` of the float64 size of the per-row terms it sums: that draw of
-    the reference's rounding may be lucky (seen on an H200, 2026-11-27: global CTKD's theta, the
-    fused error 1.7e-2 of the gradient, over 4x the float32 reference's).
+    passes, element by element, within ``ROW_ERRORS`` times float32's error summed row by row
+    without cancellation (``row_errors``): the reference's error on the batch is one draw of how its
+    rows' errors cancel and may be lucky (seen on an H200, 2026-11-27: global CTKD's theta, the
+    fused error 1.7e-2 of the gradient, over 4x the float32 reference's on the batch).
     """
     from pipeline.methods import MethodContext, build_method
 
@@ -713,20 +716,43 @@ def run_method(env: Env, case: Case) -> list[Check]:
     s64 = student.detach().double().requires_grad_()
     exact = run(copy.deepcopy(method).double(), s64, teacher.double())
 
-    def row_terms() -> list[torch.Tensor]:
-        """Per parameter, the float64 sum over rows of |each row's share of the gradient|: the
-        size of the terms a learned temperature's gradient adds up (rows pull both ways)."""
-        module = copy.deepcopy(method).double()
-        params = [p for p in module.parameters() if p.requires_grad]
-        sums = [torch.zeros_like(p) for p in params]
-        for i in range(b):  # rows are independent given the parameters (no batch statistics)
-            s_i, t_i = s64.detach()[i : i + 1], teacher.double()[i : i + 1]
-            total = module(s_i, t_i, target[i : i + 1], ctx)["total"]
-            for acc, g_i in zip(sums, torch.autograd.grad(total, params)):
-                acc += g_i.abs() / b
-        return sums
+    def row_errors() -> list[torch.Tensor]:
+        """Per parameter, elementwise, float32's error row by row without cancellation:
+        (1/B) Σ_b |g32_b - g64_b|, g_b the gradient of the method on row b alone, g32 from the
+        float32 reference on this device, g64 in float64. A learned temperature's gradient is
+        a sum over rows that pull both ways, each row's share O(1/T^3) from O(1/T) parts at
+        CTKD's tau ~ 15, so float32 keeps it only to what its rows keep; the reference's error
+        on the whole batch is one draw of how those row errors cancel, not a bound. Raises when
+        the rows are not independent (the per-row gradients must add up to the batch's)."""
+        mod32, mod64 = copy.deepcopy(method), copy.deepcopy(method).double()
+        p32 = [p for p in mod32.parameters() if p.requires_grad]
+        p64 = [p for p in mod64.parameters() if p.requires_grad]
+        errs = [torch.zeros_like(p) for p in p64]
+        sums = [torch.zeros_like(p) for p in p64]
+        sizes = [torch.zeros_like(p) for p in p64]
+        os.environ[k.ENV_VAR] = "reference"
+        try:
+            for i in range(b):
+                rows = slice(i, i + 1)
+                s_i, t_i, y_i = student.detach()[rows], teacher[rows], target[rows]
+                g32 = torch.autograd.grad(mod32(s_i, t_i, y_i, ctx)["total"], p32)
+                total = mod64(s_i.double(), t_i.double(), y_i, ctx)["total"]
+                g64 = torch.autograd.grad(total, p64)
+                for err, acc, size, a, e in zip(errs, sums, sizes, g32, g64):
+                    err += (a.double() - e).abs() / b
+                    acc += e / b
+                    size += e.abs() / b
+        finally:
+            os.environ.pop(k.ENV_VAR, None)
+            if saved is not None:
+                os.environ[k.ENV_VAR] = saved
+        for name, acc, size, whole in zip(names[2:], sums, sizes, exact[2:]):
+            gap = (acc - whole.detach()).abs().max().item()
+            if gap > 1e-9 * max(size.abs().max().item(), 1e-300):
+                raise AssertionError(f"{name}: rows are not independent ({gap:.1e}): no row bound")
+        return errs
 
-    terms: list[torch.Tensor] | None = None
+    row_errs: list[torch.Tensor] | None = None
     checks = []
     for index, (name, out, ref, base) in enumerate(zip(names, fused, exact, ref32)):
         check = compare(name, out, ref, 0.0, RTOL)
@@ -737,15 +763,14 @@ def run_method(env: Env, case: Case) -> list[Check]:
             check.ok, check.note = True, f"within 4x the float32 reference's {base_err:.1e}"
             check.tol = err / allowed
         elif not check.ok and check.note == "" and index >= 2:  # a learned parameter's gradient
-            # float32 keeps such a sum only to ~1e-3 of its terms' size at CTKD's tau ~ 15 (the
-            # gradient is O(1/T^3) from O(1/T) parts): the fused kernels and the float32 reference
-            # alike, on CPU; one draw of the reference's rounding is no bound. A wrong sign,
-            # scale or missing reversal is off by a fraction of the gradient itself.
-            terms = terms if terms is not None else row_terms()
-            size = terms[index - 2].abs().max().item()
-            if err <= TERMS_RTOL * size:
-                check.ok, check.tol = True, err / (TERMS_RTOL * size)
-                check.note = f"within {TERMS_RTOL:g} of its rows' terms ({size:.1e})"
+            row_errs = row_errs if row_errs is not None else row_errors()
+            bound = ROW_ERRORS * row_errs[index - 2]
+            excess = (out.detach().double() - ref.detach()).abs()
+            worst = (excess / bound.clamp_min(1e-300)).max().item()
+            if worst <= 1.0:
+                check.ok, check.tol = True, worst
+                errs = row_errs[index - 2].max().item()
+                check.note = f"within {ROW_ERRORS:g}x float32's row errors ({errs:.1e})"
         checks.append(check)
     return checks
 

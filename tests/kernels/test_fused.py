@@ -363,7 +363,7 @@ def test_global_learnable_temperature() -> None:
 
 @pytest.mark.parametrize("layout", ["expanded", "strided"])
 def test_row_gradients_of_any_stride(layout: str) -> None:
-    """The per-row losses' backward reads its (B,) gradient as given: a mean's (one value
+    """The per-row losses' backward reads its (B,) gradient as given: a sum's (one value
     expanded, stride 0) and a strided view, without copying it out first."""
     student, teacher, target, _, _ = _case(37, seed=17)
 
