@@ -486,10 +486,23 @@ def to_dict(config: Config) -> dict:
 
 
 def save_resolved(config: Config, path: str | Path) -> None:
-    """Write the config as resolved (defaults + file + overrides) next to a stage's output."""
-    from pipeline.fileio import atomic_write
+    """Write the config as resolved (defaults + file + overrides) next to a stage's output.
+
+    A kill mid-write (its fsync is the long part) leaves the old file and a temporary one
+    beside it; the next write removes such leftovers first. Two commands finishing together
+    may each take the other's temporary file for a leftover: a write whose own was removed
+    writes again (the file is the same config either way)."""
+    from pipeline.fileio import atomic_write, remove_stale_temps
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w") as f:  # a kill leaves the old file or this one, never half
-        f.write(yaml.safe_dump(to_dict(config), sort_keys=False))
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    remove_stale_temps(path.parent, (path.name,))
+    for attempt in range(3):
+        try:
+            with atomic_write(path, "w") as f:  # a kill leaves the old file or this one
+                f.write(text)
+            return
+        except FileNotFoundError:  # our temporary file was removed as another's leftover
+            if attempt == 2:
+                raise

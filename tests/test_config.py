@@ -29,6 +29,33 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     assert again == config
 
 
+def test_resolved_config_write_clears_leftovers(tmp_path, monkeypatch):
+    """A kill during the resolved config's write (fault campaign: in its fsync) leaves a
+    temporary file beside it: the next write removes it. A write whose own temporary file
+    another command removed as a leftover meanwhile writes again."""
+    import pipeline.fileio as fileio
+
+    config = load_config(None, ["teacher.epochs=3"])
+    out = tmp_path / "precompute.config.yaml"
+    out.write_text("old\n")
+    leftover = tmp_path / ".precompute.config.yaml.k1ll3d.tmp"
+    leftover.write_text("half")
+    other = tmp_path / ".other.yaml.k1ll3d.tmp"  # another file's: not this write's to remove
+    other.write_text("x")
+    publish, stolen = fileio.publish, []
+
+    def steal_first(tmp, path):
+        if not stolen:
+            stolen.append(Path(tmp))
+            Path(tmp).unlink()  # as a concurrent save_resolved's cleanup would
+        publish(tmp, path)
+
+    monkeypatch.setattr(fileio, "publish", steal_first)
+    save_resolved(config, out)
+    assert stolen and load_config(out) == config
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([out.name, other.name])
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
