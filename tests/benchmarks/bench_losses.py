@@ -199,32 +199,13 @@ def _measure(step: Step, sets: list[Inputs], device: torch.device, seconds: floa
     return Result("", statistics.median(times), mem.peak, warmup_s=warmup, steps=steps, gpu_ms=gpu)
 
 
-def _graph_ms(step: Step, inputs: Inputs, replays: int = 10, groups: int = 5) -> float | None:
-    """Median ms of one step (forward + backward) replayed from a CUDA graph: the GPU's time
-    without the host's launches between kernels (None when the step cannot be captured)."""
-    student, teacher, target = inputs
+def _graph_ms(step: Step, inputs: Inputs) -> float | None:
+    """Median ms of one step (forward + backward) replayed from a CUDA graph
+    (``tests.gpu.tile_sweep.graph_ms``), or None when the step cannot be captured."""
+    from tests.gpu.tile_sweep import graph_ms  # stdlib imports only at its top
+
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the capture (allocator, lazy inits)
-                torch.autograd.grad(step(student, teacher, target), student)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            torch.autograd.grad(step(student, teacher, target), student)
-        graph.replay()
-        times = []
-        for _ in range(groups):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / replays)
-        del graph
-        return statistics.median(times)
+        return graph_ms(step, *inputs, replays=10)
     except Exception as exc:  # a step that cannot be captured keeps its launched time
         print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
         torch.cuda.synchronize()

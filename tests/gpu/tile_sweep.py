@@ -137,8 +137,9 @@ def _compile(job: tuple[str, int, int, list]) -> str:
     return f"{method} C={classes}: {done} tile(s) compiled" + "".join(failed)
 
 
-def _graph_ms(fn, student, teacher, target, replays: int = 20, groups: int = 5) -> float:
-    """Median ms of one fn (forward + backward) replayed from a CUDA graph."""
+def graph_ms(fn, student, teacher, target, replays: int = 20, groups: int = 5) -> float:
+    """Median ms of one fn (forward + backward) replayed from a CUDA graph: the GPU's time
+    without the host's launches between kernels (also bench_losses' "GPU" columns)."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -294,14 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         floor_ms = (2 * (4 + 2) + 4) * batch * classes / bandwidth * 1e3
         inputs = (student, teacher, target)
         eager = _loss_fn(method, None, "reference")
-        eager_graph = timed("eager, graph", _graph_ms, eager, inputs)
+        eager_graph = timed("eager, graph", graph_ms, eager, inputs)
         eager_launched = timed("eager, launched", _launched_ms, eager, inputs)
         default = default_tile(batch, classes, method)
         fused = _loss_fn(method, default, "triton")
         fused_launched = timed("fused default, launched", _launched_ms, fused, inputs)
         rows = []
         for tile in tiles:
-            ms = timed(f"tile {tile}", _graph_ms, _loss_fn(method, tile, "triton"), inputs)
+            ms = timed(f"tile {tile}", graph_ms, _loss_fn(method, tile, "triton"), inputs)
             if ms == ms:  # not NaN
                 rows.append({"tile": list(tile), "ms": ms, "default": tile == default})
         if not rows:
