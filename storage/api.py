@@ -82,8 +82,9 @@ def make_layout(
         ("num_classes", num_classes),
         ("num_views", num_views),
     ):
-        if not isinstance(value, (int, np.integer)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise StoreError(f"{name} must be an integer, got {value!r}")
+    num_samples, num_classes, num_views = int(num_samples), int(num_classes), int(num_views)
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
     # A value given is used as given, or refused: never quietly replaced (0 by "auto", 2.5 by 2).

@@ -114,6 +114,14 @@ class LogitStore(abc.ABC):
         #: (view, shard) written by this handle in "task" mode; the coordinator marks them done.
         self.written_shards: list[tuple[int, int]] = []
 
+    def _require_open(self) -> None:
+        """A StoreError for any read or write through a closed handle (on HDF5 its file is
+        closed: the read would otherwise fail as if the store were damaged)."""
+        if self._closed:
+            raise StoreError(
+                f"store {self.path} is closed: open it again with open_store() to use it"
+            )
+
     # ---- what users read -------------------------------------------------------------------
     @property
     def num_views(self) -> int:
@@ -199,6 +207,7 @@ class LogitStore(abc.ABC):
 
     def refresh(self) -> None:
         """Re-read the completion marks (a writer may have finished more chunks)."""
+        self._require_open()
         try:
             done = self._load_done()
         except READ_ERRORS as exc:
@@ -254,6 +263,7 @@ class LogitStore(abc.ABC):
         Rows are encoded now and buffered until their shard is whole, then written and marked done;
         rows may arrive in any order and any batch size.
         """
+        self._require_open()
         if self.mode == "r":
             raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
         logits = checked_logits(logits, self.layout)
@@ -267,6 +277,7 @@ class LogitStore(abc.ABC):
     def write_encoded(self, view: int, start: int, parts: dict[str, np.ndarray]) -> None:
         """Write rows that :func:`encode_rows` encoded elsewhere (a dask task, which sends the
         coordinator its shard encoded, not as raw float32 hundreds of times bigger with topk)."""
+        self._require_open()
         if self.mode == "r":
             raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
         arrays = self.layout.arrays()
@@ -366,6 +377,7 @@ class LogitStore(abc.ABC):
 
     def mark_done(self, shards: list[tuple[int, int]]) -> None:
         """Mark every chunk of these (view, shard) units done (after their data is written)."""
+        self._require_open()
         views = set()
         for view, shard in shards:
             self.done[view, list(self.layout.shard_chunks(shard))] = 1
@@ -374,6 +386,7 @@ class LogitStore(abc.ABC):
             self._store_done(view, self.done[view])
 
     def write_labels(self, labels: Any) -> None:
+        self._require_open()
         if self.mode == "r":
             raise StoreError(f"store {self.path} is open read-only: open it with mode='a' to write")
         self._write_labels(checked_labels(labels, self.layout))
@@ -412,6 +425,7 @@ class LogitStore(abc.ABC):
     # ---- reading ---------------------------------------------------------------------------
     @property
     def labels(self) -> np.ndarray:
+        self._require_open()
         if self._labels is None:
             try:
                 labels = self._read_labels()
@@ -447,14 +461,12 @@ class LogitStore(abc.ABC):
     ) -> np.ndarray:
         """Raw float32 logits of contiguous rows [start, stop) of one view (the fast path),
         decoded into ``out`` (float32 (stop - start, C)) when given."""
+        self._require_open()
         lay = self.layout
-        if not (
-            isinstance(view, (int, np.integer))
-            and isinstance(start, (int, np.integer))
-            and isinstance(stop, (int, np.integer))
-            and 0 <= view < lay.num_views
-            and 0 <= start <= stop <= lay.num_samples
-        ):
+        for name, value in (("view", view), ("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise StoreError(f"{name} must be an integer, got {value!r}")
+        if not (0 <= view < lay.num_views and 0 <= start <= stop <= lay.num_samples):
             self._check_indices(np.array([start, stop - 1]), view)  # raises, naming the problem
             raise StoreError(
                 f"rows [{start}, {stop}) are no block of the store's rows 0..{lay.num_samples - 1}"
@@ -530,7 +542,10 @@ class LogitStore(abc.ABC):
             f"or delete the store"
         )
 
-    def _check_indices(self, indices: Any, view: int) -> np.ndarray:
+    def _check_indices(self, indices: Any, view: Any) -> np.ndarray:
+        self._require_open()
+        if isinstance(view, bool) or not isinstance(view, (int, np.integer)):
+            raise StoreError(f"view must be an integer, got {view!r}")
         if not 0 <= view < self.num_views:
             raise StoreError(
                 f"view {view} out of range: the store has views 0..{self.num_views - 1}"
@@ -577,6 +592,7 @@ class LogitStore(abc.ABC):
         """Check every chunk of ``views`` (default all): marked done, its files present, and with
         ``data`` its checksums right and its logits finite. Without ``data`` only what costs no
         read of the chunks themselves (files there, bytes inside the file)."""
+        self._require_open()
         report = VerifyReport(self.path)
         lay = self.layout
         views = range(lay.num_views) if views is None else views
@@ -690,6 +706,10 @@ def _first(exc: BaseException, limit: int = 120) -> str:
 
 def checked_logits(logits: Any, layout: Layout) -> np.ndarray:
     """``logits`` as an array of shape (rows, C) and a float dtype, or a BadWriteError."""
+    if type(logits).__module__.startswith("torch"):  # a tensor: any device, grad or bfloat16
+        logits = logits.detach().cpu()
+        if str(logits.dtype) == "torch.bfloat16":  # numpy has none; float32 holds it exactly
+            logits = logits.float()
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] != layout.num_classes:
         raise BadWriteError(

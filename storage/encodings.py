@@ -181,6 +181,17 @@ def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> 
         out["logits"] = np.clip(q, -127, 127).astype(np.int8)
         out["scale"] = scale.astype(np.float32)
         out["offset"] = offset.astype(np.float32)
+        # Decoding is float32 q · scale + offset: rows near float32's limits can overflow there.
+        with np.errstate(over="ignore"):
+            ends = [np.float32(q_end) * out["scale"] + out["offset"] for q_end in (-127, 127)]
+        bad = ~(np.isfinite(ends[0]) & np.isfinite(ends[1]))
+        if bad.any():
+            _, shown = _shown_rows(bad, first_row)
+            raise BadWriteError(
+                f"logits in rows {shown} span more than int8's float32 scale and offset can "
+                f"decode (values near float32's limit, 3.4e38): use encoding float32; nothing "
+                f"was written"
+            )
     elif name == "topk":
         out["topk_indices"], kept = _top_k(logits, topk)
         bad = np.abs(kept).max(axis=1) > FLOAT16_MAX

@@ -52,8 +52,10 @@ def soft_targets(
         shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
         raise MethodError(f"target must be a (B,) tensor of class indices, got {shape}")
     if prev_probs is None:
-        if epoch != 0 or num_classes is None:
+        if epoch != 0:
             raise MethodError("PS-KD needs the previous epoch's probabilities after epoch 0")
+        if num_classes is None:
+            raise MethodError("soft_targets at epoch 0 without prev_probs needs num_classes")
         classes, dtype = num_classes, torch.float32
     else:
         if prev_probs.dim() != 2 or not prev_probs.dtype.is_floating_point:

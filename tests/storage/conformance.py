@@ -397,6 +397,73 @@ class LogitStoreTests:
             create_store(str(tmp_path / "plain.txt"), N, C, backend=self.backend, overwrite=True)
         assert (tmp_path / "plain.txt").read_text() == "hello"
 
+    def test_closed_handles_and_argument_types_are_refused_by_name(self, tmp_path):
+        """A closed handle neither writes (on zarr it would write without the writer lock) nor
+        reads (on HDF5 its closed file failed like a damaged store, advising its deletion);
+        a view, start or stop that is no integer is named, not read as damage or as view 1."""
+        import torch
+
+        path = self.path(tmp_path)
+        x = teacher_logits()[0]
+        store = self.make(path, "float32")
+        store.write(0, 0, x[: ROWS * PER_SHARD])
+        store.close()
+        other = open_store(path, mode="a")  # the writer lock is another handle's now
+        for call in (
+            lambda: store.write(0, ROWS * PER_SHARD, x[: ROWS * PER_SHARD]),
+            lambda: store.read([0]),
+            lambda: store.read_block(0, 0, 4),
+            lambda: store.labels,
+            lambda: store.refresh(),
+        ):
+            with pytest.raises(StoreError, match="is closed: open it again") as info:
+                call()
+            assert "\n" not in str(info.value)
+        # the other handle holds the lock and writes on; the closed one wrote nothing
+        assert not other.done[0, PER_SHARD:].any()
+        other.write(0, ROWS * PER_SHARD, torch.from_numpy(x[ROWS * PER_SHARD : 4 * ROWS]))
+        other.close()
+        with open_store(path) as store:
+            np.testing.assert_array_equal(store.read(np.arange(4 * ROWS)), x[: 4 * ROWS])
+            for bad, name in ((True, "view"), (1.0, "view"), ("1", "view")):
+                with pytest.raises(StoreError, match=f"{name} must be an integer"):
+                    store.read([0], view=bad)
+            bad_blocks = (((0.0, 0, 4), "view"), ((0, 0.0, 4), "start"),
+                          ((0, 0, np.float32(4)), "stop"), ((False, 0, 4), "view"))  # fmt: skip
+            for args, name in bad_blocks:
+                with pytest.raises(StoreError, match=f"{name} must be an integer"):
+                    store.read_block(*args)
+
+    def test_rows_int8_cannot_decode_and_numpy_counts(self, tmp_path):
+        """int8 refuses a row whose float32 scale and offset would decode to inf (it was stored,
+        then read back as inf and reported as damage by verify); numpy integer sizes are
+        accepted as the ints they are; a bfloat16 tensor that requires grad is written exactly."""
+        import torch
+
+        path = self.path(tmp_path)
+        big = np.finfo(np.float32).max
+        store = create_store(path, np.int64(8), np.int32(4), backend=self.backend,
+                             encoding="int8", chunk_rows=8)  # fmt: skip
+        rows = np.tile(np.array([[-1.0, 0.5, 2.0, 3.0]], np.float32), (8, 1))
+        rows[5] = [-big, big, 0.0, 1.0]
+        with pytest.raises(BadWriteError, match=r"rows 5 span more than int8") as info:
+            store.write(0, 0, rows)
+        assert "\n" not in str(info.value) and not store.done.any()
+        rows[5] = [-big / 2, big / 2, 0.0, 1.0]  # still decodable: kept
+        store.write(0, 0, rows)
+        store.close()
+        with open_store(path) as store:
+            back = store.read(np.arange(8))
+            assert np.isfinite(back).all() and store.verify().ok
+        path = self.path(tmp_path, "bf16")
+        t = (3 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).requires_grad_()
+        with create_store(path, 8, 4, backend=self.backend, encoding="bfloat16",
+                          chunk_rows=8) as store:  # fmt: skip
+            store.write(0, 0, t.bfloat16())
+        with open_store(path) as store:
+            want = t.detach().bfloat16().float().numpy()
+            np.testing.assert_array_equal(store.read(np.arange(8)), want)
+
     def test_overwrite_replaces_only_a_store(self, tmp_path):
         path = self.path(tmp_path)
         with self.make(path, fingerprint={"model": "a"}) as store:
