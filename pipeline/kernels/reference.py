@@ -26,14 +26,16 @@ probabilities, so ±100 logits at T = 1 stay finite in float32 (the official DKD
 NCKD gathers the C - 1 non-target columns (no ``-1000`` mask, whose exact zeros make the gradient
 with respect to a learned temperature NaN). Temperatures are a float or a 0-d/(1,)/(B,) tensor;
 T² multiplies each row. The teacher is data: it is detached and never gets a gradient. A -inf
-teacher logit (a class ruled out) contributes 0 to values and student gradients; a gradient with
-respect to the temperature needs finite teacher logits (d(-inf / T)/dT is not finite).
+teacher logit (a class ruled out) contributes 0 to values and to the student's and the
+temperature's gradients; a teacher row whose non-target logits are all -inf has NCKD 0.
 
 Inputs are computed in the wider of the student's dtype and float32 (float64 stays float64, for
 gradchecks); ``decode_teacher`` keeps a float64 teacher as float64 for the same reason.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -259,9 +261,14 @@ def dkd_rows(
     lp_y, lp_rest = _binary_log_probs(a, target, rest)
     lq_y, lq_rest = _binary_log_probs(b, target, rest)
     tckd = _kl_rows(torch.stack([lp_y, lp_rest], dim=1), torch.stack([lq_y, lq_rest], dim=1))
-    log_p_hat = torch.log_softmax(a.gather(1, rest), dim=1)  # (B, C - 1)
+    a_rest = a.gather(1, rest)  # (B, C - 1)
+    # A teacher row with no non-target mass (every non-target logit -inf) has no p̂ (0 / 0):
+    # nothing to transfer about the non-target classes, so its NCKD is 0 (its weight in KD,
+    # 1 - p_y, is 0 too), with no gradient; the rows' own where() keeps NaN out of backward.
+    empty = a_rest.amax(dim=1) == -math.inf  # (B,)
+    log_p_hat = torch.log_softmax(torch.where(empty[:, None], 0.0, a_rest), dim=1)
     log_q_hat = torch.log_softmax(b.gather(1, rest), dim=1)
-    nckd = _kl_rows(log_p_hat, log_q_hat)
+    nckd = torch.where(empty, 0.0, _kl_rows(log_p_hat, log_q_hat))
     t2 = squared(temperature)
     return t2 * tckd, t2 * nckd
 

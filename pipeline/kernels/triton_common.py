@@ -298,10 +298,18 @@ def zscored(x, k, mean, sd, eps):
     """A (ROWS, BLOCK) tile standardized with its rows' (shift, mean, std) from ``row_stats``.
 
     A row whose std + eps is 0 (a constant row with ``eps = 0``) gives zeros, as the reference's
-    ``standardize`` does, not 0 / 0."""
+    ``standardize`` does, not 0 / 0. A row holding ±inf has no mean or std (NaN): it stays NaN,
+    as in the reference (it gave zeros, a uniform teacher, before 2026-11-27)."""
     d = sd + eps
-    z = (x - k[:, None] - mean[:, None]) / tl.where(d > 0, d, 1.0)[:, None]
-    return tl.where((d > 0)[:, None], z, 0.0)
+    z = (x - k[:, None] - mean[:, None]) / tl.where(d == 0, 1.0, d)[:, None]
+    return tl.where((d == 0)[:, None], 0.0, z)
+
+
+@triton.jit
+def defined(value, sd_s, sd_t):
+    """``value`` (ROWS,), or NaN for a row whose z-score is undefined: a logit ±inf or NaN makes
+    ``row_stats``' std NaN, and the GPU's max() would otherwise drop the NaNs it spreads."""
+    return tl.where((sd_s == sd_s) & (sd_t == sd_t), value, float("nan"))
 
 
 @triton.jit
@@ -313,7 +321,7 @@ def load_logit_at(
     x = load_at(ptr, row_off, col, rmask, sc, of, HAS_SCALE)
     if ZSCORE:
         d = sd + eps
-        x = tl.where(d > 0, (x - k - mean) / tl.where(d > 0, d, 1.0), 0.0)
+        x = tl.where(d == 0, 0.0, (x - k - mean) / tl.where(d == 0, 1.0, d))
     return x
 
 

@@ -40,6 +40,7 @@ from pipeline.kernels.triton_common import (
     affine,
     batch_means,
     check_inputs,
+    defined,
     launch_config,
     load_affine,
     load_at,
@@ -156,17 +157,22 @@ def _dkd_rows_fwd(
             w_qz = w_qz * alpha_b + tl.sum(e_b * xs, axis=1)
         if ZSCORE:
             w_pz = w_pz * alpha_a + tl.sum(e_a * xs, axis=1)
-    s_a = tl.where(rmask, s_a, 1.0)  # rows past B: keep them finite (and quiet)
+    # A teacher row with no non-target mass (every non-target logit -inf: s_a = 0) has no p̂:
+    # its NCKD is 0, and its p̂ statistics 0 (backward gives it no NCKD gradient).
+    empty = rmask & (s_a == 0.0)
+    s_a = tl.where(rmask & (s_a > 0.0), s_a, 1.0)  # rows past B: keep them finite (and quiet)
     s_b = tl.where(rmask, s_b, 1.0)
     m_a = tl.where(rmask, m_a, 0.0)
     m_b = tl.where(rmask, m_b, 0.0)
-    lse_na = m_a + tl.log(s_a)
+    lse_na = tl.where(empty, float("-inf"), m_a + tl.log(s_a))
     lse_nb = m_b + tl.log(s_b)
     u = xt_y * inv_t - lse_na  # teacher log-odds of the target: log p_y - log(1 - p_y)
     v = xs_y * inv_t - lse_nb  # student's
-    h = w_ab / s_a - tl.log(s_a) + tl.log(s_b)  # NCKD / T²
+    h = tl.where(empty, 0.0, w_ab / s_a - tl.log(s_a) + tl.log(s_b))  # NCKD / T²
     tckd = temp * temp * _binary_kl(u, v)
     nckd = temp * temp * h
+    if ZSCORE:
+        tckd, nckd = defined(tckd, sd_s, sd_t), defined(nckd, sd_s, sd_t)
     if WITH_CE:
         lse_c = tl.where(rmask, m_c, 0.0) + tl.log(tl.where(rmask, s_c, 1.0))
         ce = lse_c - load_at(s_ptr, s_off, y, rmask, sc, of, False)  # the raw target logit
@@ -178,7 +184,8 @@ def _dkd_rows_fwd(
     else:
         tl.store(tckd_ptr + rows, tckd, mask=rmask)
         tl.store(nckd_ptr + rows, nckd, mask=rmask)
-    e_ab = w_ab / s_a + m_a - m_b  # E_p̂[a - b]: w is kept against the running maxes
+    e_ab = tl.where(empty, 0.0, w_ab / s_a + m_a - m_b)  # E_p̂[a - b]: w is kept against the
+    # running maxes (w_ab, w_a, w_pz are 0 in an empty row, and s_a is 1 there)
     _store_stats(stats_ptr, B, rows, rmask, lse_na, lse_nb, u, v, h, e_ab, w_a / s_a,
                  w_qz / s_b, w_pz / s_a, k_s, mean_s, sd_s, k_t, mean_t, sd_t)  # fmt: skip
 
@@ -222,6 +229,9 @@ def _dkd_rows_bwd(
         go_t = tl.load(go_t_ptr + rows.to(tl.int64) * go_t_stride, mask=rmask, other=0.0)
         go_n = tl.load(go_n_ptr + rows.to(tl.int64) * go_n_stride, mask=rmask, other=0.0)
     lse_na = _stat(stats_ptr, 0, B, rows, rmask)
+    empty = lse_na == float("-inf")  # no non-target teacher mass: NCKD is 0, no gradient
+    go_n = tl.where(empty, 0.0, go_n)
+    lse_na = tl.where(empty, 0.0, lse_na)  # p̂ = exp(-inf - 0) = 0 below, not exp(NaN)
     lse_nb = _stat(stats_ptr, 1, B, rows, rmask)
     u = _stat(stats_ptr, 2, B, rows, rmask)
     v = _stat(stats_ptr, 3, B, rows, rmask)

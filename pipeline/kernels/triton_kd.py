@@ -45,6 +45,7 @@ from pipeline.kernels.triton_common import (
     affine,
     batch_means,
     check_inputs,
+    defined,
     launch_config,
     load_affine,
     load_at,
@@ -107,7 +108,7 @@ def _kd_finish(
     s_b = tl.where(rmask, s_b, 1.0)
     m_a = tl.where(rmask, m_a, 0.0)
     m_b = tl.where(rmask, m_b, 0.0)
-    kl = w_ab / s_a - tl.log(s_a) + tl.log(s_b)
+    kl = defined(w_ab / s_a - tl.log(s_a) + tl.log(s_b), sd_s, sd_t)  # (sd = 0 without z-score)
     if WITH_CE:
         lse_c = tl.where(rmask, m_c, 0.0) + tl.log(tl.where(rmask, s_c, 1.0))
         ce = lse_c - x_y

@@ -17,7 +17,8 @@ autograd), computed on the same device from the exact values of the same inputs.
 - dtype: float16, bfloat16 and int8 (per-row scale/offset) teachers, every C;
 - extreme: ±100 logits at T = 1 (targets at +100 for the teacher, -100 for the student), and a
   500-wide gap for DKD;
-- edge: -inf teacher logits (p = 0, at a non-target class, at the target, every 7th class) for
+- edge: -inf teacher logits (p = 0, at a non-target class, at the target, every 7th class,
+  every class but the target: no non-target mass, NCKD 0) for
   KD, DKD, their fused-CE forms and ATS, with per-sample temperatures that get a gradient; and
   constant rows z-scored with eps = 0 (zeros, not 0 / 0) for LS, DKD+LS and their CE forms;
 - odd_b: batches that are not a multiple of the rows-per-program tile, and C = 50257 (a partial
@@ -265,6 +266,9 @@ def make_inputs(env: Env, case: Case, g: torch.Generator):
             if b > 2 and c > 2:
                 teacher[2, ::7] = float("-inf")
                 teacher[2, target[2]] = 1.0
+            if b > 3:  # no non-target mass: NCKD 0 (it was NaN before 2026-11-27, third session)
+                teacher[3] = float("-inf")
+                teacher[3, target[3]] = 2.0
         else:  # z-scores to zeros: row 0's teacher, row 1's student, both of row 2
             teacher[0] = 2.5
             student[1 % b] = -1.5

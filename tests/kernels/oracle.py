@@ -76,9 +76,13 @@ def dkd_rows(
     lp_y, lp_n = binary(a)
     lq_y, lq_n = binary(b)
     tckd = _p_log_ratio(lp_y, lq_y) + _p_log_ratio(lp_n, lq_n)
-    log_p = F.log_softmax(a[keep].reshape(batch, classes - 1), dim=1)
+    a_n = a[keep].reshape(batch, classes - 1)
+    # No non-target mass (every non-target teacher logit -inf): p̂ is 0 / 0, there is nothing
+    # to transfer about the non-target classes, and NCKD is defined as 0 (weight 1 - p_y = 0).
+    empty = a_n.amax(dim=1) == float("-inf")
+    log_p = F.log_softmax(torch.where(empty[:, None], 0.0, a_n), dim=1)
     log_q = F.log_softmax(b[keep].reshape(batch, classes - 1), dim=1)
-    nckd = _p_log_ratio(log_p, log_q).sum(dim=1)
+    nckd = torch.where(empty, 0.0, _p_log_ratio(log_p, log_q).sum(dim=1))
     return t[:, 0] ** 2 * tckd, t[:, 0] ** 2 * nckd
 
 

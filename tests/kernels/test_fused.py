@@ -274,11 +274,15 @@ def test_constant_rows_standardize_to_uniform(eps: float) -> None:
 def test_minus_inf_teacher_logits_add_nothing(zs_ats: bool) -> None:
     """A -inf teacher logit has p = 0 and adds 0 (0 · log 0 = 0), in the fused kernels as in
     the oracle: finite losses, student and temperature gradients equal to float64 (it gave NaN
-    before 2026-11-27). Row 0 has one at a non-target class, row 1 three, row 2 at its target."""
+    before 2026-11-27). Row 0 has one at a non-target class, row 1 three, row 2 at its target;
+    row 3 at every class but its target: no non-target mass, NCKD 0 (it was NaN, and with it
+    the batch's mean and every gradient)."""
     student, teacher, target, _, _ = _case(37, seed=21)
     teacher[0, (target[0] + 1) % 37] = float("-inf")
     teacher[1, [(target[1] + k) % 37 for k in (1, 5, 9)]] = float("-inf")
     teacher[2, target[2]] = float("-inf")
+    teacher[3] = float("-inf")
+    teacher[3, target[3]] = 2.0
     temp = _temperature(True, seed=21)
     student.requires_grad_()
     s64, t64, t_64 = _leaf64(student), _leaf64(temp), teacher.double()
@@ -295,8 +299,11 @@ def test_minus_inf_teacher_logits_add_nothing(zs_ats: bool) -> None:
     tckd, nckd = fused_dkd(student, teacher, target, temp, config=(2, 16))
     ref_kd = oracle.kd_rows(s64, t_64, t64, False)
     ref_t, ref_n = oracle.dkd_rows(s64, t_64, target, t64, False)
+    assert ref_n[3] == 0 and nckd[3] == 0 and ref_n[:3].gt(0).all()
     for out, ref in [(kd, ref_kd), (split, ref_kd), (tckd, ref_t), (nckd, ref_n)]:
         _check(out, ref)
+    (alone,) = torch.autograd.grad(nckd[3], [student], retain_graph=True)
+    assert alone.eq(0).all()  # NCKD 0 whatever the student: no gradient
     grads = torch.autograd.grad((kd + split + tckd + 2 * nckd).sum(), [student, temp])
     refs = torch.autograd.grad((2 * ref_kd + ref_t + 2 * ref_n).sum(), [s64, t64])
     floor = _grad_floor(student, torch.full((B,), 4.0), temp, False)
@@ -320,12 +327,15 @@ def test_minus_inf_teacher_logits_add_nothing(zs_ats: bool) -> None:
 
 def test_minus_inf_teacher_logits_in_the_reference() -> None:
     """The PyTorch reference (what the CPU runs) agrees: a -inf teacher logit gives a learned
-    temperature no NaN gradient (0 · inf in ``t / T``'s backward before 2026-11-27)."""
+    temperature no NaN gradient (0 · inf in ``t / T``'s backward before 2026-11-27), and a row
+    with no non-target mass (row 3) NCKD 0, not NaN."""
     from pipeline.kernels import reference
 
     student, teacher, target, _, _ = _case(37, seed=21)
     teacher[0, (target[0] + 1) % 37] = float("-inf")
     teacher[2, target[2]] = float("-inf")
+    teacher[3] = float("-inf")
+    teacher[3, target[3]] = 2.0
     temp = _temperature(True, seed=21)
     s64, t64, t_64 = _leaf64(student), _leaf64(temp), teacher.double()
     student, temp = _leaf64(student), _leaf64(temp)  # the reference in float64: its formulas
@@ -339,6 +349,34 @@ def test_minus_inf_teacher_logits_in_the_reference() -> None:
     refs = torch.autograd.grad((ref_kd + ref_t + 2 * ref_n).sum(), [s64, t64])
     _check(grads[0], refs[0], _grad_floor(student, torch.ones(B), temp, False))
     _check(grads[1], refs[1], (2 * (ref_kd + ref_t + 2 * ref_n) / t64).abs().max().item())
+
+
+def test_zscored_rows_holding_inf_are_nan_not_uniform() -> None:
+    """A z-score of a row holding ±inf is undefined. The fused kernels gave such a teacher row
+    zeros (a uniform teacher: a finite, silently wrong KD/DKD); now the row's terms are NaN, as
+    the reference's are on CUDA (a training loop stops on it), and the other rows are as
+    before. On the CPU the reference refuses the row by name."""
+    from pipeline import kernels
+
+    student, teacher, target, _, _ = _case(37, seed=5)
+    teacher[1, (target[1] + 3) % 37] = float("-inf")
+    teacher[3, 4] = float("inf")
+    temp = _temperature(True, seed=5)
+    s64, t64 = student.double(), temp.double()
+    good = torch.tensor([0, 2, 4])
+    kd = fused_kd(student, teacher, temp, zscore=True, config=(2, 16))
+    tckd, nckd = fused_dkd(student, teacher, target, temp, zscore=True, config=(2, 16))
+    ref_kd = oracle.kd_rows(s64[good], teacher[good].double(), t64[good], True)
+    ref_t, ref_n = oracle.dkd_rows(s64[good], teacher[good].double(), target[good], t64[good], True)
+    for out, ref in ((kd, ref_kd), (tckd, ref_t), (nckd, ref_n)):
+        assert out[[1, 3]].isnan().all()
+        _check(out[good], ref)
+    total, ce, kd_mean = fused_kd_ce(student, teacher, target, temp, 0.1, 0.9, True, config=(2, 16))
+    assert total.isnan() and kd_mean.isnan() and ce.isfinite()
+    assert fused_dkd_ce(student, teacher, target, temp, 1.0, 1.0, 8.0, True)[0].isnan()
+    with pytest.raises(MethodError, match=r"row\(s\) 1, 3 hold inf or NaN") as info:
+        kernels.kd_rows(student, teacher, temp, zscore=True, impl="reference")
+    assert "\n" not in str(info.value)
 
 
 def test_global_learnable_temperature() -> None:
