@@ -38,12 +38,10 @@ COL_DX, COL_DY, COL_FLIP = 0, 1, 2
 
 #: Names the generator in the spec's dict: a change of algorithm must change the fingerprint.
 GENERATOR = "splitmix64-chain-v1"
-VIEW_POLICIES = ("epoch", "random")
 
 _MASK64 = (1 << 64) - 1
-# Domain words keep the view-parameter and view-policy streams apart under the same seed.
+# The domain word keeps the view-parameter stream apart from other uses of the same seed.
 _DOMAIN_VIEWS = 0x6C6F676974766965  # ASCII "logitvie"
-_DOMAIN_POLICY = 0x706F6C6963790000  # ASCII "policy"
 
 
 @dataclass(frozen=True)
@@ -188,30 +186,3 @@ def normalize(images: torch.Tensor, preprocess: PreprocessSpec) -> torch.Tensor:
     std = torch.tensor(preprocess.std, dtype=torch.float32, device=images.device)
     x = images.to(torch.float32).div_(255.0)
     return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-
-
-def view_for_epoch(
-    epoch: int,
-    num_views: int,
-    policy: str = "epoch",
-    *,
-    indices: np.ndarray | torch.Tensor | list[int] | None = None,
-    seed: int = 0,
-) -> int | np.ndarray:
-    """Which stored view the student sees in ``epoch``.
-
-    ``"epoch"``: view ``epoch mod V`` for every sample (an int, or (B,) int64 with ``indices``).
-    ``"random"``: per sample, a view drawn counter-based from (seed, epoch, n): (B,) int64;
-    ``indices`` required.
-    """
-    if num_views < 1:
-        raise ConfigError(f"num_views must be >= 1, got {num_views}")
-    if policy == "epoch":
-        v = epoch % num_views
-        return v if indices is None else np.full(_indices(indices).size, v, dtype=np.int64)
-    if policy == "random":
-        if indices is None:
-            raise ValueError("view policy 'random' draws per sample: pass indices")
-        u = counter_uint64((_DOMAIN_POLICY, seed, epoch), _indices(indices))
-        return _bounded(u, num_views).astype(np.int64)
-    raise ConfigError(f"unknown view policy {policy!r}; use one of {', '.join(VIEW_POLICIES)}")

@@ -20,7 +20,6 @@ from pipeline.views import (
     apply_view,
     counter_uint64,
     normalize,
-    view_for_epoch,
     view_params,
 )
 
@@ -211,23 +210,6 @@ def test_specs_serialise_stably() -> None:
     assert a != AugmentSpec(pad=3).to_dict() and a != AugmentSpec(identity_view0=False).to_dict()
     p = PreprocessSpec(mean=np.array([0.5], np.float32), std=[0.25]).to_dict()
     assert json.dumps(p) == '{"scale": 255, "mean": [0.5], "std": [0.25], "dtype": "float32"}'
-
-
-def test_view_for_epoch() -> None:
-    assert [view_for_epoch(e, 4) for e in range(6)] == [0, 1, 2, 3, 0, 1]
-    assert view_for_epoch(5, 1) == 0 and view_for_epoch(6, 4, indices=[1, 2]).tolist() == [2, 2]
-    idx = np.arange(8000)
-    r = view_for_epoch(3, 4, "random", indices=idx, seed=1)
-    assert r.dtype == np.int64 and r.min() >= 0 and r.max() <= 3
-    assert r[:8].tolist() == [0, 3, 3, 1, 0, 0, 3, 1]  # pinned
-    assert np.abs(np.bincount(r) / 8000 - 0.25).max() < 0.03
-    assert (view_for_epoch(3, 4, "random", indices=idx[::-1], seed=1) == r[::-1]).all()
-    assert (view_for_epoch(4, 4, "random", indices=idx, seed=1) != r).mean() > 0.6
-    assert (view_for_epoch(3, 4, "random", indices=idx, seed=2) != r).mean() > 0.6
-    with pytest.raises(ConfigError, match="epoch, random"):
-        view_for_epoch(0, 4, "cyclic")
-    with pytest.raises(ValueError, match="indices"):
-        view_for_epoch(0, 4, "random")
 
 
 def test_params_as_tensor_and_on_cuda_match() -> None:
