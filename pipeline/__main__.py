@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(remote)
         raise
     except KeyboardInterrupt:
-        write_resolved_config(args)  # the work done so far was made with it
+        if output_made_with_it(args):  # the record beside an output describes that output
+            write_resolved_config(args)
         if _first_rank():  # Ctrl-C reaches every torchrun rank: one line is enough
             print(
                 "interrupted: finished work is kept; rerun the same command to resume",
@@ -98,6 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     # record of how the outputs already there were made as it was.
     write_resolved_config(args)
     return status
+
+
+#: stage → (module, function(config) -> bool): whether the output the stage has on disk was made
+#: with the config it resolved, asked when Ctrl-C stopped it (possibly before its own checks
+#: refused a folder of another config's output). A stage not named here records its config on
+#: Ctrl-C: the work it did so far (a partial store, a sweep's students) was made with it.
+OUTPUT_MADE_WITH: dict[str, tuple[str, str]] = {
+    "teacher": ("pipeline.teacher", "made_with"),
+}
+
+
+def output_made_with_it(args: argparse.Namespace) -> bool:
+    """Whether an interrupted stage's output corresponds to its resolved config (then the
+    config is written beside it); True where the stage has no such check."""
+    pending = getattr(args, "resolved_config", None)
+    check = OUTPUT_MADE_WITH.get(args.stage)
+    if pending is None or check is None:
+        return True
+    try:
+        return bool(getattr(importlib.import_module(check[0]), check[1])(pending[0]))
+    except (Exception, KeyboardInterrupt):  # an unreadable output, a second Ctrl-C: not known
+        return False
 
 
 def write_resolved_config(args: argparse.Namespace) -> None:

@@ -5,6 +5,10 @@ each epoch from the same counter-based generator as the stored views (so a resum
 same ones); the test accuracy after every epoch. A training state is written atomically after each
 epoch, so a killed run resumes at the next epoch; the final checkpoint holds the weights, the
 model's name and arguments, the resolved config and the test accuracy.
+
+A run folder holds one teacher: a ``teacher.pt`` (or training state) made with another config is
+refused before anything trains, never replaced, since the ONNX file, the store and the students
+in that folder were made from it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tqdm import tqdm
 from pipeline.config import Config, to_dict
 from pipeline.data import Split, splits
 from pipeline.errors import ModelError
-from pipeline.fileio import atomic_write, remove_stale_temps
+from pipeline.fileio import atomic_write, remove_stale_temps, temp_beside
 from pipeline.fingerprint import spec_hash
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
 from pipeline.models.checkpoint import load_weights_only
@@ -47,22 +51,125 @@ def _save_atomic(obj: dict, path: Path) -> None:
         torch.save(obj, f)
 
 
-def train_teacher(config: Config, progress: bool = True) -> Path:
-    """Train (or resume, or skip when finished) and return the checkpoint path."""
-    cfg = config.teacher
-    out = config.run_path / "teacher.pt"
-    state_path = config.run_path / "teacher.state.pt"
-    settings = to_dict(config)
+def _recipe(settings: dict) -> dict:
+    """What the teacher's weights depend on, of a config's ``to_dict``."""
     # augment.views is how many views precompute stores: the teacher's own training views are
     # drawn fresh each epoch whatever it is, so asking for more views does not retrain it.
     augment = {k: v for k, v in settings["augment"].items() if k != "views"}
-    key = spec_hash({"teacher": settings["teacher"], "data": settings["data"], "augment": augment})
-    if out.is_file() and read_checkpoint(out).extra.get("config_hash") == key:
+    return {"teacher": settings["teacher"], "data": settings["data"], "augment": augment}
+
+
+def teacher_key(config: Config) -> str:
+    """The config hash a teacher checkpoint and training state record."""
+    return spec_hash(_recipe(to_dict(config)))
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """``{"teacher": {"lr": 0.1}}`` → ``{"teacher.lr": 0.1}`` (an empty mapping adds no key)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+_UNSET = object()  # a key one of the two configs does not have (a version apart)
+
+
+def _show(value: object) -> str:
+    return "unset" if value is _UNSET else json.dumps(value)
+
+
+def _what_differs(extra: dict, config: Config, key: str, limit: int = 4) -> str:
+    """The recipe keys whose values differ between the checkpoint's config and ``config``
+    (e.g. ``teacher.lr was 0.05, is 0.001``), else the two config hashes."""
+    try:
+        then = _flat(_recipe(json.loads(extra["config"])))
+    except (KeyError, TypeError, ValueError):  # no readable config in it: the hashes say it
+        then = {}
+    now = _flat(json.loads(json.dumps(_recipe(to_dict(config)))))  # tuples as JSON lists
+    changed = [
+        f"{name} was {_show(then.get(name, _UNSET))}, is {_show(now.get(name, _UNSET))}"
+        for name in sorted(set(then) | set(now), key=lambda n: (n not in now, n))
+        if then.get(name, _UNSET) != now.get(name, _UNSET)
+    ]
+    if not then or not changed:
+        return f"config hash {extra.get('config_hash')}, this config's {key}"
+    more = f"; and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
+
+
+def _refuse_other_teacher(out: Path, extra: dict, config: Config, key: str) -> ModelError:
+    if extra.get("config_hash") is None:  # put there by hand, or made elsewhere
+        return ModelError(
+            f"{out} is a checkpoint the teacher stage did not train (it records no config): set "
+            f"teacher.checkpoint={out} to use it as the teacher, set another run_dir to train "
+            f"one, or delete it to train one here"
+        )
+    return ModelError(
+        f"{out} is a teacher trained with another config ({_what_differs(extra, config, key)}): "
+        f"set another run_dir to train this one, or delete {out} and what was made from it "
+        f"({config.onnx_path.name}, the store, the students) to train this one here"
+    )
+
+
+def _refuse_folder(path: Path) -> None:
+    if path.exists() and not path.is_file():
+        raise ModelError(
+            f"{path} is a folder, not a checkpoint file: move it away or set another run_dir"
+        )
+
+
+def made_with(config: Config) -> bool:
+    """Whether the teacher in RUN_DIR was made with ``config``: its ``teacher.pt``, or where there
+    is none yet the training state of an interrupted run (the command line asks before it records
+    an interrupted stage's config beside them). True for a given ``teacher.checkpoint``."""
+    if config.teacher.checkpoint:
+        return True
+    key = teacher_key(config)
+    out, state_path = config.run_path / "teacher.pt", config.run_path / "teacher.state.pt"
+    if out.exists():
+        return out.is_file() and read_checkpoint(out).extra.get("config_hash") == key
+    if state_path.is_file():
+        state = load_weights_only(state_path, "delete it to train the teacher afresh")
+        return isinstance(state, dict) and state.get("config_hash") == key
+    return False
+
+
+def train_teacher(config: Config, progress: bool = True) -> Path:
+    """Train (or resume, or skip when finished) and return the checkpoint path.
+
+    Raises:
+        ModelError: RUN_DIR already holds a teacher (or a training state) of another config, or
+            a folder where a checkpoint goes; refused before anything trains or is written.
+    """
+    cfg = config.teacher
+    out = config.run_path / "teacher.pt"
+    state_path = config.run_path / "teacher.state.pt"
+    key = teacher_key(config)
+    _refuse_folder(out)
+    _refuse_folder(state_path)
+    finished = read_checkpoint(out) if out.is_file() else None
+    if finished is not None and finished.extra.get("config_hash") == key:
         return out  # finished with this very config
+    train, test = splits(config)
+    kwargs = train.model_kwargs  # reads the dataset: one that cannot be read says so first
+    len(test)  # and its test split, rather than after the first epoch
+    if finished is not None:
+        raise _refuse_other_teacher(out, finished.extra, config, key)
+    state = None
+    if state_path.is_file():
+        state = load_weights_only(state_path, "delete it to train the teacher afresh")
+        if state.get("config_hash") != key:
+            raise ModelError(
+                f"{state_path} belongs to a run with another config: delete it to "
+                f"start afresh, or restore that config to resume"
+            )
+    with temp_beside(out):  # an unwritable run folder fails now, not after the first epoch
+        pass
     # What a teacher stage killed mid-write left (checkpoints of a large teacher: hundreds of MB).
     remove_stale_temps(config.run_path, (out.name, state_path.name))
-    train, test = splits(config)
-    kwargs = train.model_kwargs
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, **kwargs)
     opt = torch.optim.SGD(
@@ -71,13 +178,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
     history: list[dict] = []
     first = 0
-    if state_path.is_file():
-        state = load_weights_only(state_path, "delete it to train the teacher afresh")
-        if state.get("config_hash") != key:
-            raise ModelError(
-                f"{state_path} belongs to a run with another config: delete it to "
-                f"start afresh, or restore that config to resume"
-            )
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -481,9 +481,16 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
     cut.mkdir()
     (cut / "teacher.state.pt").write_bytes(b"PK\x03\x04 not a whole file")
     _fails(capsys, _args("teacher", cut), "teacher.state.pt is truncated or corrupt", "afresh")
-    # The store from a different teacher (another ONNX file) is refused, not overwritten.
+    # The store from a different teacher (another ONNX file) is refused, not overwritten. A
+    # teacher.pt of another config is refused too: the other teacher trains once it is deleted.
     swapped = _copy_teacher(run, tmp_path / "swapped")
     shutil.copytree(run / "store.zarr", swapped / "store.zarr")
+    _fails(
+        capsys,
+        _args("teacher", swapped, "--set", "teacher.seed=5"),
+        "teacher.pt is a teacher trained with another config (teacher.seed was 0, is 5)",
+    )
+    (swapped / "teacher.pt").unlink()
     assert main(_args("teacher", swapped, "--set", "teacher.seed=5")) == 0
     assert main(_args("export", swapped, "--set", "teacher.seed=5")) == 0
     _fails(
