@@ -43,7 +43,13 @@ from pipeline.config import Config, save_resolved, to_dict
 from pipeline.data import Split, splits
 from pipeline.distill_data import ToDevice, prefetch
 from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
-from pipeline.distill_inputs import DistillError, Sources, build_sources, store_path
+from pipeline.distill_inputs import (
+    DistillError,
+    Sources,
+    build_sources,
+    build_student_method,
+    store_path,
+)
 from pipeline.distill_pskd import HostCopies
 from pipeline.distill_state import (
     RunLock,
@@ -57,12 +63,12 @@ from pipeline.distill_state import (
     save_diverged,
     save_state,
 )
-from pipeline.errors import EXPECTED_ERRORS
+from pipeline.errors import EXPECTED_ERRORS, ModelError
 from pipeline.fileio import remove_stale_temps
 from pipeline.fingerprint import spec_hash
 from pipeline.methods import MethodContext
 from pipeline.metrics import divergence, write_metrics
-from pipeline.models import save_checkpoint
+from pipeline.models import MODELS, save_checkpoint
 from pipeline.onnx_export import sha256_file
 from storage import LogitStore, StoreError, StoreWarning, open_store
 
@@ -93,6 +99,29 @@ def method_of(config: Config) -> str:
     """``distill.method`` in one spelling ("KD", "ls + dkd" are kd, ls+dkd): the folder, the key
     and every check use it, so a respelling is the same run."""
     return config.distill.method.strip().lower().replace(" ", "")
+
+
+# The class count changes no check of a method's options, only the size of instance-wise CTKD's
+# MLP, which build_student builds again with the dataset's.
+_CHECK_CLASSES = 2
+
+
+def check_recipe(config: Config) -> None:
+    """What ``build_student`` refuses that needs no data: an unknown student, an unknown method
+    or options it does not take or cannot have. Checked first, so that a bad option is named as
+    such, not as "a finished run with another config" because it changed the config's key.
+
+    Raises:
+        ModelError: an unknown student.
+        MethodError: an unknown method, or a bad option.
+    """
+    cfg = config.distill
+    if cfg.student not in MODELS:  # build_model's words
+        raise ModelError(f"unknown model {cfg.student!r}; choose one of: {', '.join(MODELS)}")
+    # Instance-wise CTKD draws its MLP's weights: from a generator of its own, so that the
+    # check leaves the caller's (and a finished run returns with it as it was).
+    with torch.random.fork_rng(devices=[]):
+        build_student_method(cfg.method, cfg.method_options, _CHECK_CLASSES)
 
 
 def accepted_keys(config: Config) -> tuple[str, ...]:
@@ -349,9 +378,16 @@ DIVERGED_FILE = "diverged.json"
 
 
 def _diverged_error(
-    name: str, record: dict, epochs: int, world: World, *, marker: Path | None = None
+    name: str,
+    record: dict,
+    epochs: int,
+    world: World,
+    *,
+    marker: Path | None = None,
+    section: str = "distill",
 ) -> DistillError:
-    """The one line of a divergence; ``marker``: the diverged.json that recorded it earlier."""
+    """The one line of a divergence; ``marker``: the diverged.json that recorded it earlier;
+    ``section``: where the run's keys are set (``distill``, or a sweep's ``sweep.runs[i]``)."""
     earlier = marker is not None
     epoch = record["epoch"]
     what, detail = record["diverged"]
@@ -359,7 +395,7 @@ def _diverged_error(
     message = (
         f"{name} diverged{' in an earlier run' if earlier else ''}: its loss {what} in epoch "
         f"{epoch}/{epochs} ({detail}); stopped with no student (metrics.jsonl shows the epoch, "
-        f"{kept}): lower distill.lr or the method's loss weights, under another distill.name "
+        f"{kept}): lower {section}.lr or the method's loss weights, under another {section}.name "
         f"(or delete this run's folder)"
     )
     if earlier:  # e.g. on another device, where the numbers differ, the same run may not
@@ -367,9 +403,12 @@ def _diverged_error(
     return DivergedError(message) if world.main else RankStopped(message)
 
 
-def check_not_diverged(config: Config, world: World | None = None) -> None:
+def check_not_diverged(
+    config: Config, world: World | None = None, *, section: str = "distill"
+) -> None:
     """Raise the run's divergence again when this very run (same config) diverged before: with
-    fixed seeds it would only retrain up to the same diverged epoch.
+    fixed seeds it would only retrain up to the same diverged epoch. ``section``: where the
+    run's keys are set (``distill``, or a sweep's ``sweep.runs[i]``), for the advice.
 
     Raises:
         DivergedError: on rank 0 (RankStopped on the others), naming the epoch.
@@ -381,13 +420,23 @@ def check_not_diverged(config: Config, world: World | None = None) -> None:
     )
     if record is not None:
         world = world or World.from_env()
-        raise _diverged_error(out.name, record, config.distill.epochs, world, marker=marker)
+        raise _diverged_error(
+            out.name, record, config.distill.epochs, world, marker=marker, section=section
+        )
 
 
 def train_student(
-    config: Config, *, progress: bool = True, on_step: StepHook | None = None
+    config: Config,
+    *,
+    progress: bool = True,
+    on_step: StepHook | None = None,
+    section: str = "distill",
 ) -> Path:
     """Train (or resume, or skip when finished) one student; return its checkpoint path.
+
+    ``section``: where the run's keys are set, named in the advice of a refusal or divergence
+    ("set distill.name"): ``distill``, or ``sweep.runs[i]`` for a sweep's run, which does not
+    inherit ``distill.name``.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see :mod:`pipeline.distill_ddp`."""
     cfg = config.distill
@@ -403,7 +452,7 @@ def train_student(
             raise
     lock = RunLock(output_dir(config))  # taken by rank 0 in _train, where errors are agreed
     try:
-        return _train(config, world, device, progress, on_step, lock)
+        return _train(config, world, device, progress, on_step, lock, section)
     finally:
         lock.release()
         world.stop()
@@ -416,20 +465,22 @@ def _train(
     progress: bool,
     on_step: StepHook | None,
     lock: RunLock,
+    section: str,
 ) -> Path:
     cfg = config.distill
     out = output_dir(config)
     ckpt_path, state_path = out / "student.pt", out / "state.pt"
     key = config_key(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
+        check_recipe(config)  # a bad option is named as such, not as another config's run
         source = teacher_fingerprint(config)
-        if finished(ckpt_path, accepted_keys(config), source):
+        if finished(ckpt_path, accepted_keys(config), source, section=section):
             if world.main:
                 restore_metrics(ckpt_path, out / "metrics.jsonl")
             world.agree(None)
             return ckpt_path
-        check_not_diverged(config, world)
-        state = load_state(state_path, accepted_keys(config), source)
+        check_not_diverged(config, world, section=section)
+        state = load_state(state_path, accepted_keys(config), source, section=section)
         device = device or pick_device(cfg.device)
         train, test = splits(config)
         student, kwargs = build_student(config, train, device)
@@ -438,7 +489,7 @@ def _train(
             # One process per student folder (two would remove each other's temporary files
             # and PS-KD stores); one that finished or saved an epoch since we looked: rerun.
             lock.acquire()
-            now = load_state(state_path, accepted_keys(config), source)
+            now = load_state(state_path, accepted_keys(config), source, section=section)
             if ckpt_path.exists() or (now or {}).get("epoch") != (state or {}).get("epoch"):
                 raise DistillError(
                     f"{out} was trained by another process while this one started: rerun the "
@@ -502,7 +553,7 @@ def _train(
                 if world.main:  # the epoch stays in the metrics (the report shows it)
                     write_metrics(out / "metrics.jsonl", history)
                     save_diverged(out / DIVERGED_FILE, key, record)
-                raise _diverged_error(out.name, record, cfg.epochs, world)
+                raise _diverged_error(out.name, record, cfg.epochs, world, section=section)
             rng = world.gather(rng_state(device)) if world.distributed else None
             if world.main:
                 save_state(

@@ -57,8 +57,11 @@ class RunLock(WriterLock):
         super().acquire()
 
 
-def _check_source(path: Path, saved: str | None, source: dict | None, what: str) -> None:
-    """Refuse a run made from another teacher store than ``source`` (its fingerprint)."""
+def _check_source(
+    path: Path, saved: str | None, source: dict | None, what: str, section: str = "distill"
+) -> None:
+    """Refuse a run made from another teacher store than ``source`` (its fingerprint);
+    ``section``: where the run's keys are set (see :func:`finished`)."""
     if source is None or not saved:
         return
     try:
@@ -74,15 +77,22 @@ def _check_source(path: Path, saved: str | None, source: dict | None, what: str)
         }.get(online, "teacher source (a store against an online teacher)")
         raise DistillError(
             f"{path} is {what} from another {teacher} (its fingerprint differs in "
-            f"{', '.join(keys)}): set distill.name to train from this one elsewhere, or delete "
+            f"{', '.join(keys)}): set {section}.name to train from this one elsewhere, or delete "
             f"the folder"
         )
 
 
-def load_state(path: Path, key: str | tuple[str, ...], source: dict | None = None) -> dict | None:
+def load_state(
+    path: Path,
+    key: str | tuple[str, ...],
+    source: dict | None = None,
+    *,
+    section: str = "distill",
+) -> dict | None:
     """The state of the last finished epoch of this run, or None when there is none yet.
     ``key``: the run's config key, or the keys it accepts (``accepted_keys``); ``source``: the
-    fingerprint of the teacher store the run reads now (None: it reads none)."""
+    fingerprint of the teacher store the run reads now (None: it reads none); ``section``: where
+    the run's keys are set (see :func:`finished`)."""
     if not path.is_file():
         return None
     state = load_weights_only(path, "delete it to train this student afresh")
@@ -91,15 +101,25 @@ def load_state(path: Path, key: str | tuple[str, ...], source: dict | None = Non
     if state.get("config_hash") not in ((key,) if isinstance(key, str) else key):
         raise DistillError(
             f"{path} belongs to a run with another config: restore that config to resume it, "
-            f"set distill.name to train this one elsewhere, or delete the folder"
+            f"set {section}.name to train this one elsewhere, or delete the folder"
         )
-    _check_source(path, state.get("store_fingerprint"), source, "a run trained")
+    _check_source(path, state.get("store_fingerprint"), source, "a run trained", section)
     return state
 
 
-def finished(path: Path, key: str | tuple[str, ...], source: dict | None = None) -> bool:
+def finished(
+    path: Path,
+    key: str | tuple[str, ...],
+    source: dict | None = None,
+    *,
+    section: str = "distill",
+) -> bool:
     """Whether ``path`` holds this very run's final checkpoint (then there is nothing to do),
-    trained from the teacher store whose fingerprint is ``source`` (when it reads one)."""
+    trained from the teacher store whose fingerprint is ``source`` (when it reads one).
+
+    ``section``: where the run's keys are set, so that a refusal names the key that moves the
+    run elsewhere: ``distill``, or a sweep's ``sweep.runs[i]`` (whose runs do not inherit
+    ``distill.name``)."""
     if not path.exists():
         return False
     try:
@@ -108,10 +128,11 @@ def finished(path: Path, key: str | tuple[str, ...], source: dict | None = None)
         raise DistillError(f"{exc} (delete it to train the student again)") from None
     if ckpt.extra.get("config_hash") not in ((key,) if isinstance(key, str) else key):
         raise DistillError(
-            f"{path} is a finished run with another config: set distill.name to train this one "
-            f"elsewhere, or delete the folder"
+            f"{path} is a finished run with another config: set {section}.name to train this "
+            f"one elsewhere, or delete the folder"
         )
-    _check_source(path, ckpt.extra.get("store_fingerprint"), source, "a finished run trained")
+    what = "a finished run trained"
+    _check_source(path, ckpt.extra.get("store_fingerprint"), source, what, section)
     return True
 
 

@@ -38,18 +38,14 @@ from pipeline.distill import (
     DivergedError,
     accepted_keys,
     check_not_diverged,
+    check_recipe,
     output_dir,
     reads_teacher_store,
     teacher_fingerprint,
     train_student,
 )
 from pipeline.distill_ddp import World
-from pipeline.distill_inputs import (
-    DistillError,
-    build_student_method,
-    check_teacher_store,
-    store_path,
-)
+from pipeline.distill_inputs import DistillError, check_teacher_store, store_path
 from pipeline.distill_state import finished, load_state, restore_metrics
 from pipeline.errors import (
     EXPECTED_ERRORS,
@@ -63,10 +59,6 @@ from pipeline.launch import torchrun
 from pipeline.metrics import diverged
 from pipeline.models import MODELS, read_checkpoint
 
-# Only checks that the method and its options exist; the class count matters to no check, just
-# to instance-wise CTKD's MLP, which the real run builds again with the dataset's.
-_CHECK_CLASSES = 2
-
 
 @dataclass(frozen=True)
 class SweepRun:
@@ -79,6 +71,12 @@ class SweepRun:
     @property
     def folder(self) -> Path:
         return output_dir(self.config)
+
+    @property
+    def section(self) -> str:
+        """Where this run's keys are set: what a refusal's advice names (``sweep.runs[i].name``,
+        as a sweep's run does not inherit ``distill.name``)."""
+        return f"sweep.runs[{self.index}]"
 
 
 @dataclass
@@ -135,11 +133,11 @@ def plan_sweep(config: Config) -> list[SweepRun]:
                     f"{where}: unknown student {distill.student!r}; choose one of: "
                     f"{', '.join(MODELS)}"
                 )
+            item = SweepRun(index, seed, dataclasses.replace(config, distill=distill))
             try:
-                build_student_method(distill.method, distill.method_options, _CHECK_CLASSES)
+                check_recipe(item.config)  # the method and its options
             except UserError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
-            item = SweepRun(index, seed, dataclasses.replace(config, distill=distill))
             if item.folder in folders:
                 raise ConfigError(
                     f"{where} and {folders[item.folder]} both train into {item.folder}: give "
@@ -193,8 +191,8 @@ def check_folders(planned: list[SweepRun]) -> None:
         keys = accepted_keys(item.config)
         source = teacher_fingerprint(item.config)  # check_stores opened it already
         try:
-            if not finished(ckpt, keys, source):
-                load_state(state, keys, source)
+            if not finished(ckpt, keys, source, section=item.section):
+                load_state(state, keys, source, section=item.section)
         except DistillError as exc:
             raise DistillError(f"{where}: {exc}") from None
 
@@ -309,15 +307,15 @@ def run_sweep(
             # As train_student checks it: a student of another teacher store (the teacher
             # retrained, precompute --overwrite) is not this sweep's finished run.
             source = teacher_fingerprint(item.config)
-            status = "finished" if finished(ckpt, keys, source) else "trained"
+            status = "finished" if finished(ckpt, keys, source, section=item.section) else "trained"
             if status == "finished":  # its metrics.jsonl rebuilt from the checkpoint if damaged
                 restore_metrics(ckpt, item.folder / "metrics.jsonl")
             if status == "trained":
-                check_not_diverged(item.config)  # before any process starts for it
+                check_not_diverged(item.config, section=item.section)  # before any process starts
             if status == "trained" and nproc is not None:
                 ckpt = train_under_torchrun(item.config, nproc, progress=progress)
             elif status == "trained":
-                ckpt = train_student(item.config, progress=progress)
+                ckpt = train_student(item.config, progress=progress, section=item.section)
             final, best = _summary(ckpt)
             outcome = Outcome(item, status, final, best, time.perf_counter() - t0)
         except DivergedError as exc:  # a result of the recipe, reported; not a failure

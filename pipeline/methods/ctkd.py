@@ -30,10 +30,16 @@ def curriculum_lambda(
     """GRL strength λ_e for epoch ``epoch`` (counted from 1): a cosine rise to λ_max at E."""
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise MethodError(f"epoch must be a whole number >= 0 (counted from 1), got {epoch!r}")
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise MethodError(f"curriculum max_epochs must be a whole number >= 1, got {max_epochs!r}")
+    _check_length("curriculum max_epochs", max_epochs)
     progress = min(epoch, max_epochs) / max_epochs
     return lambda_min + 0.5 * (lambda_max - lambda_min) * (1 + math.cos((1 + progress) * math.pi))
+
+
+def _check_length(name: str, epochs: object) -> None:
+    """Refuse a curriculum length E that is not a whole number >= 1, named as the caller spells
+    it (``curriculum_epochs``, the config key, or ``curriculum_lambda``'s ``max_epochs``)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise MethodError(f"{name} must be a whole number >= 1, got {epochs!r}")
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -118,7 +124,7 @@ class CurriculumTemperature(nn.Module):
 
     def __init__(self, predictor: nn.Module, curriculum_epochs: int = 10) -> None:
         super().__init__()
-        curriculum_lambda(1, curriculum_epochs)  # validates curriculum_epochs
+        _check_length("curriculum_epochs", curriculum_epochs)  # the method option's name
         self.predictor = predictor
         self.curriculum_epochs = curriculum_epochs
 

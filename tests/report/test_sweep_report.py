@@ -214,8 +214,8 @@ def test_a_diverged_run_is_reported_not_failed(tiny_store, tmp_path, capsys):
     assert lines[0] == (
         "sweep 1/2 hot-s4: DIVERGED: hot-s4 diverged: its loss became non-finite in epoch 1/2 "
         "(ce nan, kd nan, total nan); stopped with no student (metrics.jsonl shows the epoch, no "
-        "state to resume): lower distill.lr or the method's loss weights, under another "
-        "distill.name (or delete this run's folder)"
+        "state to resume): lower sweep.runs[0].lr or the method's loss weights, under another "
+        "sweep.runs[0].name (or delete this run's folder)"
     )
     assert lines[1].startswith("sweep 2/2 small_cnn-ce-s4: trained, test top-1 ")
     assert lines[2].startswith("sweep: 2 runs done (1 trained, 0 already finished, 1 diverged")
