@@ -51,6 +51,13 @@ CONFIG_STORE = $(PY) -c "$$CONFIG_STORE_PY" $(call quote,$(CONFIG)) \
 # store resolved): STORE if given, else CONFIG_STORE's line (with -e, a config that CONFIG_STORE
 # refuses stops the recipe there).
 store_arg = store=$(if $(STORE),$(call quote,$(STORE)),"$$($(CONFIG_STORE))")
+# The targets that read CONFIG refuse a missing one in one line (make would say "No rule to make
+# target", or the data recipe's grep would fail and go on).
+ifneq ($(filter data teacher export precompute distill sweep report run verify audit,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(CONFIG)),)
+$(error config file '$(CONFIG)' does not exist: set CONFIG to a YAML file, e.g. stages/configs/default.yaml)
+endif
+endif
 # Where Debian's dataset-fashion-mnist package puts the files (the default config reads them).
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
@@ -99,9 +106,9 @@ $(RUN_DIR)/teacher.onnx: $(RUN_DIR)/teacher.pt $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline export $(STAGE_ARGS)
 	@[ ! -f $@ ] || touch $@  # up to date with these settings: skipped until they change
 
-precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into the run's store (precompute.store, default RUN_DIR/store.zarr; WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster)
+precompute: $(RUN_DIR)/precompute.done ## the teacher's logits for every view into the run's store (precompute.store, default RUN_DIR/store.zarr; WORKERS=n: local dask; SCHEDULER=tcp://host:8786: a cluster; OVERWRITE=1: replace a store made from other inputs)
 $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
-	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(call quote,$(WORKERS))) $(if $(SCHEDULER),--scheduler $(call quote,$(SCHEDULER)))
+	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(call quote,$(WORKERS))) $(if $(SCHEDULER),--scheduler $(call quote,$(SCHEDULER))) $(if $(OVERWRITE),--overwrite)
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
 distill: precompute ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)

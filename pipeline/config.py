@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from storage.encodings import ENCODINGS
 from storage.urls import is_url
 
 
@@ -83,6 +84,7 @@ class ExportConfig:
 
 
 ORT_PROVIDERS = ("auto", "cuda", "cpu")
+STORE_BACKENDS = ("zarr", "hdf5")
 MIN_OPSET = 7  # the oldest opset ONNX Runtime runs
 
 
@@ -217,10 +219,19 @@ class DistillConfig:
         _check_name(self.name, "distill.name")
 
 
+#: A student folder name's limit: file systems take 255 bytes, and suffixes are added to it.
+MAX_NAME_BYTES = 200
+
+
 def _check_name(name: str | None, what: str) -> None:
     """A student's folder name: None (named after student and method) or a plain folder name."""
     if name is not None and (not name or "/" in name or name[0] == "."):
         raise ConfigError(f"{what} must be a plain folder name, got {name!r}")
+    if name is not None and len(name.encode()) > MAX_NAME_BYTES:  # -sSEED, .tmp suffixes to come
+        raise ConfigError(
+            f"{what} must be at most {MAX_NAME_BYTES} bytes (a folder name), got "
+            f"{len(name.encode())}: shorten it"
+        )
 
 
 def _default_sweep_runs() -> list[dict]:
@@ -308,6 +319,14 @@ class Config:
         rtol = self.precompute.parity_rtol
         if rtol is not None and not (0 < rtol < math.inf):
             raise ConfigError(f"precompute.parity_rtol must be a finite number > 0, got {rtol}")
+        choices = (
+            ("precompute.encoding", self.precompute.encoding, tuple(ENCODINGS)),
+            ("precompute.backend", self.precompute.backend, STORE_BACKENDS),
+            ("distill.pskd_encoding", self.distill.pskd_encoding, tuple(ENCODINGS)),
+        )
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         if self.precompute.provider not in ORT_PROVIDERS:
             raise ConfigError(
                 f"precompute.provider must be one of {', '.join(ORT_PROVIDERS)}, got "

@@ -48,6 +48,9 @@ _OS_ERRORS = {
     errno.EROFS: ("read-only file system", _LOCKED),
     errno.ENOTDIR: ("a path component is a file, not a folder", _PATH),
     errno.EEXIST: ("a file is in the way of a folder to create", _PATH),
+    errno.EISDIR: ("a folder is where a file belongs", _PATH),
+    errno.ENOENT: ("no such file or folder", _PATH),
+    errno.ENAMETOOLONG: ("a file name is too long for the file system", _PATH),
 }
 
 

@@ -33,6 +33,8 @@ PROVIDERS: dict[str, str] = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecuti
 """Provider names accepted by ``make_session`` (plus "auto") → ONNX Runtime's names."""
 
 _SHOWN = 8  # sample indices named in a NaN/inf message
+#: Set to 1 to let ONNX Runtime log why its CUDA provider did not start.
+ORT_VERBOSE_ENV = "LOGITBANK_ORT_VERBOSE"
 
 
 def available_cores() -> int:
@@ -231,7 +233,15 @@ def make_session(
         # ORT's CUDA provider allows TF32 unless told not to (use_tf32, ORT >= 1.18): the
         # stored logits would then differ from the parity-checked float32 model (~1e-2).
         cuda_options = {"use_tf32": "1" if tf32 else "0"}
-        session = create([(PROVIDERS["cuda"], cuda_options), PROVIDERS["cpu"]])
+        # A CUDA provider that cannot start logs its reason through ORT's default logger, in
+        # colour, before this module's own one-line error: kept quiet unless asked for.
+        verbose = os.environ.get(ORT_VERBOSE_ENV, "") not in ("", "0")
+        if not verbose:
+            ort.set_default_logger_severity(4)
+        try:
+            session = create([(PROVIDERS["cuda"], cuda_options), PROVIDERS["cpu"]])
+        finally:
+            ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings and up
         active = session.get_providers()
         if active and active[0] == PROVIDERS["cuda"]:
             return session
@@ -239,7 +249,8 @@ def make_session(
             raise UserError(
                 f"provider 'cuda' was requested but ONNX Runtime's CUDA provider is not active "
                 f"(active: {', '.join(active)}; it is listed as available but did not start: "
-                "no GPU, or a CUDA/cuDNN mismatch); use provider 'cpu' or 'auto'"
+                f"no GPU, or a CUDA/cuDNN mismatch: {ORT_VERBOSE_ENV}=1 shows ONNX Runtime's "
+                "reason); use provider 'cpu' or 'auto'"
             )
         if fp16:
             raise UserError(

@@ -20,7 +20,9 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 import threading
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +48,7 @@ from pipeline.ort import (
 )
 from pipeline.overlap import run_overlapped
 from pipeline.views import NUM_VIEW_PARAMS
-from storage import NotAStoreError, create_store, open_store
+from storage import NotAStoreError, StoreWarning, create_store, open_store
 from storage.layout import format_plan, plan
 from storage.parallel import write_parallel
 from storage.urls import is_url
@@ -298,6 +300,19 @@ def store_fingerprint(config: Config, train: Split) -> dict:
     }
 
 
+def _close_quietly(store: Any) -> None:
+    """Close the store; its StoreWarning (rows of unfinished shards not kept, on an interrupt)
+    is one line on stderr, not Python's warning with its file, line and source."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreWarning)
+        store.close()
+    for w in caught:
+        if issubclass(w.category, StoreWarning):
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def precompute(config: Config, *, overwrite: bool = False, progress: bool = True) -> Path | str:
     """Fill (or finish) the run's logit store; return its path (or URL)."""
     pc = config.precompute
@@ -400,10 +415,10 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
                 bar.update(len(logits))
 
             run_overlapped(jobs, lambda job: (job, produce.inputs(*job)), compute, write)
-            store.close()
+            _close_quietly(store)
     finally:
         bar.close()
-        store.close()
+        _close_quietly(store)
         if progress and by_worker:
             print(
                 f"dask: {sum(by_worker.values())} shard(s) on {len(by_worker)} worker(s): "
@@ -520,5 +535,5 @@ def _check_same_inputs(store, config: Config, train: Split, fingerprint: dict) -
         what = what or f"(V, N, C, encoding) store {shape} vs now {want}"
         raise UserError(
             f"the existing store {store.path} was made from other inputs ({what}): "
-            f"pass --overwrite to replace it, or use another run_dir"
+            f"pass --overwrite (make: OVERWRITE=1) to replace it, or use another run_dir"
         )

@@ -157,12 +157,19 @@ def _read_metrics(path: Path) -> list[dict]:
 def _read_config(path: Path) -> dict:
     """A run's resolved config as plain YAML (not load_config: an old run stays readable)."""
     if not path.is_file():
-        return {}
+        raise ReportError(
+            f"{path} is missing: without it the run's method and group are unknown; restore it, "
+            f"rerun its student, or delete the run"
+        )
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         raise ReportError(f"{path} is not valid YAML: restore it or delete the run") from None
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):  # a run would be reported as "?", in a group of its own
+        raise ReportError(
+            f"{path} is not a run's config (a mapping of sections): restore it or delete the run"
+        )
+    return config
 
 
 def _teacher(config: dict, run_dir: Path, cache: dict) -> tuple[str | None, float | None]:
@@ -185,6 +192,12 @@ def collect_runs(run_dir: Path) -> list[RunResult]:
     """Every RUN_DIR/distill/* folder with at least one epoch of metrics."""
     teachers: dict = {}
     runs = []
+    for finished in sorted((run_dir / "distill").glob("*/student.pt")):
+        if not (finished.parent / "metrics.jsonl").is_file():  # it would be left out silently
+            raise ReportError(
+                f"{finished.parent} holds a finished student but no metrics.jsonl: rerun its "
+                f"student (distill writes its metrics again from student.pt) or delete the folder"
+            )
     for metrics in sorted((run_dir / "distill").glob("*/metrics.jsonl")):
         history = _read_metrics(metrics)
         if not history:

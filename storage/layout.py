@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from storage.encodings import row_arrays
 from storage.errors import StoreError
 
@@ -32,6 +34,7 @@ DEFAULT_TOPK = 32
 #: on disk, and raw rows can be far bigger (topk at C = 21843: 455x, a 13 GiB shard of raw
 #: logits), so a task fills its shard a block of rows at a time and holds only the encoded shard.
 TASK_BLOCK_BYTES = 128 << 20
+LABEL_CHUNK_ROWS = 1 << 20  # rows a chunk of ``labels`` (zarr)
 
 
 @dataclass(frozen=True)
@@ -170,20 +173,31 @@ def row_bytes(num_classes: int, encoding: str, topk: int = 0) -> int:
 def plan(layout: Layout, backend: str = "zarr") -> dict:
     """What a store of this layout costs: bytes on disk, files, and the memory its users need.
 
-    Bytes are exact for uncompressed arrays (checksums and shard indexes included); the file count
-    is for the zarr backend (HDF5 is always one file).
+    Bytes are exact for uncompressed zarr arrays (a view's last chunk padded to whole rows, as
+    zarr stores it, checksums and shard indexes included), but for the few KB of JSON metadata;
+    HDF5 is one file of about the same bytes. Files: the zarr backend's, its lock included.
     """
     n, c, v = layout.num_samples, layout.num_classes, layout.num_views
     per_row = row_bytes(c, layout.encoding, layout.topk) + 16  # + stats (4 x float32)
     per_row += 2 * layout.view_param_width
     chunks = v * layout.num_chunks
-    # Each chunk carries a 4-byte crc32c; each shard an index of 16 bytes per chunk + its crc.
-    overhead = chunks * 4 * _arrays_per_row(layout) + v * layout.num_shards * (
-        16 * layout.chunks_per_shard + 4
-    ) * _arrays_per_row(layout)
-    data_bytes = v * n * per_row + n * 8 + v * layout.num_chunks  # + labels + done
+    arrays = layout.arrays()
+    stored_rows = layout.num_chunks * layout.chunk_rows  # a view's, its last chunk padded
+    row_array_bytes = sum(
+        np.dtype(dtype).itemsize * (width or 1) for dtype, width in arrays.values()
+    )
+    # Each chunk carries a 4-byte crc32c; each shard an index of 16 bytes a chunk + its crc.
+    shard_index = 16 * layout.chunks_per_shard + 4
+    rows_bytes = v * stored_rows * row_array_bytes + len(arrays) * (
+        chunks * 4 + v * layout.num_shards * shard_index
+    )
+    label_chunks = -(-n // LABEL_CHUNK_ROWS)
+    label_bytes = label_chunks * (min(n, LABEL_CHUNK_ROWS) * 8 + 4)
+    done_bytes = v * (layout.num_chunks + 4)
     if backend == "zarr":
-        files = v * layout.num_shards * _arrays_per_row(layout) + 2 * v + 1 + 16  # + done, meta
+        # shard files + one done chunk a view + label chunks + a zarr.json an array and the
+        # group's + the writer lock
+        files = v * layout.num_shards * len(arrays) + v + label_chunks + len(arrays) + 2 + 2
     else:
         files = 1
     return {
@@ -194,7 +208,7 @@ def plan(layout: Layout, backend: str = "zarr") -> dict:
         "chunk_rows": layout.chunk_rows,
         "chunks_per_shard": layout.chunks_per_shard,
         "bytes_per_row": per_row,
-        "disk_bytes": data_bytes + overhead,
+        "disk_bytes": rows_bytes + label_bytes + done_bytes,
         "files": files,
         "chunks": chunks,
         "shards": v * layout.num_shards,
@@ -204,12 +218,6 @@ def plan(layout: Layout, backend: str = "zarr") -> dict:
         "ram_bytes_per_view_decoded": n * c * 4,
         "float32_disk_bytes": v * n * c * 4,
     }
-
-
-def _arrays_per_row(layout: Layout) -> int:
-    """Row-chunked arrays that get their own shard files: logits-like + stats (+ view_params)."""
-    k = {"int8": 3, "topk": 2}.get(layout.encoding, 1) + 1
-    return k + (1 if layout.view_param_width else 0)
 
 
 def format_plan(p: dict, backend: str) -> str:

@@ -31,7 +31,7 @@ from zarr.storage import FsspecStore, LocalStore
 from storage import urls
 from storage.base import LogitStore, _first, name_final
 from storage.errors import StoreCorruptError, StoreExistsError
-from storage.layout import Layout
+from storage.layout import LABEL_CHUNK_ROWS, Layout
 from storage.locking import WriterLock, remove_abandoned
 from storage.shard_reader import ShardReader, supports_fast_path, write_shard
 
@@ -174,7 +174,7 @@ class ZarrLogitStore(LogitStore):
             "labels",
             shape=(layout.num_samples,),
             dtype="int64",
-            chunks=(min(layout.num_samples, 1 << 20),),
+            chunks=(min(layout.num_samples, LABEL_CHUNK_ROWS),),
             compressors=codecs,
             fill_value=-1,
             dimension_names=("sample",),

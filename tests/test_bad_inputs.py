@@ -385,6 +385,12 @@ CASES: list[Case] = [
          stage("export", "data.options.num_classes=7"),
          "teacher RUN/teacher.pt was built for 10 classes, 1 input channel(s) and (16, 16) images; "
          "the dataset has 7, 1 and (16, 16): train or give a teacher for this dataset"),
+    Case("ckpt-other-config", "checkpoint", "a finished teacher, then a teacher setting "
+         "changed (`teacher.lr=0.001`): it was silently retrained over",
+         stage("teacher", "teacher.lr=0.001"),
+         "RUN/teacher.pt is a teacher trained with another config (teacher.lr was …, is 0.001): "
+         "set another run_dir to train this one, or delete RUN/teacher.pt and what was made from "
+         "it (teacher.onnx, the store, the students) to train this one here"),
     Case("ckpt-malicious-resume", "checkpoint", "a student's resume state whose pickle would "
          "run code", stage("distill", "distill.name=evil"),
          "RUN/distill/evil/state.pt holds pickled Python objects other than tensors and plain "
@@ -437,7 +443,8 @@ CASES: list[Case] = [
     Case("store-other-teacher", "store", "another teacher's store in the run folder",
          stage("precompute"),
          "the existing store RUN/store.zarr was made from other inputs (onnx_sha256: store "
-         "'00000000' vs now '…'): pass --overwrite to replace it, or use another run_dir",
+         "'00000000' vs now '…'): pass --overwrite (make: OVERWRITE=1) to replace it, or use "
+         "another run_dir",
          prepare=_store_attrs(onnx_sha256="00000000")),
     Case("store-other-inputs", "store", "a store made with other augmentation",
          stage("distill", "augment.pad=1"),

@@ -52,7 +52,7 @@ def test_plan_prints_an_imagenet_estimate():
     assert result.returncode == 0, result.stderr
     files = int(result.stdout.split(" file(s)")[0].rsplit(" ", 1)[1].replace(",", ""))
     assert 1000 <= files <= 5000, result.stdout  # a few thousand files, not millions
-    assert "24.1 GiB" in result.stdout
+    assert "24.2 GiB" in result.stdout  # its last chunk a view padded, as zarr writes it
 
 
 def test_verify_and_audit_on_a_store(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,11 @@ def test_resolved_config_write_clears_leftovers(tmp_path, monkeypatch):
         ("", ["precompute.chunk_rows=0"], r"precompute.chunk_rows must be > 0, got 0"),
         ("", ["precompute.provider=gpu"], r"provider must be one of auto, cuda, cpu, got 'gpu'"),
         ("", ["precompute.parity_rows=-1"], r"precompute.parity_rows must be >= 0, got -1"),
+        # checked when read: it was reported as "a store made from other inputs" (2026-11-27)
+        ("", ["precompute.encoding=bogus"], r"precompute.encoding must be one of float32, "),
+        ("", ["precompute.backend=tiledb"], r"precompute.backend must be one of zarr, hdf5, got"),
+        ("", ["distill.pskd_encoding=f8"], r"distill.pskd_encoding must be one of float32, "),
+        ("", ["distill.name=" + "a" * 300], r"distill.name must be at most 200 bytes .* 300: "),
         ("", ["precompute.parity_rtol=0"], r"parity_rtol must be a finite number > 0, got 0.0"),
         ("", ["precompute.parity_rtol=nan"], r"parity_rtol must be a finite number > 0, got nan"),
         ("", ["export.atol=inf"], r"export.atol must be a finite number, got inf"),
@@ -123,3 +130,23 @@ def test_a_huge_integer_is_a_config_value_not_a_traceback():
     huge = "1" + "0" * 400  # math.isfinite(int) raises OverflowError past float's range
     config = load_config(None, [f"teacher.epochs={huge}"])
     assert config.teacher.epochs == int(huge)
+
+
+@pytest.mark.parametrize(
+    ("code", "what"),
+    [
+        (errno.EISDIR, "a folder is where a file belongs"),
+        (errno.ENAMETOOLONG, "a file name is too long for the file system"),
+        (errno.ENOENT, "no such file or folder"),
+    ],
+)
+def test_path_os_errors_are_one_line(code, what):
+    """A run_dir of 300 characters, a folder where teacher.pt goes, a run_dir under /proc: the
+    user's to fix, one line naming the path (they were tracebacks)."""
+    from pipeline.errors import os_error_message
+
+    message = os_error_message(OSError(code, os.strerror(code), "/r/x"))
+    assert (
+        message == f"{what} (/r/x): check run_dir and the store, data and checkpoint paths "
+        "in the config"
+    )

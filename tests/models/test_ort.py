@@ -55,13 +55,21 @@ def test_auto_uses_cpu_when_cuda_does_not_start(teacher) -> None:
         assert make_session(path, "auto").get_providers() == ["CPUExecutionProvider"]
 
 
-def test_cuda_requested_but_not_active_is_an_error(teacher) -> None:
-    """onnxruntime-gpu lists CUDA as available without a GPU; the session says the truth."""
+def test_cuda_requested_but_not_active_is_an_error(teacher, capfd, monkeypatch) -> None:
+    """onnxruntime-gpu lists CUDA as available without a GPU; the session says the truth, in
+    one line: ONNX Runtime's own coloured log of why (a missing libcublasLt) is kept off
+    stderr unless LOGITBANK_ORT_VERBOSE=1 asks for it."""
     _, path = teacher
     if _cuda_really_works(path):
         pytest.skip("the CUDA provider works on this machine")
+    capfd.readouterr()
     with pytest.raises(UserError, match="provider 'cuda' was requested but .* not active"):
         make_session(path, provider="cuda")
+    assert capfd.readouterr().err == ""
+    monkeypatch.setenv("LOGITBANK_ORT_VERBOSE", "1")
+    with pytest.raises(UserError, match="not active"):
+        make_session(path, provider="cuda")
+    assert "CUDAExecutionProvider" in capfd.readouterr().err  # ORT's reason, as asked
 
 
 class _FakeSession:

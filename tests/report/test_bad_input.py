@@ -128,3 +128,37 @@ def test_plan_names_folders_and_keeps_distill_defaults(tmp_path):
     # The sweep section survives the resolved config.yaml a stage writes.
     save_resolved(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_damaged_run_folders_are_named_not_left_out(tmp_path):
+    """A finished student without its metrics.jsonl was left out of its experiment's mean, and
+    a run whose config.yaml is no mapping became a "?" run in a group of its own, silently
+    (exit 0). Each is now the one-line error naming the folder."""
+    import json
+
+    from pipeline.errors import UserError
+    from pipeline.report import collect_runs
+
+    def run(name: str, config: str | None, metrics: bool, student: bool) -> None:
+        folder = tmp_path / "distill" / name
+        folder.mkdir(parents=True)
+        if config is not None:
+            (folder / "config.yaml").write_text(config)
+        if metrics:
+            (folder / "metrics.jsonl").write_text(json.dumps({"test_acc": 50.0}) + "\n")
+        if student:
+            (folder / "student.pt").write_bytes(b"")
+
+    good = "distill: {student: mlp, method: kd, seed: 0, epochs: 1}\n"
+    run("mlp-kd-s0", good, metrics=True, student=True)
+    assert [r.name for r in collect_runs(tmp_path)] == ["mlp-kd-s0"]
+    run("mlp-kd-s1", good, metrics=False, student=True)
+    with pytest.raises(UserError, match=r"mlp-kd-s1 holds a finished student but no metrics"):
+        collect_runs(tmp_path)
+    (tmp_path / "distill" / "mlp-kd-s1" / "student.pt").unlink()  # unfinished, never started
+    run("mlp-ce-s0", "junk\n", metrics=True, student=True)
+    with pytest.raises(UserError, match=r"mlp-ce-s0/config.yaml is not a run's config"):
+        collect_runs(tmp_path)
+    (tmp_path / "distill" / "mlp-ce-s0" / "config.yaml").unlink()
+    with pytest.raises(UserError, match=r"mlp-ce-s0/config.yaml is missing"):
+        collect_runs(tmp_path)

@@ -28,3 +28,20 @@ def test_close_counts_the_rows_it_does_not_keep(tmp_path, backend, suffix):
     with open_store(path) as store:
         assert store.done[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
         assert not store.done[1].any()
+
+
+def test_precompute_reports_the_warning_in_one_line(tmp_path, capfd):
+    """An interrupted precompute closes its store with rows of unfinished shards: one line on
+    stderr ("warning: ..."), not Python's warning with its file, line and source echoed."""
+    import warnings
+
+    from pipeline.precompute import _close_quietly
+
+    store = create_store(str(tmp_path / "s.zarr"), 40, 3, chunk_rows=4, chunks_per_shard=4)
+    store.write(0, 0, np.ones((6, 3), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing else may escape as a Python warning
+        _close_quietly(store)
+    err = capfd.readouterr().err
+    assert err.startswith("warning: store ") and err.count("\n") == 1
+    assert "6 row(s) written to unfinished shards not kept at close" in err
