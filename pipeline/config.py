@@ -511,17 +511,8 @@ def save_resolved(config: Config, path: str | Path) -> None:
     beside it; the next write removes such leftovers first. Two commands finishing together
     may each take the other's temporary file for a leftover: a write whose own was removed
     writes again (the file is the same config either way)."""
-    from pipeline.fileio import atomic_write, remove_stale_temps
+    from pipeline.fileio import write_text_over_leftovers
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    remove_stale_temps(path.parent, (path.name,))
-    for attempt in range(3):
-        try:
-            with atomic_write(path, "w") as f:  # a kill leaves the old file or this one
-                f.write(text)
-            return
-        except FileNotFoundError:  # our temporary file was removed as another's leftover
-            if attempt == 2:
-                raise
+    write_text_over_leftovers(path, yaml.safe_dump(to_dict(config), sort_keys=False))

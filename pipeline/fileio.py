@@ -63,3 +63,21 @@ def remove_stale_temps(folder: str | os.PathLike[str], names: Iterable[str]) -> 
             stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed
+
+
+def write_text_over_leftovers(path: str | os.PathLike[str], text: str) -> None:
+    """Write a small text record (a stage's resolved config, precompute's parity record)
+    atomically, first removing the temporary files a kill mid-write (in its fsync, the long
+    part) left beside it for good. Two commands writing it together may each take the other's
+    temporary file for a leftover: a write whose own was removed writes again (a record that
+    two runs of one folder write is the same record either way)."""
+    path = Path(path)
+    remove_stale_temps(path.parent, (path.name,))
+    for attempt in range(3):
+        try:
+            with atomic_write(path, "w") as f:  # a kill leaves the old file or this one
+                f.write(text)
+            return
+        except FileNotFoundError:  # our temporary file was removed as another's leftover
+            if attempt == 2:
+                raise

@@ -241,7 +241,8 @@ def make_session(
         try:
             session = create([(PROVIDERS["cuda"], cuda_options), PROVIDERS["cpu"]])
         finally:
-            ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings and up
+            if not verbose:  # ONNX Runtime's default again (it has no getter to restore from)
+                ort.set_default_logger_severity(2)
         active = session.get_providers()
         if active and active[0] == PROVIDERS["cuda"]:
             return session

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import Split, splits
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write
+from pipeline.fileio import write_text_over_leftovers
 from pipeline.onnx_export import parity_path, sha256_file
 from pipeline.ort import (
     SESSION_RTOL,
@@ -443,9 +443,9 @@ def _write_parity_record(config: Config, produce: TeacherLogits) -> None:
     if produce.parity is not None:
         record.update(produce.parity, checked=True)
     config.run_path.mkdir(parents=True, exist_ok=True)
-    with atomic_write(config.run_path / PARITY_FILE, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
+    # a kill in its fsync left a temporary file beside it (the fault campaign found one)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    write_text_over_leftovers(config.run_path / PARITY_FILE, text)
 
 
 def _check_a_worker(produce: TeacherLogits, workers: int | None, scheduler: str | None) -> None:

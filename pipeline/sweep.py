@@ -209,9 +209,12 @@ class StudentProcessFailed(UserError):
     """A student trained under torchrun ended with a non-zero status (its rank 0 said why)."""
 
 
-def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -> Path:
+def train_under_torchrun(
+    config: Config, nproc: int, *, progress: bool = True, section: str = "distill"
+) -> Path:
     """Train one student on ``nproc`` ranks: ``python -m pipeline distill`` under torchrun's
-    launcher (:mod:`pipeline.launch`), on ``config``.
+    launcher (:mod:`pipeline.launch`), on ``config``; ``section`` as ``train_student``'s (the
+    ranks' own refusals and divergence name ``sweep.runs[i]`` keys in a sweep).
 
     The config travels as its resolved YAML (a temporary file), so the student's folder, config
     key and checkpoint are those a one-process ``train_student(config)`` gives.
@@ -229,7 +232,7 @@ def train_under_torchrun(config: Config, nproc: int, *, progress: bool = True) -
 
     try:
         save_resolved(config, name)
-        argv = ["distill", "--config", name]
+        argv = ["distill", "--config", name, "--section", section]
         status = torchrun(nproc, argv if progress else [*argv, "--quiet"], cleanup=remove)
     finally:
         remove()
@@ -313,7 +316,9 @@ def run_sweep(
             if status == "trained":
                 check_not_diverged(item.config, section=item.section)  # before any process starts
             if status == "trained" and nproc is not None:
-                ckpt = train_under_torchrun(item.config, nproc, progress=progress)
+                ckpt = train_under_torchrun(
+                    item.config, nproc, progress=progress, section=item.section
+                )
             elif status == "trained":
                 ckpt = train_student(item.config, progress=progress, section=item.section)
             final, best = _summary(ckpt)

@@ -81,18 +81,43 @@ def _show(value: object) -> str:
     return "unset" if value is _UNSET else json.dumps(value)
 
 
+#: Recipe keys that change what the teacher is evaluated on, not its weights: a finished
+#: teacher that differs only in these is this config's teacher (not retrained, not refused).
+EVALUATION_ONLY = frozenset({"data.test_subset"})
+
+
+def _differing(extra: dict, config: Config) -> tuple[dict, dict, list[str]] | None:
+    """(then, now, names): the flat recipes of the checkpoint's config and ``config``, and the
+    keys whose values differ; None when the checkpoint holds no readable config."""
+    try:
+        then = _flat(_recipe(json.loads(extra["config"])))
+    except (KeyError, TypeError, ValueError):
+        return None
+    now = _flat(json.loads(json.dumps(_recipe(to_dict(config)))))  # tuples as JSON lists
+    names = [
+        name
+        for name in sorted(set(then) | set(now), key=lambda n: (n not in now, n))
+        if then.get(name, _UNSET) != now.get(name, _UNSET)
+    ]
+    return then, now, names
+
+
+def _same_weights(extra: dict, config: Config, key: str) -> bool:
+    """Whether a checkpoint's teacher is the one ``config`` trains: the same config hash, or a
+    recorded config that differs only in ``EVALUATION_ONLY`` keys."""
+    if extra.get("config_hash") == key:
+        return True
+    diff = _differing(extra, config)
+    return diff is not None and set(diff[2]) <= EVALUATION_ONLY
+
+
 def _what_differs(extra: dict, config: Config, key: str, limit: int = 4) -> str:
     """The recipe keys whose values differ between the checkpoint's config and ``config``
     (e.g. ``teacher.lr was 0.05, is 0.001``), else the two config hashes."""
-    try:
-        then = _flat(_recipe(json.loads(extra["config"])))
-    except (KeyError, TypeError, ValueError):  # no readable config in it: the hashes say it
-        then = {}
-    now = _flat(json.loads(json.dumps(_recipe(to_dict(config)))))  # tuples as JSON lists
+    then, now, names = _differing(extra, config) or ({}, {}, [])
     changed = [
         f"{name} was {_show(then.get(name, _UNSET))}, is {_show(now.get(name, _UNSET))}"
-        for name in sorted(set(then) | set(now), key=lambda n: (n not in now, n))
-        if then.get(name, _UNSET) != now.get(name, _UNSET)
+        for name in names
     ]
     if not then or not changed:
         return f"config hash {extra.get('config_hash')}, this config's {key}"
@@ -130,7 +155,7 @@ def made_with(config: Config) -> bool:
     key = teacher_key(config)
     out, state_path = config.run_path / "teacher.pt", config.run_path / "teacher.state.pt"
     if out.exists():
-        return out.is_file() and read_checkpoint(out).extra.get("config_hash") == key
+        return out.is_file() and _same_weights(read_checkpoint(out).extra, config, key)
     if state_path.is_file():
         state = load_weights_only(state_path, "delete it to train the teacher afresh")
         return isinstance(state, dict) and state.get("config_hash") == key
@@ -151,7 +176,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     _refuse_folder(out)
     _refuse_folder(state_path)
     finished = read_checkpoint(out) if out.is_file() else None
-    if finished is not None and finished.extra.get("config_hash") == key:
+    if finished is not None and _same_weights(finished.extra, config, key):
         return out  # finished with this very config
     train, test = splits(config)
     kwargs = train.model_kwargs  # reads the dataset: one that cannot be read says so first

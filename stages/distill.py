@@ -23,6 +23,9 @@ from stages.common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_nproc_argument(parser, "the student")
+    # Where the run's keys are set, named in refusals and divergence: a sweep's student runs as
+    # this command under torchrun, with its sweep.runs[i] (which does not read distill.name).
+    parser.add_argument("--section", default="distill", help=argparse.SUPPRESS)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -38,6 +41,7 @@ def _launch(args: argparse.Namespace) -> int:
             return stopped_rank_exit()
         raise UserError("--nproc starts torchrun itself: run it without torchrun, or drop --nproc")
     argv = ["distill", "--config", args.config, *(a for s in args.set for a in ("--set", s))]
+    argv += ["--section", args.section]
     try:
         return torchrun(args.nproc, [*argv, "--quiet"] if args.quiet else argv)
     except KeyboardInterrupt:  # Ctrl-C: rank 0 has said so already
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.models import read_checkpoint
 
     try:
-        path = train_student(config, progress=not args.quiet)
+        path = train_student(config, progress=not args.quiet, section=args.section)
     except RankStopped:  # another rank failed and rank 0 reports it
         return stopped_rank_exit()
     if not World.from_env().main:

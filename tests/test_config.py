@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def test_resolved_config_write_clears_leftovers(tmp_path, monkeypatch):
     save_resolved(config, out)
     assert stolen and load_config(out) == config
     assert sorted(q.name for q in tmp_path.iterdir()) == sorted([out.name, other.name])
+
+
+def test_precompute_parity_record_write_clears_leftovers(tmp_path):
+    """The slow fault campaign killed precompute in its parity record's write: the temporary
+    file stayed for good. The next write removes it (the same helper as the configs')."""
+    from types import SimpleNamespace
+
+    from pipeline.precompute import PARITY_FILE, _write_parity_record
+
+    config = load_config(None, [f"run_dir={tmp_path}"])
+    leftover = tmp_path / f".{PARITY_FILE}.k1ll3d.tmp"
+    leftover.write_text("{half")
+    produce = SimpleNamespace(runner=SimpleNamespace(device="cpu"), precision="fp32", parity=None)
+    _write_parity_record(config, produce)
+    assert sorted(q.name for q in tmp_path.iterdir()) == [PARITY_FILE]
+    assert json.loads((tmp_path / PARITY_FILE).read_text())["provider"] == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import yaml
 
 import pipeline.teacher as teacher_module
 from pipeline.__main__ import main
+from pipeline.config import load_config
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
 
 TINY = Path(__file__).resolve().parents[1] / "stages" / "configs" / "tiny.yaml"
@@ -163,6 +164,10 @@ def test_the_same_config_is_a_no_op(finished: Path, tmp_path: Path, no_training)
     teacher = (run / "teacher.pt").read_bytes()
     assert main(_argv(run)) == 0
     assert main(_argv(run, "augment.views=3", "distill.epochs=1")) == 0
+    # data.test_subset changes what the teacher is evaluated on, not its weights: no refusal
+    # (`make distill SET=data.test_subset=500` reruns the teacher stage)
+    assert main(_argv(run, "data.test_subset=5")) == 0
+    assert teacher_module.made_with(load_config(TINY, [f"run_dir={run}", "data.test_subset=5"]))
     assert (run / "teacher.pt").read_bytes() == teacher
 
 

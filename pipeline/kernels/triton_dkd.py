@@ -160,7 +160,9 @@ def _dkd_rows_fwd(
     # A teacher row with no non-target mass (every non-target logit -inf: s_a = 0) has no p̂:
     # its NCKD is 0, and its p̂ statistics 0 (backward gives it no NCKD gradient).
     empty = rmask & (s_a == 0.0)
-    s_a = tl.where(rmask & (s_a > 0.0), s_a, 1.0)  # rows past B: keep them finite (and quiet)
+    # rows past B and empty rows: 1, finite and quiet; a NaN s_a (a NaN or +inf teacher logit)
+    # stays NaN, and so does the row's NCKD (the reference's NaN)
+    s_a = tl.where(~rmask | empty, 1.0, s_a)
     s_b = tl.where(rmask, s_b, 1.0)
     m_a = tl.where(rmask, m_a, 0.0)
     m_b = tl.where(rmask, m_b, 0.0)

@@ -406,6 +406,11 @@ def test_sweep_trains_each_student_under_torchrun(tiny_run, monkeypatch, tmp_pat
     errors = first.stderr.splitlines()
     assert errors[0].startswith(f"error: store {damaged}"), errors  # rank 0's line
     assert errors[1].startswith("error: swp-hot-s0 diverged: its loss became non-finite"), errors
+    # the ranks' own line names the run's sweep keys (distill.name does nothing in a sweep)
+    assert errors[1].endswith(
+        "lower sweep.runs[2].lr or the method's loss weights, under another sweep.runs[2].name "
+        "(or delete this run's folder)"
+    ), errors
     assert errors[2].startswith("error: 1 of 3 sweep runs failed (swp-bad-s0)"), errors
     assert len(errors) == 3, errors  # nothing from torchrun's launcher
     history = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines()]

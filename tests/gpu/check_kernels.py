@@ -600,6 +600,43 @@ def run_decode(env: Env, case: Case) -> list[Check]:
     ]
 
 
+def run_undefined(env: Env, case: Case) -> list[Check]:
+    """Rows whose loss is undefined come out NaN, the others as the oracle's: a z-score of a
+    teacher row holding -inf (row 1) or +inf (row 3), and DKD without z-score with a NaN
+    (row 1) or +inf (row 3) non-target teacher logit. On a GPU max() drops NaN: the kernels
+    make such rows NaN explicitly (``defined``; DKD keeps a NaN sum), where they gave a
+    uniform teacher or a finite NCKD (2026-11-27, third session)."""
+    k, o = env.kernels, env.oracle
+    g = _seed(env, case)
+    b, c = case.batch, case.classes
+    student = 3.0 * _randn(g, b, c, env=env)
+    teacher = 0.8 * student + 1.5 * _randn(g, b, c, env=env)
+    target = torch.randint(0, c, (b,), generator=g, device=env.device)
+    bad, good = torch.tensor([1, 3]), torch.tensor([0, 2, *range(4, b)])
+    zs_teacher, teacher_nan = teacher.clone(), teacher.clone()
+    for row, value in ((1, float("-inf")), (3, float("inf"))):
+        zs_teacher[row, (target[row] + 1) % c] = value
+    teacher_nan[1, (target[1] + 1) % c] = float("nan")
+    teacher_nan[3, (target[3] + 1) % c] = float("inf")
+    s64 = student.double()
+    checks = []
+    kd = k.kd_rows(student, zs_teacher, 2.0, True, impl="triton")
+    tckd, nckd = k.dkd_rows(student, zs_teacher, target, 2.0, True, impl="triton")
+    plain_t, plain_n = k.dkd_rows(student, teacher_nan, target, 4.0, False, impl="triton")
+    total = k.kd_ce(student, zs_teacher, target, 2.0, 0.1, 0.9, True, impl="triton")[0]
+    ref_kd = o.kd_rows(s64[good], zs_teacher[good].double(), 2.0, True)
+    ref_t, ref_n = o.dkd_rows(s64[good], zs_teacher[good].double(), target[good], 2.0, True)
+    ref_pt, ref_pn = o.dkd_rows(s64[good], teacher_nan[good].double(), target[good], 4.0, False)
+    for name, out, ref in (("ls kd", kd, ref_kd), ("ls tckd", tckd, ref_t),
+                           ("ls nckd", nckd, ref_n), ("dkd tckd", plain_t, ref_pt),
+                           ("dkd nckd", plain_n, ref_pn)):  # fmt: skip
+        if name != "dkd tckd":  # a +inf target-free row's TCKD is defined (p_y -> 0)
+            checks.append(flag(f"{name} NaN rows", bool(out[bad].isnan().all()), "not NaN"))
+        checks.append(compare(f"{name} other rows", out[good], ref, 0.1, RTOL))
+    checks.append(flag("ls kd+ce total NaN", bool(total.isnan()), "not NaN"))
+    return checks
+
+
 class _FakeCuda:
     """Stands for a CUDA tensor where only ``is_cuda`` is read (the CPU interpreter run)."""
 
@@ -796,6 +833,7 @@ RUNNERS: dict[str, Callable[[Env, Case], list[Check]]] = {
     "ats": run_ats,
     "decode": run_decode,
     "dispatch": run_dispatch,
+    "undefined": run_undefined,
 }
 
 
@@ -867,6 +905,8 @@ def build_cases(profile: Profile) -> list[Case]:
         cases.append(Case("edge", "ats", c, b, inputs="neginf"))
         for method, temp in (("ls", "T_b"), ("dkd_ls", "T_b"), ("ls_ce", "T"), ("dkd_ls_ce", "T")):
             cases.append(Case("edge", method, c, b, temp=temp, inputs="constant", eps=0.0))
+        if b > 4:
+            cases.append(Case("edge", "undefined", c, b))
     for c, b in profile.odd_batch.items():
         odd_cases = (("kd", "T_b"), ("ls", "T"), ("dkd", "T_b"), ("dkd_ls", "T"), ("kd_ce", "T_b"))
         odd_cases += (("dkd_ce", "T_b"),)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.errors import MethodError
+from pipeline.transforms import standardize
 from tests.kernels import oracle, require_interpreter
 
 require_interpreter()
@@ -353,9 +354,9 @@ def test_minus_inf_teacher_logits_in_the_reference() -> None:
 
 def test_zscored_rows_holding_inf_are_nan_not_uniform() -> None:
     """A z-score of a row holding ±inf is undefined. The fused kernels gave such a teacher row
-    zeros (a uniform teacher: a finite, silently wrong KD/DKD); now the row's terms are NaN, as
-    the reference's are on CUDA (a training loop stops on it), and the other rows are as
-    before. On the CPU the reference refuses the row by name."""
+    zeros (a uniform teacher: a finite, silently wrong KD/DKD), and so did the reference with
+    eps = 0 (the paper's population std); now the row's terms are NaN everywhere (a training
+    loop stops on it, as on a diverging student), and the other rows are as before."""
     from pipeline import kernels
 
     student, teacher, target, _, _ = _case(37, seed=5)
@@ -374,9 +375,26 @@ def test_zscored_rows_holding_inf_are_nan_not_uniform() -> None:
     total, ce, kd_mean = fused_kd_ce(student, teacher, target, temp, 0.1, 0.9, True, config=(2, 16))
     assert total.isnan() and kd_mean.isnan() and ce.isfinite()
     assert fused_dkd_ce(student, teacher, target, temp, 1.0, 1.0, 8.0, True)[0].isnan()
-    with pytest.raises(MethodError, match=r"row\(s\) 1, 3 hold inf or NaN") as info:
-        kernels.kd_rows(student, teacher, temp, zscore=True, impl="reference")
-    assert "\n" not in str(info.value)
+    for eps in (1e-7, 0.0):
+        ref = kernels.kd_rows(student, teacher, temp, zscore=True, eps=eps, impl="reference")
+        assert ref[[1, 3]].isnan().all() and ref[good].isfinite().all()
+        for unbiased in (True, False):  # the population std's path standardizes in PyTorch
+            z = standardize(teacher, eps, unbiased=unbiased)
+            assert z[[1, 3]].isnan().all() and z[good].isfinite().all()
+
+
+def test_dkd_nan_or_inf_teacher_logits_stay_nan() -> None:
+    """A NaN or +inf non-target teacher logit has no defined DKD: NaN, as the reference gives,
+    not a finite NCKD (the empty-row guard must not take a NaN sum for an empty one)."""
+    student, teacher, target, _, _ = _case(37, seed=8)
+    teacher[1, (target[1] + 2) % 37] = float("nan")
+    teacher[3, (target[3] + 5) % 37] = float("inf")
+    tckd, nckd = fused_dkd(student, teacher, target, 4.0, config=(2, 64))
+    ref_t, ref_n = oracle.dkd_rows(student.double(), teacher.double(), target, 4.0, False)
+    assert nckd[[1, 3]].isnan().all() and ref_n[[1, 3]].isnan().all()
+    good = torch.tensor([0, 2, 4])
+    _check(tckd[good], ref_t[good])
+    _check(nckd[good], ref_n[good])
 
 
 def test_global_learnable_temperature() -> None:
