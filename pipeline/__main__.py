@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 #: Ctrl-C: the work it did so far (a partial store, a sweep's students) was made with it.
 OUTPUT_MADE_WITH: dict[str, tuple[str, str]] = {
     "teacher": ("pipeline.teacher", "made_with"),
+    "export": ("stages.export", "made_with"),
 }
 
 

@@ -41,6 +41,17 @@ def finished_export(onnx_path, key: str) -> dict | None:
     return None
 
 
+def made_with(config) -> bool:
+    """Whether RUN_DIR/teacher.onnx is this config's export, parity-checked (the command line
+    asks on Ctrl-C before it records the config beside it)."""
+    from pipeline.onnx_export import sha256_file
+
+    if not config.teacher_checkpoint.is_file():
+        return False
+    key = export_key(config, sha256_file(config.teacher_checkpoint))
+    return finished_export(config.onnx_path, key) is not None
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 

@@ -224,6 +224,31 @@ def test_a_ctrl_c_leaves_the_record_of_the_teacher_on_disk(
     assert not (fresh / RECORD).exists()
 
 
+def test_a_ctrl_c_of_an_export_leaves_the_record_of_the_onnx_file_on_disk(
+    finished: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The same for export: interrupted while it re-exports with other settings, the old
+    teacher.onnx stays, and so does the record that describes it (export.config.yaml had been
+    rewritten with the new settings); an export of the same settings records it."""
+    import pipeline.onnx_export as onnx_export
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    export = ["export", "--config", str(TINY), "--quiet", "--set", f"run_dir={run}"]
+    assert main(export) == 0
+    before = _snapshot(run)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "export_onnx", interrupt)
+    assert main([*export, "--set", "export.atol=0.001"]) == 130
+    assert _snapshot(run) == before
+    (run / "export.config.yaml").unlink()
+    assert main(export) == 0  # up to date: nothing exported, the record written again
+    assert (run / "export.config.yaml").is_file()
+
+
 @pytest.mark.parametrize("name", ["teacher.pt", "teacher.state.pt"])
 def test_a_folder_where_a_checkpoint_goes_is_refused_before_training(
     tmp_path: Path, capsys, no_training, name: str
