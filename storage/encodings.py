@@ -116,15 +116,23 @@ def _shown_rows(bad: np.ndarray, first_row: int) -> tuple[int, str]:
     return len(rows), ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
 
 
+def _refuse(bad: np.ndarray, first_row: int, message: str) -> None:
+    """A BadWriteError when any row is marked in ``bad``: ``message`` with ``{count}`` and
+    ``{rows}`` filled in (the first global row numbers), then "; nothing was written"."""
+    if bad.any():
+        count, shown = _shown_rows(bad, first_row)
+        raise BadWriteError(f"{message.format(count=count, rows=shown)}; nothing was written")
+
+
 def check_finite(logits: np.ndarray, first_row: int) -> None:
     """Refuse NaN/inf rows, naming them (global row numbers)."""
     bad = ~np.isfinite(logits).all(axis=1)
-    if bad.any():
-        count, shown = _shown_rows(bad, first_row)
-        raise BadWriteError(
-            f"{count} row(s) hold NaN or inf logits (rows {shown}): fix the teacher or its "
-            f"inputs for these samples; nothing was written"
-        )
+    _refuse(
+        bad,
+        first_row,
+        "{count} row(s) hold NaN or inf logits (rows {rows}): fix the "
+        "teacher or its inputs for these samples",
+    )
 
 
 def check_float32_range(logits: np.ndarray, first_row: int) -> None:
@@ -134,25 +142,23 @@ def check_float32_range(logits: np.ndarray, first_row: int) -> None:
         return
     peak = np.abs(logits).max(axis=1)  # NaN if the row holds one: refused as such later
     bad = np.isfinite(peak) & (peak > FLOAT32_MAX)
-    if bad.any():
-        _, shown = _shown_rows(bad, first_row)
-        raise BadWriteError(
-            f"logits beyond float32's range (|x| > 3.40e38) in rows {shown}: every encoding "
-            f"stores float32 or less; fix the teacher or its inputs for these samples; nothing "
-            f"was written"
-        )
+    _refuse(
+        bad,
+        first_row,
+        "logits beyond float32's range (|x| > 3.40e38) in rows {rows}: every "
+        "encoding stores float32 or less; fix the teacher or its inputs for these samples",
+    )
 
 
 def _refuse_rows(bad: np.ndarray, dtype: str, first_row: int, note: str = "") -> None:
     """Refuse rows whose logits a ``dtype`` cannot hold (they would be stored as inf)."""
-    if bad.any():
-        _, shown = _shown_rows(bad, first_row)
-        limit = "3.39e38" if dtype == "bfloat16" else "65504"
-        fix = "float32" if dtype == "bfloat16" else "float32 or bfloat16"
-        raise BadWriteError(
-            f"logits beyond {dtype}'s range (|x| > {limit}) in rows {shown}{note}: use encoding "
-            f"{fix}; nothing was written"
-        )
+    limit = "3.39e38" if dtype == "bfloat16" else "65504"
+    fix = "float32" if dtype == "bfloat16" else "float32 or bfloat16"
+    _refuse(
+        bad,
+        first_row,
+        f"logits beyond {dtype}'s range (|x| > {limit}) in rows {{rows}}{note}: use encoding {fix}",
+    )
 
 
 def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> dict:
@@ -185,13 +191,12 @@ def encode(name: str, logits: np.ndarray, topk: int = 0, first_row: int = 0) -> 
         with np.errstate(over="ignore"):
             ends = [np.float32(q_end) * out["scale"] + out["offset"] for q_end in (-127, 127)]
         bad = ~(np.isfinite(ends[0]) & np.isfinite(ends[1]))
-        if bad.any():
-            _, shown = _shown_rows(bad, first_row)
-            raise BadWriteError(
-                f"logits in rows {shown} span more than int8's float32 scale and offset can "
-                f"decode (values near float32's limit, 3.4e38): use encoding float32; nothing "
-                f"was written"
-            )
+        _refuse(
+            bad,
+            first_row,
+            "logits in rows {rows} span more than int8's float32 scale and "
+            "offset can decode (values near float32's limit, 3.4e38): use encoding float32",
+        )
     elif name == "topk":
         out["topk_indices"], kept = _top_k(logits, topk)
         bad = np.abs(kept).max(axis=1) > FLOAT16_MAX

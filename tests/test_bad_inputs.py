@@ -645,19 +645,14 @@ def _subprocess(case: Case, run: Path, site: Path) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run every case copies: teacher.pt, teacher.onnx (+ parity), store.zarr."""
-    import torch
-
     from pipeline.__main__ import main
+    from tests.torch_threads import one_thread
 
     run = tmp_path_factory.mktemp("bad-inputs") / "base"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for name in ("teacher", "export", "precompute"):
             argv = [a.replace("{run}", str(run)).replace("{tiny}", str(TINY)) for a in stage(name)]
             assert main(argv) == 0, name
-    finally:
-        torch.set_num_threads(before)
     return run
 
 

@@ -23,6 +23,8 @@ import pipeline.teacher as teacher_module
 from pipeline.__main__ import main
 from pipeline.config import load_config
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
+from tests.stages.common import fails
+from tests.torch_threads import one_thread as one_torch_thread
 
 TINY = Path(__file__).resolve().parents[1] / "stages" / "configs" / "tiny.yaml"
 RECORD = "teacher.config.yaml"
@@ -50,22 +52,16 @@ def _record(run: Path) -> dict:
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """One thread: the resumed teacher is compared bit for bit with the fixture's."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with the tiny config's finished teacher (2 epochs) and its record."""
     run = tmp_path_factory.mktemp("guard") / "finished"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert main(_argv(run)) == 0
-    finally:
-        torch.set_num_threads(before)
     assert (run / "teacher.pt").is_file() and (run / RECORD).is_file()
     return run
 
@@ -78,17 +74,6 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the teacher stage started training")
 
     monkeypatch.setattr(teacher_module, "build_model", refuse)
-
-
-def _fails(capsys: pytest.CaptureFixture, argv: list[str], *needles: str) -> str:
-    """Exit status 2 and one line on stderr holding every needle."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.mark.parametrize(
@@ -112,7 +97,7 @@ def test_a_teacher_of_another_config_is_refused_and_kept(
     shutil.copytree(finished, run)
     (run / "teacher.onnx").write_bytes(b"made from this teacher")  # what export would have made
     before = _snapshot(run)
-    err = _fails(
+    err = fails(
         capsys,
         _argv(run, *sets),
         f"{run / 'teacher.pt'} is a teacher trained with another config",
@@ -133,7 +118,7 @@ def test_a_dataset_that_cannot_be_read_says_so_first(
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     sets = ("data.kind=array", f"data.path={run / 'nope.npz'}", "data.options={}")
-    err = _fails(capsys, _argv(run, *sets), "nope.npz does not exist")
+    err = fails(capsys, _argv(run, *sets), "nope.npz does not exist")
     assert "another config" not in err
 
 
@@ -147,7 +132,7 @@ def test_a_checkpoint_with_no_recorded_config_is_refused(
     model = build_model("small_cnn", **kwargs)
     save_checkpoint(run / "teacher.pt", model, model_name="small_cnn", model_kwargs=kwargs)
     before = _snapshot(run)
-    _fails(
+    fails(
         capsys,
         _argv(run),
         "the teacher stage did not train (it records no config)",
@@ -188,7 +173,7 @@ def test_an_interrupted_teacher_resumes(finished: Path, tmp_path: Path, monkeypa
     assert (run / "teacher.state.pt").is_file() and not (run / "teacher.pt").exists()
     assert _record(run) == {**_record(finished), "run_dir": str(run)}  # this run's config
     state = _snapshot(run)
-    _fails(capsys, _argv(run, "teacher.lr=1e-3"), "teacher.state.pt belongs to a run with another")
+    fails(capsys, _argv(run, "teacher.lr=1e-3"), "teacher.state.pt belongs to a run with another")
     assert _snapshot(run) == state
 
     epochs = []
@@ -255,7 +240,7 @@ def test_a_folder_where_a_checkpoint_goes_is_refused_before_training(
 ) -> None:
     run = tmp_path / "run"
     (run / name).mkdir(parents=True)
-    _fails(capsys, _argv(run), f"{run / name} is a folder, not a checkpoint file", "run_dir")
+    fails(capsys, _argv(run), f"{run / name} is a folder, not a checkpoint file", "run_dir")
     assert (run / name).is_dir() and not (run / RECORD).exists()
 
 
@@ -274,5 +259,5 @@ def test_an_unwritable_run_folder_is_refused_before_training(
         return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(fileio.tempfile, "mkstemp", refused)
-    _fails(capsys, _argv(run), "permission denied", str(run), "run_dir")
+    fails(capsys, _argv(run), "permission denied", str(run), "run_dir")
     assert not (run / "teacher.pt").exists() and not (run / RECORD).exists()

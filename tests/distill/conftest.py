@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.__main__ import main
 from pipeline.config import Config, load_config
+from tests.torch_threads import one_thread as one_torch_thread
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "stages" / "configs" / "tiny.yaml"
@@ -86,23 +86,17 @@ def one_thread():
     """One intra-op thread: with tiny batches on a busy 2-core machine, two OpenMP threads spin
     against each other and run several times slower. Subprocesses the tests start do the same,
     so that runs compared bit for bit use the same thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     root = tmp_path_factory.mktemp("distill")
     run, run32 = root / "run", root / "run32"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see one_thread
-    try:
+    with one_torch_thread():  # see one_thread
         for stage in ("teacher", "export", "precompute"):
             _stage(stage, [f"run_dir={run}", *TEACHER])
-    finally:
-        torch.set_num_threads(before)
     run32.mkdir()
     for name in ("teacher.pt", "teacher.onnx", "teacher.onnx.parity.json"):
         shutil.copy(run / name, run32 / name)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.__main__ import main
 from tests.distill.conftest import ONE_THREAD, REPO, TINY, one_thread
+from tests.torch_threads import one_thread as one_torch_thread
 
 __all__ = ["ONE_THREAD", "REPO", "TINY", "argv", "one_thread"]
 
@@ -33,11 +33,7 @@ def argv(stage: str, run_dir: Path, *overrides: str) -> list[str]:
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with teacher.pt, teacher.onnx and store.zarr (float16, V = 2), no students."""
     run = tmp_path_factory.mktemp("report") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/distill/conftest.py's one_thread
-    try:
+    with one_torch_thread():  # see tests/distill/conftest.py's one_thread
         for stage in ("teacher", "export", "precompute"):
             assert main(argv(stage, run)) == 0, f"{stage} failed"
-    finally:
-        torch.set_num_threads(before)
     return run

@@ -32,6 +32,17 @@ def assert_same_store(got: Path | str, want: Path | str) -> None:
     assert a["done"].all()
 
 
+def fails(capsys, argv: list[str], *needles: str) -> str:
+    """The CLI ends in exit status 2 and one line on stderr that holds every needle."""
+    capsys.readouterr()  # what earlier calls printed is not this one's
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
 def build_tiny_run(run_dir: Path, args: Callable[[str, Path], list[str]]) -> Path:
     """teacher, export and precompute into ``run_dir``; ``args(stage, run_dir)`` is the CLI."""
     for stage in ("teacher", "export", "precompute"):

@@ -25,7 +25,7 @@ from pipeline.data import splits
 from pipeline.models import load_model_from_checkpoint
 from pipeline.views import apply_view, normalize
 from storage import open_store
-from tests.stages.common import ARRAYS, ROOT, TINY, build_tiny_run, raw_arrays
+from tests.stages.common import ARRAYS, ROOT, TINY, build_tiny_run, fails, raw_arrays
 
 # float32 so that the comparison with PyTorch is not blurred by the encoding; 4 chunks per shard
 # so that a view is two shards and a crash can land between them.
@@ -310,7 +310,7 @@ def test_a_gpu_session_off_from_the_cpu_is_refused(
     _fake_gpu(
         monkeypatch, lambda x: np.float32(0.1) * np.abs(x).max() * (x == x.max(1, keepdims=True))
     )
-    err = _fails(
+    err = fails(
         capsys,
         [*_args("precompute", off), "--set", "precompute.fp16=false"],
         "float32 logits on cuda are off from ONNX Runtime's CPU float32 ones",
@@ -389,19 +389,9 @@ def test_fashion_mnist_subset_end_to_end(fashion_mnist_dir: Path, tmp_path: Path
             assert np.abs(stored - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())
 
 
-def _fails(capsys, argv: list[str], *needles: str) -> str:
-    """The CLI ends in exit status 2 and one line on stderr that holds every needle."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> None:
     # Dataset files missing: says how to install them or where to point the config.
-    _fails(
+    fails(
         capsys,
         [
             "teacher",
@@ -429,7 +419,7 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
         "t10k-labels-idx1-ubyte",
     ):
         (idx / name).write_bytes(b"\x00\x00\x08\x03garbage")
-    _fails(
+    fails(
         capsys,
         [
             "teacher",
@@ -449,13 +439,13 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
     )
     # An ONNX teacher with another number of classes than the dataset.
     other = _copy_teacher(run, tmp_path / "classes")
-    _fails(
+    fails(
         capsys,
         _args("precompute", other, "--set", "data.options.num_classes=7"),
         "classes",
     )
     # An unknown provider.
-    _fails(
+    fails(
         capsys,
         _args(
             "precompute", _copy_teacher(run, tmp_path / "prov"), "--set", "precompute.provider=tpu"
@@ -464,7 +454,7 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
         "auto",
     )
     # An unreachable dask scheduler: refused quickly, naming the address.
-    _fails(
+    fails(
         capsys,
         _args(
             "precompute", _copy_teacher(run, tmp_path / "dask"), "--scheduler", "tcp://127.0.0.1:9"
@@ -475,17 +465,17 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
     # A teacher checkpoint that does not fit the model name it claims.
     bad = _copy_teacher(run, tmp_path / "ckpt")
     (bad / "teacher.pt").write_bytes((bad / "teacher.pt").read_bytes()[:100])
-    _fails(capsys, _args("export", bad), "teacher.pt")
+    fails(capsys, _args("export", bad), "teacher.pt")
     # A teacher's training state cut short (a disk that filled up) names the file and the fix.
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "teacher.state.pt").write_bytes(b"PK\x03\x04 not a whole file")
-    _fails(capsys, _args("teacher", cut), "teacher.state.pt is truncated or corrupt", "afresh")
+    fails(capsys, _args("teacher", cut), "teacher.state.pt is truncated or corrupt", "afresh")
     # The store from a different teacher (another ONNX file) is refused, not overwritten. A
     # teacher.pt of another config is refused too: the other teacher trains once it is deleted.
     swapped = _copy_teacher(run, tmp_path / "swapped")
     shutil.copytree(run / "store.zarr", swapped / "store.zarr")
-    _fails(
+    fails(
         capsys,
         _args("teacher", swapped, "--set", "teacher.seed=5"),
         "teacher.pt is a teacher trained with another config (teacher.seed was 0, is 5)",
@@ -493,7 +483,7 @@ def test_bad_inputs_of_the_teacher_side(run: Path, tmp_path: Path, capsys) -> No
     (swapped / "teacher.pt").unlink()
     assert main(_args("teacher", swapped, "--set", "teacher.seed=5")) == 0
     assert main(_args("export", swapped, "--set", "teacher.seed=5")) == 0
-    _fails(
+    fails(
         capsys,
         _args("precompute", swapped, "--set", "teacher.seed=5"),
         "onnx_sha256",
@@ -512,7 +502,7 @@ def test_a_gpu_session_with_non_finite_logits_is_refused_with_its_fix(
     the session is refused with its fix, not blamed on the images or the checkpoint."""
     inf = _copy_teacher(run, tmp_path / "inf")
     _fake_gpu(monkeypatch, lambda x: np.where(x == x.max(1, keepdims=True), np.inf, 0))
-    err = _fails(
+    err = fails(
         capsys,
         [*_args("precompute", inf), "--set", "precompute.fp16=true"],
         "float16 session on cuda fails on rows that ONNX Runtime's CPU float32 session computes",
