@@ -32,7 +32,8 @@ def _p_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _column(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(temperature, dtype=torch.float64)
+    # On the logits' device: a float made a CPU tensor, which CUDA rows refused (2026-11-27).
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=like.device)
     return t.reshape(-1, 1).expand(like.shape[0], 1)  # (B, 1)
 
 
