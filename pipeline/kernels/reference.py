@@ -127,21 +127,31 @@ def check_target(
     """
     if checked:
         return target.to(torch.int64).contiguous()
+    check_target_shape(target, batch)
+    # t // C is 0 exactly for 0 <= t < C (floor division: -1 for negatives): on CUDA three
+    # kernels and the assert, where (t >= 0) & (t < C) took four and the assert.
+    assert_targets((target // classes == 0).all(), target, classes)
+    return target.to(torch.int64).contiguous()
+
+
+def check_target_shape(target: torch.Tensor, batch: int) -> None:
+    """MethodError unless ``target`` is a (B,) tensor of integers (their range not looked at)."""
     if not isinstance(target, torch.Tensor) or target.shape != (batch,):
         shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
         raise MethodError(f"target must be ({batch},) to match the logits, got {shape}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise MethodError(f"target must hold integer class indices, not {target.dtype}")
-    # t // C is 0 exactly for 0 <= t < C (floor division: -1 for negatives): on CUDA three
-    # kernels and the assert, where (t >= 0) & (t < C) took four and the assert.
-    inside = target // classes == 0
-    ok = inside.all()
-    if target.is_cuda:
+
+
+def assert_targets(ok: torch.Tensor, target: torch.Tensor, classes: int) -> None:
+    """``ok`` (one element, nonzero when every target lies in [0, C)) asserted: on CUDA on the
+    device, without a host sync (a sync per training step would stall it); elsewhere a
+    MethodError naming the first class out of range."""
+    if ok.is_cuda:
         torch._assert_async(ok)
     elif not bool(ok):
-        bad = target[~inside][0].item()
+        bad = target[(target < 0) | (target >= classes)][0].item()
         raise MethodError(f"target class {bad} is out of range: classes are 0..{classes - 1}")
-    return target.to(torch.int64).contiguous()
 
 
 def kd_rows(

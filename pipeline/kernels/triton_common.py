@@ -235,7 +235,7 @@ def rows_vector(
 ) -> torch.Tensor:
     """A float or a 0-d/(1,)/(B,) tensor as a contiguous float32 (B,) tensor (autograd kept)."""
     if not isinstance(value, torch.Tensor):
-        return _constant_rows(float(value), batch, device)
+        return constant_rows(float(value), batch, device)
     if value.numel() not in (1, batch) or value.dim() > 1:
         raise MethodError(f"{name} must be a float or a ({batch},) tensor, not {value.shape}")
     if value.device != device:
@@ -245,7 +245,7 @@ def rows_vector(
 
 
 @functools.lru_cache(maxsize=64)
-def _constant_rows(value: float, batch: int, device: torch.device) -> torch.Tensor:
+def constant_rows(value: float, batch: int, device: torch.device) -> torch.Tensor:
     """A fixed temperature as a (B,) tensor, made once per (value, B, device): the kernels only
     read it, and a fill a step is a launch a step."""
     return torch.full((batch,), value, dtype=torch.float32, device=device)

@@ -32,6 +32,8 @@ stays: without it ptxas gave the kernel more registers, not fewer (139 against 1
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,12 +41,13 @@ from torch.autograd.function import once_differentiable
 
 from pipeline.errors import MethodError
 from pipeline.kernels import reference
-from pipeline.kernels.reference import check_target
+from pipeline.kernels.reference import assert_targets, check_target, check_target_shape
 from pipeline.kernels.triton_common import (
     Launch,
     affine,
     batch_means,
     check_inputs,
+    constant_rows,
     defined,
     launch_config,
     load_affine,
@@ -63,6 +66,13 @@ from pipeline.kernels.triton_common import (
 )
 
 N_STATS = 13  # rows of the (N_STATS, B) float32 buffer forward leaves for backward
+
+#: Both Functions launch the gradient kernel in forward (go = 1: each row's own gradient, or the
+#: total's), and backward scales it in place by the loss's gradient (one elementwise pass): the
+#: kernel launched from autograd's backward cost the host more than that on an H200 machine
+#: (tests/gpu/host_variants.py). False: the kernel runs in backward with the real gradient, from
+#: the statistics forward saved (one pass over (B, C) fewer on the GPU). For benchmarks.
+GRADIENT_IN_FORWARD = True
 
 
 @triton.jit
@@ -135,7 +145,7 @@ def _kd_finish(
 
 @triton.jit
 def _kd_rows_fwd(
-    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, loss_ptr, stats_ptr, y_ptr,
+    s_ptr, t_ptr, scale_ptr, offset_ptr, temp_ptr, loss_ptr, stats_ptr, y_ptr, ok_ptr,
     B, C, s_stride, t_stride, eps, ce_w, kd_w, inv_b,
     HAS_SCALE: tl.constexpr, ZSCORE: tl.constexpr, NEED_T_STATS: tl.constexpr,
     WITH_CE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -158,6 +168,11 @@ def _kd_rows_fwd(
     s_a, w_ab, w_a, w_pz, s_b, w_qz, s_c, x_y = zero, zero, zero, zero, zero, zero, zero, zero
     if WITH_CE:
         y = tl.load(y_ptr + rows, mask=rmask, other=0)
+        # A class outside [0, C) clears the flag *ok_ptr (the caller asserts on it, no host
+        # sync) and is read as class 0 meanwhile: never a load past the row.
+        bad = rmask & ((y < 0) | (y >= C))
+        tl.store(ok_ptr + rows * 0, tl.zeros([ROWS], tl.int32), mask=bad)
+        y = tl.where(bad, 0, y)
         x_y = load_at(s_ptr, s_off, y, rmask, sc, of, False)  # the raw target logit
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -369,6 +384,7 @@ def _launch_fwd(
     eps: float,
     need_t_stats: bool,
     launch: Launch,
+    ok: torch.Tensor | None = None,  # int32 flag the kernel clears for a target outside [0, C)
 ) -> None:
     """The one-program-a-row-block forward of both Functions."""
     student, teacher, temperature, scale, offset = inputs
@@ -377,7 +393,8 @@ def _launch_fwd(
     with on_device(student):
         _kd_rows_fwd[launch.grid(batch)](
             student, teacher, *affine(scale, offset, out), temperature, out, stats, target,
-            batch, classes, student.stride(0), teacher.stride(0), eps, *weights, 1.0 / batch,
+            out if ok is None else ok, batch, classes, student.stride(0), teacher.stride(0), eps,
+            *weights, 1.0 / batch,
             HAS_SCALE=scale is not None, ZSCORE=zscore, NEED_T_STATS=need_t_stats,
             WITH_CE=ce is not None, **launch.meta(),
         )  # fmt: skip
@@ -460,22 +477,47 @@ class KDRows(torch.autograd.Function):
                 )  # fmt: skip
         ctx.save_for_backward(student, teacher, temperature, scale, offset, stats)
         ctx.zscore, ctx.eps, ctx.launch, ctx.split = zscore, eps, launch, (nseg, seg_len)
+        write_gs, _, need_t = ctx.needs_input_grad[:3]
+        ctx.grads = None
+        if (write_gs or need_t) and GRADIENT_IN_FORWARD:  # each row's own gradient now
+            unit = constant_rows(1.0, batch, device)
+            ctx.grads = _rows_grads(inputs, stats, unit, ctx, write_gs, need_t)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # type: ignore[override]
-        *inputs, stats = ctx.saved_tensors
-        write_gs, _, need_t = ctx.needs_input_grad[:3]
         grad_loss = grad_loss.to(torch.float32)  # (B,), any stride (a sum's: 0)
-        grad_s, grad_t = _launch_bwd(
-            tuple(inputs), stats, grad_loss, None, ctx.zscore, ctx.eps, ctx.launch, write_gs,
-            need_t, ctx.split,
-        )  # fmt: skip
-        if need_t and ctx.split[0] > 1:  # dL/dT = go · (2T·KL - T·(Cov_p(a, a - b) + Σ(q - p)·b))
-            temperature, kl = inputs[2], stats[5]
-            grad_t = grad_loss * (2.0 * temperature * kl - temperature * grad_t.sum(dim=0))
-        return grad_s, None, grad_t, None, None, None, None, None
+        grads, ctx.grads = ctx.grads, None  # ctx lets go: autograd may keep the buffer itself
+        write_gs, _, need_t = ctx.needs_input_grad[:3]
+        if grads is None:  # a second backward (retain_graph): the gradient kernel again
+            *inputs, stats = ctx.saved_tensors
+            grads = _rows_grads(tuple(inputs), stats, grad_loss, ctx, write_gs, need_t)
+        else:  # each row's gradient times its loss's: in place, the buffer is this call's
+            grad_s, grad_t = grads
+            if grad_s is not None:
+                grad_s.mul_(grad_loss[:, None])
+            if grad_t is not None:
+                grad_t.mul_(grad_loss)
+        return grads[0], None, grads[1], None, None, None, None, None
+
+
+def _rows_grads(
+    inputs: tuple,
+    stats: torch.Tensor,
+    go: torch.Tensor,  # (B,) float32, any stride: each row's loss gradient
+    ctx: torch.autograd.function.FunctionCtx,
+    write_gs: bool,
+    need_t: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """KDRows' (grad_student, grad_temperature (B,)) for the rows' loss gradients ``go``."""
+    grad_s, grad_t = _launch_bwd(
+        inputs, stats, go, None, ctx.zscore, ctx.eps, ctx.launch, write_gs, need_t, ctx.split
+    )
+    if need_t and ctx.split[0] > 1:  # dL/dT = go · (2T·KL - T·(Cov_p(a, a - b) + Σ(q - p)·b))
+        temperature, kl = inputs[2], stats[5]
+        grad_t = go * (2.0 * temperature * kl - temperature * grad_t.sum(dim=0))
+    return grad_s, grad_t
 
 
 def kd_rows(
@@ -531,16 +573,26 @@ class KDCE(torch.autograd.Function):
         zscore: bool,
         eps: float,
         launch: Launch,
+        ok: torch.Tensor,  # int32 (1,) flag, cleared by a target outside [0, C)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = student.shape[0]
         parts = torch.empty((3, batch), dtype=torch.float32, device=student.device)
         stats = torch.empty((N_STATS, batch), dtype=torch.float32, device=student.device)
         inputs = (student, teacher, temperature, scale, offset)
         need_t_stats = ctx.needs_input_grad[3] or zscore
-        _launch_fwd(inputs, parts, stats, (target, weights), zscore, eps, need_t_stats, launch)
+        ce = (target, weights)
+        _launch_fwd(inputs, parts, stats, ce, zscore, eps, need_t_stats, launch, ok)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(student, teacher, temperature, scale, offset, target, stats)
         ctx.weights, ctx.zscore, ctx.eps, ctx.launch = weights, zscore, eps, launch
+        write_gs, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        ctx.grads = None
+        if (write_gs or need_t) and GRADIENT_IN_FORWARD:  # the total's gradient now
+            unit = constant_rows(1.0, 1, student.device)  # d total / d total
+            split = (1, student.shape[1])
+            ctx.grads = _launch_bwd(
+                inputs, stats, unit, ce, zscore, eps, launch, write_gs, need_t, split
+            )
         return batch_means(parts)
 
     @staticmethod
@@ -548,13 +600,22 @@ class KDCE(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
     ) -> tuple:
-        *inputs, target, stats = ctx.saved_tensors
-        go = mean_grads(grads, stats)  # (1,) or (3,)
-        grad_s, grad_t = _launch_bwd(
-            tuple(inputs), stats, go, (target, ctx.weights), ctx.zscore, ctx.eps, ctx.launch,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[3], (1, inputs[0].shape[1]),
-        )  # fmt: skip
-        return grad_s, None, None, grad_t, None, None, None, None, None, None
+        ready, ctx.grads = ctx.grads, None  # ctx lets go: autograd may keep the buffer itself
+        if ready is not None and grads[0] is not None and grads[1] is None and grads[2] is None:
+            # Only the total backpropagated (training): its gradient times the total's, in place.
+            grad_s, grad_t = ready
+            for grad in (grad_s, grad_t):
+                if grad is not None:
+                    grad.mul_(grads[0])
+        else:  # the terms backpropagated too, or a second backward: the gradient kernel again
+            del ready
+            *inputs, target, stats = ctx.saved_tensors
+            go = mean_grads(grads, stats)  # (1,) or (3,)
+            grad_s, grad_t = _launch_bwd(
+                tuple(inputs), stats, go, (target, ctx.weights), ctx.zscore, ctx.eps, ctx.launch,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[3], (1, inputs[0].shape[1]),
+            )  # fmt: skip
+        return grad_s, None, None, grad_t, None, None, None, None, None, None, None
 
 
 def kd_ce(
@@ -584,13 +645,19 @@ def kd_ce(
     Args:
         target: (B,) integer classes; ``target_checked`` when the caller already checked that
             they lie in [0, C) (the methods do), so the check is not paid twice a step.
+            Otherwise the forward kernel checks the range as it reads each row's target, and
+            one assert follows it (on CUDA a device-side assert, as PyTorch's cross-entropy's;
+            a separate check took four launches, up to ~0.1 ms of a 0.5-0.9 ms step on an H200's
+            host, tests/gpu/host_variants.py).
         Others: as ``kd_rows``.
     """
     student, teacher, scale, offset = check_inputs(student, teacher, scale, offset)
     batch, classes = student.shape
     if classes < (2 if zscore else 1):
         raise MethodError(f"KD needs {2 if zscore else 1} classes or more, got {classes}")
-    target = check_target(target, batch, classes, target_checked)
+    if not target_checked:
+        check_target_shape(target, batch)
+    target = target.to(torch.int64).contiguous()
     temp = rows_vector(temperature, batch, student.device, "temperature")
     tile, segments = (config[:3], config[3]) if config and len(config) == 4 else (config, None)
     if zscore and segments not in (None, 1):
@@ -605,6 +672,8 @@ def kd_ce(
         segments is not None
         and segments_for(batch, classes, launch, student.device, segments)[0] > 1
     )
+    if batch == 0 or split:  # no kernel reads the targets: checked apart
+        target = check_target(target, batch, classes, target_checked)
     if batch == 0:  # means of nothing: the reference's NaN
         teacher = reference.decode_teacher(teacher, scale, offset)
         return reference.kd_ce(student, teacher, target, temp, ce_weight, kd_weight, zscore, eps)
@@ -613,6 +682,23 @@ def kd_ce(
         terms = (kd_weight, kd.mean())
         return reference.with_ce(student, target, ce_weight, terms, target_checked=True)
     weights = (float(ce_weight), float(kd_weight))
-    return KDCE.apply(
-        student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch
+    checked, ignored = _target_flags(student.device)
+    ok = ignored if target_checked else checked
+    out = KDCE.apply(
+        student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch, ok
     )
+    if not target_checked:
+        try:
+            assert_targets(ok, target, classes)
+        except MethodError:  # off CUDA: the flag is read again by the next call
+            ok.fill_(1)
+            raise
+    return out
+
+
+@functools.cache
+def _target_flags(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A device's (checked, ignored) int32 (1,) flags, 1 until a forward kernel reads a target
+    outside [0, C). ``checked`` is asserted after the call; ``ignored`` is what a call whose
+    targets its caller checked may clear, never read (made once: a fill a step is a launch)."""
+    return tuple(torch.ones(1, dtype=torch.int32, device=device) for _ in range(2))

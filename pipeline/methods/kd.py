@@ -20,6 +20,7 @@ from pipeline.methods.base import (
     as_temperature,
     check_inputs,
     check_number,
+    check_target,
     check_temperatures,
     tau_term,
 )
@@ -71,12 +72,14 @@ class KD(Method):
         target: torch.Tensor,
         ctx: MethodContext,
     ) -> dict[str, torch.Tensor]:
-        check_inputs(student, teacher, target)
-        tau = self.temperature(student, teacher, ctx)  # float, or (1,) / (B,) when learned
+        check_inputs(student, teacher)
         s, t, zs, eps = zscore_inputs(self.zscore, student, teacher)
+        if s is not student:  # kd_ce checks the targets it reads (in its kernel on CUDA)
+            check_target(target, student.shape[0], student.shape[1])
+        tau = self.temperature(student, teacher, ctx)  # float, or (1,) / (B,) when learned
         weights = self.ce_weight, self.kd_weight
         if s is student:  # raw logits in (z-score, if any, inside): one call, fused on CUDA
-            total, ce, kd = kd_ce(s, t, target, tau, *weights, zs, eps, target_checked=True)
+            total, ce, kd = kd_ce(s, t, target, tau, *weights, zs, eps)
         else:  # the population-std z-score, done here: the cross-entropy takes the raw logits
             kd = kd_rows(s, t, tau, zscore=zs, eps=eps).mean()
             ce = F.cross_entropy(student, target)

@@ -54,6 +54,7 @@ from types import ModuleType
 import torch
 
 from tests.gpu.light_imports import heavy_modules, isolate_storage
+from tests.gpu.timing import input_sets, rotating_step
 
 CLASSES = (10, 100, 1000, 32768, 131072)
 ELEMENTS = 2**24
@@ -153,15 +154,7 @@ def _sync(device: torch.device) -> None:
 
 def _measure(step: Step, sets: list[Inputs], device: torch.device, seconds: float) -> Result:
     """Median ms of step + backward over rotating input sets, peak MB of one step, warm-up s."""
-    calls = 0
-
-    def once() -> None:
-        nonlocal calls
-        student, teacher, target = sets[calls % len(sets)]
-        calls += 1
-        student.grad = None
-        step(student, teacher, target).backward()
-
+    once = rotating_step(step, sets)
     t0 = time.perf_counter()
     once()  # compiles (torch.compile, triton) and fills caches
     _sync(device)
@@ -214,15 +207,7 @@ def _graph_ms(step: Step, inputs: Inputs) -> float | None:
 
 def _inputs(classes: int, device: torch.device, count: int) -> list[Inputs]:
     """``count`` independent input sets (random, never zeros) of B = 2^24 // C rows."""
-    batch = ELEMENTS // classes
-    g = torch.Generator(device=device).manual_seed(classes)
-    sets = []
-    for _ in range(count):
-        student = 3 * torch.randn(batch, classes, generator=g, device=device)
-        teacher = 0.8 * student + 1.5 * torch.randn(batch, classes, generator=g, device=device)
-        target = torch.randint(0, classes, (batch,), generator=g, device=device)
-        sets.append((student.requires_grad_(), teacher.half(), target))  # teacher as stored
-    return sets
+    return input_sets(ELEMENTS // classes, classes, device, count, seed=classes)
 
 
 def _compile(fn: Step) -> Step:

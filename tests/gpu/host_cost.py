@@ -28,11 +28,12 @@ import contextlib
 import cProfile
 import io
 import json
-import os
 import pstats
 import statistics
 import time
 from pathlib import Path
+
+from tests.gpu.timing import has_cuda, interpreter
 
 
 def _time_us(fn, sync, calls: int = 200, groups: int = 7) -> float:
@@ -55,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--interpret", action="store_true", help="CPU dry run (no real timing)")
     args = parser.parse_args(argv)
-    if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
+    interpreter(args.interpret)
     import torch
     import triton
     import triton.language as tl
@@ -68,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.interpret:
         device, calls, groups = "cpu", 1, 1
-    elif torch.cuda.is_available():
+    elif has_cuda("host_cost"):
         device, calls, groups = "cuda", 200, 7
     else:
-        print("host_cost: no CUDA device (use --interpret for the CPU dry run)")
         return 3
 
     def sync() -> None:
@@ -98,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def fwd_kernel():
         return triton_kd._kd_rows_fwd[launch.grid(batch)](
-            s_det, teacher, *affine(None, None, loss), temp, loss, stats, loss, batch, classes,
-            classes, classes, 1e-7, 0.0, 0.0, 1.0 / batch, HAS_SCALE=False, ZSCORE=False,
+            s_det, teacher, *affine(None, None, loss), temp, loss, stats, loss, loss, batch,
+            classes, classes, classes, 1e-7, 0.0, 0.0, 1.0 / batch, HAS_SCALE=False, ZSCORE=False,
             NEED_T_STATS=False, WITH_CE=False, **launch.meta(),
         )  # fmt: skip
 
@@ -121,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # launched through CompiledKernel[grid] with the argument list triton's binder makes.
     compiled = fwd_kernel()
     fwd_fn = triton_kd._kd_rows_fwd
-    binder_args = (s_det, teacher, *affine(None, None, loss), temp, loss, stats, loss, batch,
-                   classes, classes, classes, 1e-7, 0.0, 0.0, 1.0 / batch)  # fmt: skip
+    binder_args = (s_det, teacher, *affine(None, None, loss), temp, loss, stats, loss, loss,
+                   batch, classes, classes, classes, 1e-7, 0.0, 0.0, 1.0 / batch)  # fmt: skip
     binder_kw = dict(HAS_SCALE=False, ZSCORE=False, NEED_T_STATS=False, WITH_CE=False)
     binder_kw |= launch.meta()
     direct = bind_only = None

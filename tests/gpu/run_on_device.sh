@@ -8,6 +8,8 @@
 #            worker processes, new cases stop at 150 s, killed at 230 s  -> check_kernels.{log,json,txt}
 #   losses   python -m tests.benchmarks.bench_losses --quick: eager vs torch.compile vs fused,
 #            KD/DKD, C = 10..131072, killed at 140 s                     -> bench_losses.{log,json}
+#   compile  bench_losses for KD and KD+CE at C = 1000, 32768, 131072 with torch.compile in every
+#            cell (--quick's compile budget cuts those), killed at 150 s -> bench_compile.{log,json}
 #   tiles    python -m tests.gpu.tile_sweep: the fused KD/DKD kernels alone (CUDA-graph replay)
 #            for every candidate tile of each C, beside eager in a graph and both launched from
 #            Python (host time), killed at 240 s                        -> tile_sweep.{log,json}
@@ -17,6 +19,9 @@
 #   host     python -m tests.gpu.host_cost: host µs a call of one launch (torch, triton), of the
 #            fused KD kernel alone, of kd_rows/kd_ce/dkd_rows forward + backward and eager's, and
 #            a cProfile of the fused step, killed at 90 s          -> host_cost.{log,json}
+#   variants python -m tests.gpu.host_variants: structures of the fused KD / KD+CE step side by
+#            side (as shipped, gradient in forward, C++-only backward), launched, killed at 90 s
+#                                                                         -> host_variants.{log,json}
 #   ort      python -m tests.gpu.check_ort (CUDA provider, I/O binding, fp16 vs torch): needs
 #            onnxruntime-gpu at /tmp/ortsite (tests/gpu/ort_gpu_wheel.sh), killed at 150 s
 #   distill  the distill stage on CUDA: tests/distill/test_cuda.py (follows the CPU, fused kernels
@@ -37,6 +42,9 @@
 # Seen (2026-11-27, second session, H200s): kernels 44-51 s (487 cases), losses 92-100 s,
 # breakdown ~25 s, host ~10 s; "kernels breakdown losses" took 189 s in all, each call's machine
 # started in about 30 s.
+# Seen (2026-11-27, fourth session, H200s): variants 18 s, kernels 51 s (493 cases), losses
+# ~107 s, compile ~42 s, distill with BUDGET=270: test_cuda 23 s, bench_distill --repeats 2
+# ~3 min (export + precompute 49 s of it), batch 256 cut; machines started in ~30 s.
 # ort ~1 min (plus the wheel's 4 carries, ~6 s each onto a warm
 # machine) and dask ~1 min as measured 2026-11-26.
 # BUDGET=SECONDS (optional): the whole script's wall-clock budget, e.g. BUDGET=400 for a call
@@ -70,7 +78,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not pip-in
 unset TRITON_INTERPRET LOGITBANK_KERNELS  # compiled kernels; impl="auto" as shipped
 PY=${PYTHON:-python3}
 STEPS=" ${STEPS:-kernels losses} "
-KNOWN=" kernels losses tiles breakdown host ort distill profile dask "
+KNOWN=" variants kernels losses compile tiles breakdown host ort distill profile dask "
 for s in $STEPS; do  # a misspelt step would otherwise run nothing and spend the call
     [[ "$KNOWN" == *" $s "* ]] || { echo "error: unknown step '$s' (known:$KNOWN)" >&2; exit 2; }
 done
@@ -138,6 +146,11 @@ PYEOF
 check_rc=0
 bench_rc=0
 later_rc=0
+if has variants; then
+    echo "== host_variants ($(( $(date +%s) - start ))s)"
+    run_step variants 90 "$PY" -m tests.gpu.host_variants --out "$OUT" 2>&1 \
+        | tee "$OUT/host_variants.log" || later_rc=3
+fi
 if has kernels; then
     echo "== check_kernels ($(( $(date +%s) - start ))s)"
     run_step kernels 230 "$PY" -m tests.gpu.check_kernels --out "$OUT" 2>&1 \
@@ -150,6 +163,14 @@ if has losses; then
     run_step losses 140 "$PY" -m tests.benchmarks.bench_losses --quick --out "$OUT" 2>&1 \
         | tee "$OUT/bench_losses.log"
     bench_rc=$?
+fi
+
+if has compile; then
+    echo "== bench_losses with torch.compile at large C ($(( $(date +%s) - start ))s)"
+    mkdir -p "$OUT/compile"
+    run_step compile 150 "$PY" -m tests.benchmarks.bench_losses --methods kd kd+ce \
+        --classes 1000 32768 131072 --seconds 0.2 --sets 2 --out "$OUT/compile" 2>&1 \
+        | tee "$OUT/bench_compile.log" || later_rc=3
 fi
 
 if has tiles; then

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
+
+from tests.gpu.timing import input_sets, launched_ms, rotating_step
 
 ELEMENTS = 2**24
 
@@ -63,39 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for classes in args.classes:
         batch = ELEMENTS // classes
-        gen = torch.Generator(device=device).manual_seed(classes)
-        sets = []
-        for _ in range(4):
-            student = 3 * torch.randn(batch, classes, generator=gen, device=device)
-            noise = torch.randn(batch, classes, generator=gen, device=device)
-            teacher = 0.8 * student + 1.5 * noise
-            target = torch.randint(0, classes, (batch,), generator=gen, device=device)
-            sets.append((student.requires_grad_(), teacher.half(), target))
+        sets = input_sets(batch, classes, device, 4, seed=classes)
         for method in args.methods:
             for impl in ("eager", "fused"):
-                fn = steps[(impl, method)]
-                calls = 0
-
-                def once(fn=fn, sets=sets) -> None:
-                    nonlocal calls
-                    s, t, y = sets[calls % len(sets)]
-                    calls += 1
-                    s.grad = None
-                    fn(s, t, y).backward()
-
+                once = rotating_step(steps[(impl, method)], sets)
                 for _ in range(5):
                     once()
                 torch.cuda.synchronize()
-                pairs = [
-                    (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                    for _ in range(60)
-                ]
-                for start, end in pairs:
-                    start.record()
-                    once()
-                    end.record()
-                torch.cuda.synchronize()
-                launched = statistics.median(a.elapsed_time(b) for a, b in pairs)
+                launched = launched_ms(once, 60)
                 host = []
                 for _ in range(5):
                     torch.cuda.synchronize()

@@ -85,3 +85,15 @@ def test_host_cost_dry_run(tmp_path: Path) -> None:
     payload = json.loads((tmp_path / "host_cost.json").read_text())
     assert len(payload["us"]) == 13 and all(us > 0 for us in payload["us"].values())
     assert "function calls" in (tmp_path / "host_cost_profile.txt").read_text()
+
+
+def test_host_variants_dry_run() -> None:
+    """tests/gpu/host_variants.py (a GPU tool) builds every variant under the interpreter, and
+    each one's loss and gradient equal the shipped fused step's (it asserts so itself)."""
+    require_triton()
+    cmd = [sys.executable, "-m", "tests.gpu.host_variants", "--interpret", "--classes", "64"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    checked = [line for line in run.stdout.splitlines() if line.startswith("C=64")]
+    assert len(checked) == 8, run.stdout  # 7 variants against the shipped step, and the end
+    assert checked[-1] == "C=64: code paths ran (no timing on CPU)"

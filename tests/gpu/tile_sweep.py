@@ -170,18 +170,14 @@ def _launched_ms(fn, student, teacher, target, steps: int = 50) -> float:
     """Median ms of fn launched from Python each step (events around each step, no sync)."""
     import torch
 
+    from tests.gpu.timing import launched_ms
+
+    def once() -> None:
+        torch.autograd.grad(fn(student, teacher, target), student)
+
     for _ in range(3):
-        torch.autograd.grad(fn(student, teacher, target), student)
-    pairs = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(steps)
-    ]
-    for start, end in pairs:
-        start.record()
-        torch.autograd.grad(fn(student, teacher, target), student)
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+        once()
+    return launched_ms(once, steps)
 
 
 def timed(what: str, measure, fn, inputs) -> float:

@@ -23,7 +23,8 @@ from pipeline.transforms import standardize
 from tests.kernels import oracle, require_interpreter
 
 require_interpreter()
-fused_kd = importlib.import_module("pipeline.kernels.triton_kd").kd_rows
+KD_MODULE = "pipeline.kernels.triton_kd"
+fused_kd = importlib.import_module(KD_MODULE).kd_rows
 fused_kd_ce = importlib.import_module("pipeline.kernels.triton_kd").kd_ce
 fused_dkd_ce = importlib.import_module("pipeline.kernels.triton_dkd").dkd_ce
 fused_ats_ce = importlib.import_module("pipeline.kernels.triton_ats").ats_ce
@@ -549,6 +550,76 @@ KD_CE_CASES = [
     (130, None, torch.float32),
     (130, (1, 32, 4, 3), torch.float16),
 ]
+
+
+@pytest.mark.parametrize("in_forward", [True, False], ids=["grad_in_fwd", "grad_in_bwd"])
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+@pytest.mark.parametrize("config", [None, (1, 32, 4, 3)], ids=["rows", "split"])
+def test_kd_gradients_made_in_forward(config, zs: bool, in_forward: bool, monkeypatch) -> None:
+    """KD's forward computes each row's gradient (no kernel launched from autograd's backward);
+    backward scales it by the rows' loss gradients, in place. Right for any scale, and again
+    on a second backward of a retained graph (the buffer is spent: the gradient kernel runs),
+    for the student and a per-sample temperature; and with GRADIENT_IN_FORWARD off."""
+    monkeypatch.setattr(importlib.import_module(KD_MODULE), "GRADIENT_IN_FORWARD", in_forward)
+    if zs and config is not None:
+        config = (1, 32, 4, 1)  # z-score takes no split
+    student, teacher, _, _, _ = _case(130, seed=21)
+    student.requires_grad_()
+    temp = _temperature(True, seed=3)
+    loss = fused_kd(student, teacher, temp, zs, config=config)
+    leaves64 = [_leaf64(student), _leaf64(temp)]
+    ref = oracle.kd_rows(leaves64[0], teacher.double(), leaves64[1], zs)
+    for seed in (1, 2):  # the second: the graph retained, the forward's gradient spent
+        go = 3.0 * torch.rand(B, generator=torch.Generator().manual_seed(seed)) - 1.0
+        grads = torch.autograd.grad(loss, [student, temp], go, retain_graph=True)
+        refs = torch.autograd.grad(ref, leaves64, go.double(), retain_graph=True)
+        _check(grads[0], refs[0], _grad_floor(student, go.abs(), temp, zs))
+        _check(grads[1], refs[1], (2 * go.double() * ref / leaves64[1]).abs().max().item())
+
+
+@pytest.mark.parametrize("in_forward", [True, False], ids=["grad_in_fwd", "grad_in_bwd"])
+@pytest.mark.parametrize("zs", [False, True], ids=["plain", "zscore"])
+def test_kd_ce_gradients_made_in_forward(zs: bool, in_forward: bool, monkeypatch) -> None:
+    """kd_ce's forward computes the total's gradient; backward scales it when only the total
+    is backpropagated (training), and runs the gradient kernel when the terms are too or the
+    graph is backpropagated again: each way equals the float64 oracle (also with the switch
+    off: the kernel in backward every time)."""
+    monkeypatch.setattr(importlib.import_module(KD_MODULE), "GRADIENT_IN_FORWARD", in_forward)
+    student, teacher, target, _, _ = _case(37, torch.float16, seed=22)
+    student.requires_grad_()
+    temp = _temperature(True, seed=4)
+    out = fused_kd_ce(student, teacher, target, temp, 0.1, 0.9, zs, config=(2, 16))
+    leaves, leaves64 = [student, temp], [_leaf64(student), _leaf64(temp)]
+    ref = _kd_ce64(leaves64[0], teacher.double(), target, leaves64[1], zs)
+    for weights in [(2.5,), (-0.5, 0.3, 1.7), (1.25,)]:  # scaled; the terms; total again
+        grads = torch.autograd.grad(
+            sum(w * o for w, o in zip(weights, out)), leaves, retain_graph=True
+        )
+        total64 = sum(w * o for w, o in zip(weights, ref))
+        refs = torch.autograd.grad(total64, leaves64, retain_graph=True)
+        go = torch.full((B,), max(abs(w) for w in weights) / B)
+        _check(grads[0], refs[0], max(_grad_floor(student, go, temp, zs), 1.0 / B))
+        kd64 = oracle.kd_rows(leaves64[0], teacher.double(), leaves64[1], zs)
+        _check(grads[1], refs[1], (2 * go * kd64 / leaves64[1]).abs().max().item())
+
+
+def test_kd_ce_checks_targets_in_its_kernel() -> None:
+    """An unchecked target outside [0, C) is refused by name (the kernel flags it as it reads
+    the row; off CUDA the flag is read and reset), and a call whose caller checked its targets
+    never leaves a flag behind for the next one."""
+    student, teacher, target, _, _ = _case(10, seed=23)
+    for bad in (10, -1):
+        wrong = target.clone()
+        wrong[3] = bad
+        with pytest.raises(MethodError, match=rf"target class {bad} is out of range: .*0\.\.9"):
+            fused_kd_ce(student, teacher, wrong, 4.0, 0.1, 0.9)
+        fused_kd_ce(student, teacher, wrong, 4.0, 0.1, 0.9, target_checked=True)
+        total = fused_kd_ce(student, teacher, target, 4.0, 0.1, 0.9)[0]
+        _check(total, _kd_ce64(student.double(), teacher.double(), target, 4.0, False)[0])
+    with pytest.raises(MethodError, match=r"target must be \(5,\)"):
+        fused_kd_ce(student, teacher, target[:3], 4.0, 0.1, 0.9)
+    with pytest.raises(MethodError, match="integer class indices"):
+        fused_kd_ce(student, teacher, target.float(), 4.0, 0.1, 0.9)
 
 
 @pytest.mark.parametrize("outputs", ["total", "all"])
