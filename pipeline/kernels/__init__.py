@@ -230,7 +230,8 @@ def kd_ce(
     ``ce`` = CE(raw student logits, target) and ``kd`` = mean of ``kd_rows``, both batch means;
     total = ce_weight · ce + kd_weight · kd. Fused, one kernel each way computes all three and
     the whole gradient (no separate cross-entropy pass over the logits). ``target_checked``:
-    the caller already checked the targets' range (the methods' ``check_inputs`` does).
+    the caller already checked the targets' range (otherwise the fused forward kernel checks
+    them as it reads them, and one assert follows).
     """
     temps = {"temperature": temperature}
     decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)

@@ -247,8 +247,10 @@ def rows_vector(
 @functools.lru_cache(maxsize=64)
 def constant_rows(value: float, batch: int, device: torch.device) -> torch.Tensor:
     """A fixed temperature as a (B,) tensor, made once per (value, B, device): the kernels only
-    read it, and a fill a step is a launch a step."""
-    return torch.full((batch,), value, dtype=torch.float32, device=device)
+    read it, and a fill a step is a launch a step. Never an inference tensor (a first call under
+    ``torch.inference_mode`` would make one, which a later training step cannot save)."""
+    with torch.inference_mode(False):
+        return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
 @triton.jit

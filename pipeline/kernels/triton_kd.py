@@ -72,7 +72,17 @@ N_STATS = 13  # rows of the (N_STATS, B) float32 buffer forward leaves for backw
 #: kernel launched from autograd's backward cost the host more than that on an H200 machine
 #: (tests/gpu/host_variants.py). False: the kernel runs in backward with the real gradient, from
 #: the statistics forward saved (one pass over (B, C) fewer on the GPU). For benchmarks.
+#: Float32 students only (what the methods train with): a float16/bfloat16 buffer would round
+#: the unit gradient before its scaling (a loss scale's small gradients underflow, a per-row
+#: gradient B times the mean's can overflow), so theirs is computed in backward, as before.
 GRADIENT_IN_FORWARD = True
+
+
+def _gradient_now(student: torch.Tensor, grad_mode: bool, *needed: bool) -> bool:
+    """Whether forward computes the gradient (``GRADIENT_IN_FORWARD``): one is needed, grad
+    mode was on at the call (a Function's ``needs_input_grad`` ignores ``torch.no_grad``) and
+    the student is float32."""
+    return any(needed) and grad_mode and GRADIENT_IN_FORWARD and student.dtype == torch.float32
 
 
 @triton.jit
@@ -447,6 +457,7 @@ class KDRows(torch.autograd.Function):
         zscore: bool,
         eps: float,
         config: tuple[int, ...] | None,
+        grad_mode: bool,  # torch.is_grad_enabled() at the call
     ) -> torch.Tensor:
         batch, classes = student.shape
         tile, segments = (config[:3], config[3]) if config and len(config) == 4 else (config, None)
@@ -479,7 +490,7 @@ class KDRows(torch.autograd.Function):
         ctx.zscore, ctx.eps, ctx.launch, ctx.split = zscore, eps, launch, (nseg, seg_len)
         write_gs, _, need_t = ctx.needs_input_grad[:3]
         ctx.grads = None
-        if (write_gs or need_t) and GRADIENT_IN_FORWARD:  # each row's own gradient now
+        if _gradient_now(student, grad_mode, write_gs, need_t):  # each row's own, now
             unit = constant_rows(1.0, batch, device)
             ctx.grads = _rows_grads(inputs, stats, unit, ctx, write_gs, need_t)
         return loss
@@ -499,7 +510,7 @@ class KDRows(torch.autograd.Function):
                 grad_s.mul_(grad_loss[:, None])
             if grad_t is not None:
                 grad_t.mul_(grad_loss)
-        return grads[0], None, grads[1], None, None, None, None, None
+        return grads[0], None, grads[1], None, None, None, None, None, None
 
 
 def _rows_grads(
@@ -549,7 +560,10 @@ def kd_rows(
     temp = rows_vector(temperature, batch, student.device, "temperature")
     if batch == 0:
         return student.sum(dim=1, dtype=torch.float32) * 0.0 + temp * 0.0
-    return KDRows.apply(student, teacher, temp, scale, offset, zscore, float(eps), config)
+    grad_mode = torch.is_grad_enabled()
+    return KDRows.apply(
+        student, teacher, temp, scale, offset, zscore, float(eps), config, grad_mode
+    )
 
 
 class KDCE(torch.autograd.Function):
@@ -574,6 +588,7 @@ class KDCE(torch.autograd.Function):
         eps: float,
         launch: Launch,
         ok: torch.Tensor,  # int32 (1,) flag, cleared by a target outside [0, C)
+        grad_mode: bool,  # torch.is_grad_enabled() at the call
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = student.shape[0]
         parts = torch.empty((3, batch), dtype=torch.float32, device=student.device)
@@ -587,7 +602,7 @@ class KDCE(torch.autograd.Function):
         ctx.weights, ctx.zscore, ctx.eps, ctx.launch = weights, zscore, eps, launch
         write_gs, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         ctx.grads = None
-        if (write_gs or need_t) and GRADIENT_IN_FORWARD:  # the total's gradient now
+        if _gradient_now(student, grad_mode, write_gs, need_t):  # the total's, now
             unit = constant_rows(1.0, 1, student.device)  # d total / d total
             split = (1, student.shape[1])
             ctx.grads = _launch_bwd(
@@ -615,7 +630,7 @@ class KDCE(torch.autograd.Function):
                 tuple(inputs), stats, go, (target, ctx.weights), ctx.zscore, ctx.eps, ctx.launch,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[3], (1, inputs[0].shape[1]),
             )  # fmt: skip
-        return grad_s, None, None, grad_t, None, None, None, None, None, None, None
+        return grad_s, None, None, grad_t, None, None, None, None, None, None, None, None
 
 
 def kd_ce(
@@ -644,7 +659,7 @@ def kd_ce(
 
     Args:
         target: (B,) integer classes; ``target_checked`` when the caller already checked that
-            they lie in [0, C) (the methods do), so the check is not paid twice a step.
+            they lie in [0, C) (DKD's and ATS's methods do), so it is not paid twice a step.
             Otherwise the forward kernel checks the range as it reads each row's target, and
             one assert follows it (on CUDA a device-side assert, as PyTorch's cross-entropy's;
             a separate check took four launches, up to ~0.1 ms of a 0.5-0.9 ms step on an H200's
@@ -678,21 +693,25 @@ def kd_ce(
         teacher = reference.decode_teacher(teacher, scale, offset)
         return reference.kd_ce(student, teacher, target, temp, ce_weight, kd_weight, zscore, eps)
     if split:  # the split KD kernels, PyTorch's cross-entropy beside them
-        kd = KDRows.apply(student, teacher, temp, scale, offset, zscore, float(eps), config)
+        grad_mode = torch.is_grad_enabled()
+        kd = KDRows.apply(
+            student, teacher, temp, scale, offset, zscore, float(eps), config, grad_mode
+        )
         terms = (kd_weight, kd.mean())
         return reference.with_ce(student, target, ce_weight, terms, target_checked=True)
     weights = (float(ce_weight), float(kd_weight))
     checked, ignored = _target_flags(student.device)
     ok = ignored if target_checked else checked
-    out = KDCE.apply(
-        student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch, ok
-    )
-    if not target_checked:
-        try:
+    try:
+        out = KDCE.apply(
+            student, teacher, target, temp, scale, offset, weights, zscore, float(eps), launch,
+            ok, torch.is_grad_enabled(),
+        )  # fmt: skip
+        if not target_checked:
             assert_targets(ok, target, classes)
-        except MethodError:  # off CUDA: the flag is read again by the next call
-            ok.fill_(1)
-            raise
+    except BaseException:  # a refused target, or a call failing past its kernel (out of
+        ok.fill_(1)  # memory): no cleared flag left behind to fail the next, valid call
+        raise
     return out
 
 
@@ -700,5 +719,7 @@ def kd_ce(
 def _target_flags(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A device's (checked, ignored) int32 (1,) flags, 1 until a forward kernel reads a target
     outside [0, C). ``checked`` is asserted after the call; ``ignored`` is what a call whose
-    targets its caller checked may clear, never read (made once: a fill a step is a launch)."""
-    return tuple(torch.ones(1, dtype=torch.int32, device=device) for _ in range(2))
+    targets its caller checked may clear, never read (made once: a fill a step is a launch;
+    never an inference tensor, which training could not reset)."""
+    with torch.inference_mode(False):
+        return tuple(torch.ones(1, dtype=torch.int32, device=device) for _ in range(2))

@@ -603,6 +603,84 @@ def test_kd_ce_gradients_made_in_forward(zs: bool, in_forward: bool, monkeypatch
         _check(grads[1], refs[1], (2 * go * kd64 / leaves64[1]).abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_students_get_their_gradient_in_backward(dtype: torch.dtype, monkeypatch) -> None:
+    """A float16/bfloat16 student's gradient is made in backward with the real loss gradient,
+    rounded once: made in forward, its unit gradient was rounded to the student's dtype before
+    the scaling (under a loss scale of 65536, 651 of 256,000 float16 entries underflowed to 0),
+    and a z-scored row's per-row unit gradient, B times the mean's, overflowed to inf."""
+    kd_module = importlib.import_module(KD_MODULE)
+    student, teacher, target, _, _ = _case(130, seed=24)
+    student = student.to(dtype)
+    student[1] = 0.5 + 1e-3 * student[1]  # near constant: a z-score's large gradient
+    grads = {}
+    for in_forward in (True, False):
+        monkeypatch.setattr(kd_module, "GRADIENT_IN_FORWARD", in_forward)
+        s = student.detach().requires_grad_()
+        total = fused_kd_ce(s, teacher, target, 4.0, 0.1, 0.9)[0] * 65536.0
+        rows = fused_kd(s, teacher, 2.0, True).mean()
+        grads[in_forward] = torch.autograd.grad([total, rows], [s])[0]
+    assert torch.equal(grads[True], grads[False])
+    assert torch.isfinite(grads[True]).all()
+
+
+def test_kd_gradient_not_made_under_no_grad(monkeypatch) -> None:
+    """Under torch.no_grad a student that requires grad gets no gradient kernel in forward (a
+    Function's needs_input_grad ignores the grad mode)."""
+    kd_module = importlib.import_module(KD_MODULE)
+    launches = []
+    original = kd_module._launch_bwd
+
+    def counting(*args, **kwargs):
+        launches.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kd_module, "_launch_bwd", counting)
+    student, teacher, target, _, _ = _case(37, seed=25)
+    student.requires_grad_()
+    with torch.no_grad():
+        fused_kd(student, teacher, 2.0)
+        fused_kd_ce(student, teacher, target, 2.0, 0.1, 0.9)
+    assert not launches
+    fused_kd(student, teacher, 2.0)  # with grad: made in forward
+    assert len(launches) == 1
+
+
+def test_target_flag_survives_a_failed_call_and_inference_mode(monkeypatch) -> None:
+    """A call that fails after its kernel cleared the target flag (out of memory allocating the
+    gradient) leaves no cleared flag behind; flags and cached temperatures first made under
+    torch.inference_mode still serve training calls (inference tensors could not be reset or
+    saved for backward)."""
+    kd_module = importlib.import_module(KD_MODULE)
+    common = importlib.import_module("pipeline.kernels.triton_common")
+    kd_module._target_flags.cache_clear()
+    common.constant_rows.cache_clear()
+    try:
+        student, teacher, target, _, _ = _case(10, seed=26)
+        with torch.inference_mode():  # first use: flags and a T = 3.5 vector cached here
+            fused_kd_ce(student, teacher, target, 3.5, 0.1, 0.9)
+        wrong = target.clone()
+        wrong[2] = 10
+        s = student.detach().requires_grad_()
+        with pytest.raises(MethodError, match="target class 10 is out of range"):
+            fused_kd_ce(s, teacher, wrong, 3.5, 0.1, 0.9)
+
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("out of memory (simulated)")
+
+        monkeypatch.setattr(kd_module, "_launch_bwd", out_of_memory)
+        with pytest.raises(RuntimeError, match="simulated"):
+            fused_kd_ce(s, teacher, wrong, 3.5, 0.1, 0.9)
+        monkeypatch.undo()
+        total = fused_kd_ce(s, teacher, target, 3.5, 0.1, 0.9)[0]
+        total.backward()
+        _check(total, _kd_ce64(student.double(), teacher.double(), target, 3.5, False)[0])
+        assert all(int(flag) == 1 for flag in kd_module._target_flags(student.device))
+    finally:
+        kd_module._target_flags.cache_clear()
+        common.constant_rows.cache_clear()
+
+
 def test_kd_ce_checks_targets_in_its_kernel() -> None:
     """An unchecked target outside [0, C) is refused by name (the kernel flags it as it reads
     the row; off CUDA the flag is read and reset), and a call whose caller checked its targets
