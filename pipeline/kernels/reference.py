@@ -64,23 +64,29 @@ __all__ = [
 _FLOAT_TEACHERS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_affine(teacher: torch.Tensor, scale: object, offset: object) -> None:
+    """MethodError unless an int8 teacher's ``scale`` and ``offset`` are float (B,) tensors
+    (the reference and the fused kernels refuse them alike)."""
+    if scale is None or offset is None:
+        raise MethodError("an int8 teacher needs its per-row scale and offset, (B,) each")
+    rows = teacher.shape[0] if teacher.dim() == 2 else None
+    for name, value in (("scale", scale), ("offset", offset)):
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or (
+            rows is None or value.shape != (rows,)
+        ):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise MethodError(
+                f"an int8 teacher (B, C) needs a float (B,) {name}, got {got} for teacher "
+                f"logits of shape {tuple(teacher.shape)}"
+            )
+
+
 def decode_teacher(
     teacher: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Stored teacher logits as float32 (B, C); int8 as ``q * scale[:, None] + offset[:, None]``."""
     if teacher.dtype == torch.int8:
-        if scale is None or offset is None:
-            raise MethodError("an int8 teacher needs its per-row scale and offset, (B,) each")
-        rows = teacher.shape[0] if teacher.dim() == 2 else None
-        for name, value in (("scale", scale), ("offset", offset)):
-            if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or (
-                rows is None or value.shape != (rows,)
-            ):
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                raise MethodError(
-                    f"an int8 teacher (B, C) needs a float (B,) {name}, got {got} for teacher "
-                    f"logits of shape {tuple(teacher.shape)}"
-                )
+        check_affine(teacher, scale, offset)
         return teacher.float() * scale.float()[:, None] + offset.float()[:, None]
     if scale is not None or offset is not None:
         raise MethodError(f"scale/offset belong to int8 teachers only, got a {teacher.dtype} one")

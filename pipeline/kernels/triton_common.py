@@ -27,6 +27,7 @@ import triton.language as tl
 
 from pipeline.errors import MethodError
 from pipeline.kernels import FUSED_STUDENT_DTYPES, FUSED_TEACHER_DTYPES
+from pipeline.kernels.reference import check_affine
 
 #: Widest column block: a program walks longer rows in 2048-wide steps (8 warps, 8 values a
 #: thread).
@@ -205,6 +206,7 @@ def check_teacher(
     if (teacher.dtype == torch.int8) != (scale is not None and offset is not None):
         raise MethodError("an int8 teacher needs its per-row scale and offset (and only it)")
     if scale is not None and offset is not None:
+        check_affine(teacher, scale, offset)  # the reference's refusal, word for word
         scale = rows_vector(scale, teacher.shape[0], teacher.device, "scale")
         offset = rows_vector(offset, teacher.shape[0], teacher.device, "offset")
     return teacher.contiguous(), scale, offset

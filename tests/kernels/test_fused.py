@@ -457,6 +457,9 @@ def test_bad_inputs_raise_method_error() -> None:
     q, _, _ = oracle.encode_int8(teacher)
     with pytest.raises(MethodError, match="int8"):
         fused_kd(student, q, 2.0)
+    # The reference's refusal word for word (it was "scale must be a float or a (5,) tensor").
+    with pytest.raises(MethodError, match=r"needs a float \(B,\) scale, got \(5, 1\) for teacher"):
+        fused_kd(student, q, 2.0, scale=torch.ones(5, 1), offset=torch.zeros(5))
     with pytest.raises(MethodError, match="target"):
         fused_dkd(student, teacher, target + 10, 2.0)
     with pytest.raises(MethodError, match="2 classes"):
