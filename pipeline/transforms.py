@@ -114,8 +114,10 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7, *, unbiased: bool = Tru
         unbiased: the N - 1 std of the official code (default); False with ``eps=0`` is the
             paper's Algorithm 1 (population std, no eps).
 
-    A constant row gives zeros (a uniform softmax), never NaN, with a zero gradient: the std's
-    square root is taken only where the variance is positive (torch.std's gradient at 0 is NaN).
+    A constant row gives zeros (a uniform softmax), never NaN: the std's square root is taken
+    only where the variance is positive (torch.std's gradient at 0 is NaN). Its gradient is then
+    that of ``(z - mean(z)) / eps``, as in the official code: finite, 1/eps (1e7 at the
+    default eps) times the centered upstream gradient, and zero with ``eps=0``.
     A row holding ±inf or NaN has no mean or std: it standardizes to NaN (whatever ``eps``), as
     the fused kernels' terms are, so a loss on it is NaN and training stops on it; a diverging
     student reaches the training loop's divergence check this way too.

@@ -248,11 +248,17 @@ def nontarget_index(target: torch.Tensor, classes: int) -> torch.Tensor:
 def _binary_log_probs(
     x: torch.Tensor, target: torch.Tensor, rest: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_y, log(1 - p_y)) of softmax(x) from logsumexps: (B,) each."""
-    lse = torch.logsumexp(x, dim=1)  # (B,)
-    log_y = x.gather(1, target[:, None])[:, 0] - lse
-    log_rest = torch.logsumexp(x.gather(1, rest), dim=1) - lse
-    return log_y, log_rest
+    """(log p_y, log(1 - p_y)) of softmax(x) from the target's log-odds: (B,) each.
+
+    With u = x_y - logsumexp(x_rest), log p_y = -softplus(-u) and log(1 - p_y) = -softplus(u),
+    the fused kernel's form: each is accurate where it is small. Differences of two logsumexps
+    (lse(rest) - lse(all)) cancel when p_y is small and lost ~1e-3 of TCKD's float32 batch mean
+    (and ~1 % of its temperature gradient) at C = 1000, T = 15.6.
+    """
+    u = x.gather(1, target[:, None])[:, 0] - torch.logsumexp(x.gather(1, rest), dim=1)  # (B,)
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    # softplus(z) = logaddexp(z, 0): exact for any z, ±inf included, and so is its gradient
+    return -torch.logaddexp(-u, zero), -torch.logaddexp(u, zero)
 
 
 def dkd_rows(

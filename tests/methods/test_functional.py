@@ -44,6 +44,26 @@ def test_losses_match_golden(temp, dtype: torch.dtype) -> None:
         assert got == pytest.approx(want, **tol)
 
 
+def test_float32_tckd_is_accurate_when_the_target_is_unlikely() -> None:
+    """TCKD's log(1 - p_y) from log-odds, not lse(rest) - lse(all): small p_y cancels there.
+
+    At C = 1000, T = 15.6 (a CTKD temperature) the float32 reference's TCKD batch mean was 9e-4
+    off the float64 golden and its temperature gradient 1.4 % off (audit, 2026-11-27).
+    """
+    student, teacher, target = batch(rows=64, classes=1000, seed=3, dtype=torch.float32)
+    student, teacher = student * 2 / 3, teacher * 4 / 3  # N(0, 2²), N(0, 4²)
+    s, t, y = _np(student, teacher, target)
+    y = y.astype(int)
+    temp = torch.full((64,), 15.6, requires_grad=True)
+    tckd, _ = reference.dkd_rows(student, teacher, target, temp)
+    tckd.mean().backward()
+    want = golden.dkd_rows(s, t, y, 15.6)[0].mean()
+    assert tckd.mean().item() == pytest.approx(want, rel=1e-5)
+    h = 1e-4
+    up, down = golden.dkd_rows(s, t, y, 15.6 + h)[0], golden.dkd_rows(s, t, y, 15.6 - h)[0]
+    assert temp.grad.sum().item() == pytest.approx((up - down).mean() / (2 * h), rel=1e-3)
+
+
 def test_defaults_match_golden() -> None:
     student, teacher, target = batch()
     s, t, y = _np(student, teacher, target)
@@ -113,6 +133,10 @@ def test_standardize() -> None:
     c.requires_grad_(True)
     (standardize(c, eps=0.0, unbiased=False) * torch.arange(4.0)).sum().backward()
     assert torch.equal(c.grad, torch.zeros_like(c))  # 0 where the z-score is undefined
+    c.grad = None  # with eps, the official code's gradient: the centered upstream over eps
+    (standardize(c) * torch.arange(4.0)).sum().backward()
+    want = (torch.arange(4.0, dtype=torch.float64) - 1.5) / 1e-7
+    torch.testing.assert_close(c.grad[0], want, rtol=1e-12, atol=0)
     assert ls.standardize is standardize
 
 
