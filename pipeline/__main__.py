@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 OUTPUT_MADE_WITH: dict[str, tuple[str, str]] = {
     "teacher": ("pipeline.teacher", "made_with"),
     "export": ("stages.export", "made_with"),
+    "precompute": ("pipeline.precompute", "made_with"),
 }
 
 

@@ -29,6 +29,7 @@ from pipeline.methods.base import check_student, check_target
 from pipeline.models import load_model_from_checkpoint
 from pipeline.views import NUM_VIEW_PARAMS, view_params
 from storage import LogitStore, check_fingerprint, make_layout, open_store
+from storage.base import labels_problem
 from storage.sampler import BlockSampler
 from storage.urls import is_url
 
@@ -116,6 +117,8 @@ def _check_store(store: LogitStore, config: Config, train: Split, intact: bool =
             f"use the store made for this dataset (and the same data.train_subset)"
         )
     labels = store.labels
+    if problem := labels_problem(labels, store.num_classes, required=True):
+        raise DistillError(f"store {path}: {problem}: delete it and run precompute again")
     if not np.array_equal(labels, train.labels):
         bad = np.flatnonzero(labels != train.labels)
         raise DistillError(

@@ -48,7 +48,7 @@ from pipeline.ort import (
 )
 from pipeline.overlap import run_overlapped
 from pipeline.views import NUM_VIEW_PARAMS
-from storage import NotAStoreError, StoreWarning, create_store, open_store
+from storage import NotAStoreError, StoreError, StoreWarning, create_store, open_store
 from storage.layout import format_plan, plan
 from storage.parallel import write_parallel
 from storage.urls import is_url
@@ -426,6 +426,7 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
                 flush=True,
             )
     with open_store(path) as done:
+        _refuse_damaged(done)
         if not done.complete:
             raise UserError(
                 f"store {path} is still missing {len(done.missing_chunks())} chunk(s) "
@@ -471,7 +472,38 @@ def _finished(config: Config, train: Split, fingerprint: dict) -> bool:
         return False
     _check_same_inputs(store, config, train, fingerprint)
     with store:
-        return store.complete
+        if not store.complete:
+            return False
+        _refuse_damaged(store)  # every chunk marked done, but a shard file may be gone or cut
+        return True
+
+
+def _refuse_damaged(store: Any) -> None:
+    """Refuse (one line: the damage and ``verify --repair``) a store whose chunks marked done
+    lack their files or lie outside them (a shard deleted or cut short since), or whose labels
+    are lost: a rerun would otherwise resume it, or call it complete, as it is. Reads no logits.
+    """
+    report = store.verify(data=False)
+    report.missing.clear()  # chunks not done yet: this run computes them
+    if not report.ok:
+        raise UserError(report.summary())
+
+
+def made_with(config: Config) -> bool:
+    """Whether the run's store was made from ``config``'s inputs, in its shape and layout (the
+    command line asks on Ctrl-C before it records the config beside the store: a precompute
+    stopped before it created, resumed or replaced the store has not made it)."""
+    try:
+        store = open_store(config.store_path)
+    except StoreError:
+        return False
+    with store:
+        train, _ = splits(config)
+        try:
+            _check_same_inputs(store, config, train, store_fingerprint(config, train))
+        except UserError:
+            return False
+    return True
 
 
 def _threads_per_worker(workers: int) -> int:
@@ -498,6 +530,11 @@ def _open_or_create(config: Config, train: Split, fingerprint: dict, overwrite: 
             store = None  # nothing there yet (or something else: create_store refuses it)
         if store is not None:
             _check_same_inputs(store, config, train, fingerprint)
+            try:
+                _refuse_damaged(store)
+            except UserError:
+                store.close()
+                raise
             return store
     if not is_url(str(path)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -526,9 +563,14 @@ def _check_same_inputs(store, config: Config, train: Split, fingerprint: dict) -
         if store.fingerprint.get(k) != v
         and (k != "inference" or k in store.fingerprint)  # stores made before it was recorded
     }
-    lay = store.layout
+    lay, pc = store.layout, config.precompute
     shape = (lay.num_views, lay.num_samples, lay.num_classes, lay.encoding)
-    want = (config.augment.views, len(train), train.num_classes, config.precompute.encoding)
+    want = (config.augment.views, len(train), train.num_classes, pc.encoding)
+    # A chunk layout the config sets (None: automatic) is the store's, or the run's batches
+    # (cut from the store's chunks) differ from those of a run without a store (from the config).
+    for key in ("chunk_rows", "chunks_per_shard"):
+        if getattr(pc, key) is not None and getattr(pc, key) != getattr(lay, key):
+            mismatch[f"precompute.{key}"] = (getattr(lay, key), getattr(pc, key))
     if mismatch or shape != want:
         store.close()
         what = "; ".join(f"{k}: store {a!r} vs now {b!r}" for k, (a, b) in mismatch.items())

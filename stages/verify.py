@@ -9,6 +9,8 @@ store has to be deleted and precomputed again.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from storage import open_store
 
@@ -47,8 +49,29 @@ def run(args: argparse.Namespace) -> int:
             units = store.repair(report)
         for view, shards in _ranges(units):
             print(f"repaired: view {view} shard(s) {shards} marked not done")
+        stamp = _stamp_of(args.store)
+        if stamp is not None:  # make's record of a finished precompute: no longer so
+            stamp.unlink()
+            print(f"removed {stamp} (make's record that the store was finished)")
+        else:
+            print(
+                "(make: delete RUN_DIR/precompute.done of the run that made it, or make skips it)"
+            )
         print(f"fix: rerun precompute to recompute the {len(units)} shard(s) marked not done")
     return 0 if report.ok else 1
+
+
+def _stamp_of(store: str) -> Path | None:
+    """The ``precompute.done`` beside ``store`` that names it (a run's own store, RUN_DIR/
+    store.zarr or store.h5), or None."""
+    from pipeline.precompute import DONE_FILE
+
+    stamp = Path(store).parent / DONE_FILE
+    try:
+        named = stamp.read_text().strip()
+        return stamp if named and os.path.samefile(named, store) else None
+    except (OSError, UnicodeDecodeError):  # no stamp, or one naming a store not here
+        return None
 
 
 def _ranges(pairs: list[tuple[int, int]]) -> list[tuple[int, str]]:

@@ -66,7 +66,16 @@ class VerifyReport:
 
     def summary(self) -> str:
         """One line: the first damaged chunks or store problems, and the fix."""
-        items = [f"view {v} chunk {c}: {what}" for v, c, what in self.damaged] + self.other
+        runs: list[list] = []  # [view, first, last, what]: a shard's chunks share its damage
+        for v, c, what in self.damaged:
+            if runs and runs[-1][0] == v and runs[-1][2] == c - 1 and runs[-1][3] == what:
+                runs[-1][2] = c
+            else:
+                runs.append([v, c, c, what])
+        items = [
+            f"view {v} chunk {a}: {what}" if a == b else f"view {v} chunks {a}..{b}: {what}"
+            for v, a, b, what in runs
+        ] + self.other
         shown = "; ".join(items[:3]) + (f" (and {len(items) - 3} more)" if len(items) > 3 else "")
         return f"store {self.path} is damaged: {shown}: {self.fix()}"
 
@@ -611,6 +620,10 @@ class LogitStore(abc.ABC):
                     f"labels has shape {labels.shape}, expected ({lay.num_samples},)"
                 )
                 report.repairable = False
+            # a store whose fingerprint names its dataset was made with that dataset's labels
+            elif problem := labels_problem(labels, lay.num_classes, "dataset" in self.fingerprint):
+                report.other.append(problem)
+                report.repairable = False
         except (*READ_ERRORS, StoreCorruptError) as exc:
             report.other.append(f"labels unreadable: {_first(exc, 200)}")
             report.repairable = False
@@ -750,6 +763,24 @@ def encode_rows(
             "view_params given, but the store was created without them (view_param_width=0)"
         )
     return parts
+
+
+def labels_problem(labels: np.ndarray, num_classes: int, required: bool = False) -> str | None:
+    """What is wrong with a store's labels, or None. -1 is a row without a label (the arrays'
+    fill value): a store made without labels has -1 everywhere, which is not damage unless
+    ``required``; -1 at some rows only is a labels chunk lost, anything else outside
+    [0, C) damage."""
+    unlabeled = labels == -1
+    if unlabeled.all() and labels.size:
+        return f"labels missing at all {labels.size} row(s)" if required else None
+    bad = np.flatnonzero(unlabeled | (labels < 0) | (labels >= num_classes))
+    if not len(bad):
+        return None
+    what = "missing" if unlabeled[bad].all() else "missing or out of range"
+    return (
+        f"labels {what} at {len(bad)} row(s) (first: row {bad[0]}, {labels[bad[0]]}; "
+        f"classes are 0..{num_classes - 1}, -1 is no label)"
+    )
 
 
 def checked_labels(labels: Any, layout: Layout) -> np.ndarray:

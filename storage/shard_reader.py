@@ -168,6 +168,32 @@ class ShardReader:
         chunks = min(self.per_shard, -(-self.num_rows // self.chunk_rows) - shard * self.per_shard)
         return chunks * (self.chunk_bytes + 4) + 16 * self.per_shard + 4
 
+    def frame_problem(self, view: int, chunk: int) -> str | None:
+        """What is wrong with where one chunk lies in its shard file, read from the file's size
+        and index only (not the chunk's data), or None: a file cut short, an index that fails
+        its checksum, or an entry of the chunk that is absent, of the wrong size or past the end.
+        """
+        shard = chunk // self.per_shard
+        with self._lock:
+            try:
+                fd, index = self._open(view, shard)
+                size = os.fstat(fd).st_size
+            except (OSError, ValueError) as exc:
+                return str(exc)
+        offset, nbytes = index[chunk % self.per_shard].tolist()
+        if offset == EMPTY:
+            return (
+                None
+                if self.fill_value is not None
+                else f"{self._what(view, shard, chunk)} is absent"
+            )
+        if nbytes != self.chunk_bytes + 4 or offset + nbytes > size:
+            return (
+                f"{self._what(view, shard, chunk)} lies outside its file (bytes {offset}.."
+                f"{offset + nbytes} of {size}, {self.chunk_bytes + 4} expected)"
+            )
+        return None
+
     def _read_index(self, view: int, shard: int, fd: int, size: int) -> np.ndarray:
         nbytes = 16 * self.per_shard + 4
         expected = self.expected_size(shard)

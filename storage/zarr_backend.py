@@ -347,6 +347,18 @@ class ZarrLogitStore(LogitStore):
                     missing.append(key)
         return missing
 
+    def _chunk_problems(self, view: int, chunk: int, names: list[str]) -> list[str]:
+        # Uncompressed local shards: the file's size and index place each chunk (no data read),
+        # so a shard cut short is named without reading it (a compressed or remote one is named
+        # by its checksums when read).
+        problems = []
+        for name in names:
+            reader = self._shard_reader(name)
+            problem = None if reader is None else reader.frame_problem(view, chunk)
+            if problem:
+                problems.append(f"{name}: {problem}")
+        return problems
+
     def _close(self) -> None:
         for reader in self._fast.values():
             if reader is not None:

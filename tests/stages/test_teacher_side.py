@@ -8,6 +8,7 @@ same arrays as an uninterrupted one, and two dask workers must write what one pr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,15 @@ from pipeline.data import splits
 from pipeline.models import load_model_from_checkpoint
 from pipeline.views import apply_view, normalize
 from storage import open_store
-from tests.stages.common import ARRAYS, ROOT, TINY, build_tiny_run, fails, raw_arrays
+from tests.stages.common import (
+    ARRAYS,
+    ROOT,
+    TINY,
+    assert_same_store,
+    build_tiny_run,
+    fails,
+    raw_arrays,
+)
 
 # float32 so that the comparison with PyTorch is not blurred by the encoding; 4 chunks per shard
 # so that a view is two shards and a crash can land between them.
@@ -549,3 +558,83 @@ def test_a_worker_session_kept_from_another_run_is_checked_again(run: Path, monk
             task_copy(1e-4)(0, 0, 64)
     finally:
         TeacherLogits.release()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_store_damaged_since_it_was_finished_is_refused_until_repaired(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    """A shard deleted or cut short after precompute finished: a rerun must not call the store
+    complete (it did: it read only the done marks); it names the damage and ``verify --repair``,
+    changes nothing, and after the repair recomputes exactly the store of the clean run."""
+    damaged = _copy_teacher(run, tmp_path / "damaged")
+    store = damaged / "store.zarr"
+    shutil.copytree(run / "store.zarr", store)
+    (store / "logits" / "c" / "1" / "1" / "0").unlink()
+    cut = store / "logits" / "c" / "0" / "0" / "0"
+    os.truncate(cut, cut.stat().st_size // 2)
+    stamp = damaged / "precompute.done"  # make's record of the finished stage
+    stamp.write_text(f"{store}\n")
+    before = _files(damaged)
+    err = fails(capsys, _args("precompute", damaged), "is damaged", "verify --repair")
+    assert "file missing: logits/c/1/1/0" in err and "truncated" in err, err
+    assert _files(damaged) == before
+    assert main(["verify", "--repair", str(store)]) == 1  # damage found (and marked)
+    assert not stamp.exists()  # or `make precompute` would skip the repaired store
+    assert main(_args("precompute", damaged)) == 0
+    assert_same_store(store, run / "store.zarr")
+
+
+def test_a_store_that_lost_its_labels_is_refused(run: Path, tmp_path: Path, capsys) -> None:
+    """A lost labels chunk reads back as -1: verify passed it, and distill then blamed the
+    dataset ("labels differ from the dataset's"). Precompute cannot rewrite it in place."""
+    lost = _copy_teacher(run, tmp_path / "lost")
+    shutil.copytree(run / "store.zarr", lost / "store.zarr")
+    (lost / "store.zarr" / "labels" / "c" / "0").unlink()
+    fails(capsys, _args("precompute", lost), "labels missing at all 256 row(s)")
+    capsys.readouterr()
+    assert main(["verify", "--repair", str(lost / "store.zarr")]) == 1
+    out = capsys.readouterr()
+    assert "labels missing" in out.out + out.err and "delete" in out.out + out.err, out
+
+
+def test_a_store_of_another_chunk_layout_is_refused(run: Path, tmp_path: Path, capsys) -> None:
+    """A chunk layout the config sets must be the store's: resumed, the store kept its own, and
+    runs without a store cut their batches from the config's."""
+    other = _copy_teacher(run, tmp_path / "other")
+    shutil.copytree(run / "store.zarr", other / "store.zarr")
+    argv = [*_args("precompute", other), "--set", "precompute.chunk_rows=16"]
+    fails(capsys, argv, "precompute.chunk_rows: store 32 vs now 16", "--overwrite")
+    argv = [*_args("precompute", other), "--set", "precompute.chunks_per_shard=2"]
+    fails(capsys, argv, "precompute.chunks_per_shard: store 4 vs now 2")
+
+
+def test_a_ctrl_c_before_the_store_is_replaced_keeps_its_record(
+    run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Ctrl-C of ``precompute --overwrite`` with other inputs before the old store goes: the
+    record beside it (precompute.config.yaml) still describes it. A Ctrl-C of the store's own
+    config records that config."""
+    import pipeline.precompute as precompute_module
+
+    kept = _copy_teacher(run, tmp_path / "kept")
+    shutil.copytree(run / "store.zarr", kept / "store.zarr")
+    record = kept / "precompute.config.yaml"
+    shutil.copy2(run / "precompute.config.yaml", record)
+    before = record.read_bytes()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompute_module, "_open_or_create", interrupt)
+    argv = [*_args("precompute", kept, "--overwrite"), "--set", "augment.seed=1"]
+    assert main(argv) == 130
+    assert record.read_bytes() == before
+    record.unlink()
+    assert main(_args("precompute", kept, "--overwrite")) == 130
+    assert f"run_dir: {kept}" in record.read_text()

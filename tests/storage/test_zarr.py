@@ -8,6 +8,7 @@ import pytest
 import zarr
 
 from storage import StoreCorruptError, open_store
+from storage.base import labels_problem
 from tests.storage.conformance import PER_SHARD, ROWS, LogitStoreTests, N, V, teacher_logits
 
 
@@ -56,3 +57,19 @@ class TestZarrLogitStore(LogitStoreTests):
             assert "logits" in damaged[(0, 2)]
             with pytest.raises(StoreCorruptError, match="run `python -m pipeline verify"):
                 store.read_block(0, 0, N)
+            # Without reading data too (what precompute and a large distill check): the cut
+            # shard by its size and index (its chunks passed before), the deleted one by name.
+            cheap = {(v, c): what for v, c, what in store.verify(data=False).damaged}
+            assert set(cheap) == set(damaged)
+            assert "truncated" in cheap[(0, 2)] and "logits/c/0/1/0" in cheap[(0, 2)]
+            with pytest.raises(StoreCorruptError, match=r"view 0 chunks 2\.\.3: logits: shard"):
+                store.require_intact(data_bytes=0)
+
+
+def test_labels_problem_tells_lost_labels_from_none_given():
+    assert labels_problem(np.array([0, 3, 1]), 4) is None
+    assert labels_problem(np.full(3, -1), 4) is None  # a store made without labels
+    assert labels_problem(np.full(3, -1), 4, required=True) == "labels missing at all 3 row(s)"
+    lost = labels_problem(np.array([0, -1, -1, 2]), 4)
+    assert lost.startswith("labels missing at 2 row(s) (first: row 1, -1; classes are 0..3")
+    assert "out of range at 1 row(s) (first: row 2, 4;" in labels_problem(np.array([0, 1, 4]), 4)
