@@ -311,6 +311,9 @@ class Config:
             _positive(getattr(self.teacher, key), f"teacher.{key}", allow_zero=True)
         _positive(self.teacher.gamma, "teacher.gamma")
         _check_milestones(self.teacher.milestones, "teacher.milestones")
+        for key in ("train_subset", "test_subset"):
+            if getattr(self.data, key) is not None:  # None: every row
+                _positive(getattr(self.data, key), f"data.{key}")
         _positive(self.precompute.batch_size, "precompute.batch_size")
         for key in ("threads", "chunk_rows", "chunks_per_shard"):
             if getattr(self.precompute, key) is not None:  # None: chosen automatically
@@ -392,10 +395,18 @@ def _check_seed(seed: int, name: str) -> None:
         raise ConfigError(f"{name}: a seed is a whole number from 0 to 2**64 - 1, got {seed!r}")
 
 
+#: The largest whole number a setting takes: any count fits numpy's int64, any value a float.
+MAX_INT = 2**62
+
+
 def _positive(value: float, name: str, allow_zero: bool = False) -> None:
     # an int is finite, and may be too large for a float (math.isfinite would raise)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(
+            f"{name} must be at most 2**62, got a {len(str(abs(value)))}-digit number"
+        )
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}, got {value}")
@@ -483,6 +494,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is Any or (hint is dict and isinstance(value, dict)):
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > MAX_INT:  # float() of 1e400 would raise
+            raise ConfigError(
+                f"{key} must be a finite number, got a {len(str(abs(value)))}-digit number"
+            )
         return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string

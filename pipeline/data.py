@@ -121,6 +121,12 @@ class Split:
         }
 
 
+def check_test_split(test: Split) -> None:
+    """Read the test split's files (its length and labels): one missing or unreadable is
+    refused now, not at the evaluation after the first epoch."""
+    test.labels  # noqa: B018
+
+
 def splits(config: Config) -> tuple[Split, Split]:
     """(train, test) of the configured dataset."""
     return (Split(config.data, "train", config.augment), Split(config.data, "test", config.augment))

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import Config, save_resolved, to_dict
-from pipeline.data import Split, splits
+from pipeline.data import Split, check_test_split, splits
 from pipeline.distill_data import ToDevice, prefetch
 from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
 from pipeline.distill_inputs import (
@@ -483,6 +483,7 @@ def _train(
         state = load_state(state_path, accepted_keys(config), source, section=section)
         device = device or pick_device(cfg.device)
         train, test = splits(config)
+        check_test_split(test)  # read now: a missing file is refused before any write
         student, kwargs = build_student(config, train, device)
         src = build_sources(config, train, student.method.teacher_input, device, out, key, world)
         if world.main:  # once its inputs are checked: a refused run changes nothing

@@ -73,6 +73,11 @@ def build_student_method(name: str, options: dict[str, Any], num_classes: int) -
         return CrossEntropy()
     if key not in METHODS and "+" not in key:
         raise MethodError(f"unknown method {name!r}: known are {', '.join(method_names())}")
+    if "name" in options:  # it would replace the method, and the run be labelled with another
+        raise MethodError(
+            f"method_options cannot hold 'name' (got {options['name']!r}): set the method "
+            f"itself (distill.method, or a sweep run's method) instead"
+        )
     return build_method({"name": key, **options}, num_classes=num_classes)
 
 

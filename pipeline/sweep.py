@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, save_resolved
-from pipeline.data import splits
+from pipeline.data import check_test_split, splits
 from pipeline.distill import (
     DivergedError,
     accepted_keys,
@@ -146,6 +146,15 @@ def plan_sweep(config: Config) -> list[SweepRun]:
             folders[item.folder] = f"sweep.runs[{index}]"
             planned.append(item)
     return planned
+
+
+def check_data(planned: list[SweepRun]) -> None:
+    """Read the dataset's files (both splits' labels) before anything trains: every run of a
+    sweep has the run's data, so a missing file is one refusal, not each run failing."""
+    if planned:
+        train, test = splits(planned[0].config)
+        train.labels  # noqa: B018
+        check_test_split(test)
 
 
 def check_stores(planned: list[SweepRun]) -> None:
@@ -297,6 +306,7 @@ def run_sweep(
             "`python -m pipeline sweep --nproc N` (make sweep NPROC=N), not under torchrun"
         )
     planned = plan_sweep(config)  # before anything trains: a bad entry costs nothing
+    check_data(planned)
     check_stores(planned)
     check_folders(planned)  # a refused sweep changes nothing, the last one's sweep.done included
     marker = done_path(config)

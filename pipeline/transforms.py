@@ -33,6 +33,10 @@ def check_temperature(name: str, value: Temperature, batch: int | None = None) -
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MethodError(f"{name} must be a number > 0 or a tensor, got {value!r}")
+        if isinstance(value, int) and value > 2**62:  # past (or near) a float's range
+            raise MethodError(
+                f"{name} must be a finite number > 0, got a {len(str(value))}-digit number"
+            )
         if not (value > 0 and math.isfinite(value)):  # also refuses NaN
             raise MethodError(f"{name} must be a finite number > 0, got {value}")
         return
@@ -100,8 +104,8 @@ def asymmetric_temperature(
     return torch.where(is_target, _divided(logits, col1), _divided(logits, col2))
 
 
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+def check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 2**62:
         raise MethodError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -122,7 +126,7 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7, *, unbiased: bool = Tru
     the fused kernels' terms are, so a loss on it is NaN and training stops on it; a diverging
     student reaches the training loop's divergence check this way too.
     """
-    _check_eps(eps)
+    check_eps(eps)
     classes = logits.shape[-1]
     if classes < 2:
         raise MethodError(f"standardization needs 2 classes or more, got {classes}")
@@ -151,7 +155,7 @@ class ZScore:
     unbiased: bool = True
 
     def __post_init__(self) -> None:
-        _check_eps(self.eps)
+        check_eps(self.eps)
 
     def kernel_inputs(
         self, student: torch.Tensor, teacher: torch.Tensor

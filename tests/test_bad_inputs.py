@@ -137,6 +137,18 @@ def _fashion_labels_short(run: Path) -> None:
     write_idx(run / "fm" / "train-labels-idx1-ubyte", np.zeros(60, np.uint8))
 
 
+def _fashion_without_test(run: Path) -> None:
+    """Fashion-MNIST without its t10k files, a diverged student of another config, sweep.done."""
+    _fashion({})(run)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (run / "fm" / name).unlink()
+    hot = run / "distill" / "hot"
+    hot.mkdir(parents=True)
+    (hot / "config.yaml").write_text("distill: {lr: 100000000.0}\n")
+    (hot / "diverged.json").write_text(json.dumps({"config_hash": "other", "record": {}}))
+    (run / "sweep.done").write_text("done\n")
+
+
 def _npz(**arrays: np.ndarray) -> Callable[[Path], None]:
     return lambda run: np.savez(run / "data.npz", **arrays)
 
@@ -282,6 +294,17 @@ CASES: list[Case] = [
          "stopped with no student (metrics.jsonl shows the epoch, no state to resume): lower "
          "distill.lr or the method's loss weights, under another distill.name (or delete this "
          "run's folder)"),
+    Case("config-huge-number", "config", "a number past a float's range (`1` and 400 zeros)",
+         stage("distill", "distill.lr=1" + "0" * 400),
+         "distill.lr must be a finite number, got a 401-digit number"),
+    Case("config-test-subset-zero", "config", "`data.test_subset=0` (it reached the records "
+         "of teacher, export and precompute)", stage("teacher", "data.test_subset=0"),
+         "data.test_subset must be > 0, got 0"),
+    Case("config-options-name", "config", "`method_options` holding `name` (it trained that "
+         "method under the other's label)",
+         stage("distill", "distill.method_options={name: dkd}"),
+         "method_options cannot hold 'name' (got 'dkd'): set the method itself (distill.method, "
+         "or a sweep run's method) instead"),
     Case("config-bad-choice", "config", "a value not among the choices",
          stage("teacher", "distill.device=tpu"),
          "distill.device must be one of auto, cpu, cuda, got 'tpu'"),
@@ -331,6 +354,18 @@ CASES: list[Case] = [
          stage("teacher", "data.kind=fashion_mnist", "data.path={run}/fm", "data.options={}"),
          "RUN/fm/train-labels-idx1-ubyte: expected 64 uint8 labels, got uint8 (60,); the files do "
          "not belong together", prepare=_fashion_labels_short),
+    Case("data-test-files-missing", "dataset", "a Fashion-MNIST folder without its test files, "
+         "beside a diverged student's folder (its record was deleted, its config rewritten)",
+         stage("distill", "data.kind=fashion_mnist", "data.path={run}/fm", "data.options={}",
+               "distill.method=ce", "distill.name=hot"),
+         "Fashion-MNIST file t10k-images-idx3-ubyte(.gz) not found in RUN/fm; run `apt-get "
+         "install dataset-fashion-mnist` or set the data path", prepare=_fashion_without_test),
+    Case("sweep-test-files-missing", "dataset", "the same for a sweep (each run failed, exit 1, "
+         "sweep.done deleted)",
+         stage("sweep", "data.kind=fashion_mnist", "data.path={run}/fm", "data.options={}",
+               "sweep.runs=[{method: ce, name: fm}]"),
+         "Fashion-MNIST file t10k-images-idx3-ubyte(.gz) not found in RUN/fm; run `apt-get "
+         "install dataset-fashion-mnist` or set the data path", prepare=_fashion_without_test),
     Case("data-array-missing", "dataset", "an `.npz` path that does not exist",
          stage("teacher", "data.kind=array", "data.path={run}/nope.npz", "data.options={}"),
          "array dataset RUN/nope.npz does not exist; set the data path"),

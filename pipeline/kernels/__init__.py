@@ -44,7 +44,7 @@ from types import ModuleType
 import torch
 
 from pipeline.errors import MethodError
-from pipeline.transforms import check_temperature
+from pipeline.transforms import check_eps, check_temperature
 
 __all__ = [
     "ENV_VAR",
@@ -151,16 +151,33 @@ def _reference_teacher(
     offset: torch.Tensor | None,
     temperatures: dict[str, float | torch.Tensor],
     grad_unsupported: str | None = None,
+    *,
+    eps: float | None = None,
+    weights: dict[str, float] | None = None,
 ) -> torch.Tensor | None:
     """Where one loss call goes: the teacher decoded to float32 when ``impl`` sends it to the
-    PyTorch reference, None when the fused kernel takes it. The temperatures are checked first;
+    PyTorch reference, None when the fused kernel takes it. The student's dtype, the
+    temperatures, ``eps`` and the loss ``weights`` are checked first, for either;
     ``grad_unsupported``, when given, sends temperatures that require a gradient to the
     reference, with that reason."""
+    if not student.dtype.is_floating_point:
+        raise MethodError(
+            f"student logits must be floating point (float32 or float64; the fused kernels "
+            f"also take float16/bfloat16), got {student.dtype}"
+        )
+    batch = student.shape[0] if student.dim() else None
     for name, value in temperatures.items():
-        # Numbers here; a tensor's shape and values where it is used (the methods check theirs
-        # once a step already: a second pass would be more small ops a step).
-        if not isinstance(value, torch.Tensor):
-            check_temperature(name, value)
+        # Numbers, and given tensors off CUDA (an interpreted kernel's). Not read back: a CUDA
+        # tensor's values (a host sync a step; the reference does not either), nor a learned
+        # one's (CTKD's, > 1 by construction, checked by its method where it reads them).
+        tensor = isinstance(value, torch.Tensor)
+        if not tensor or not (value.is_cuda or value.requires_grad):
+            check_temperature(name, value, batch)
+    if eps is not None:
+        check_eps(eps)
+    for name, value in (weights or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**62:
+            raise MethodError(f"{name} must be a finite number >= 0, got {value!r}")
     why = _why_unsupported(student, teacher)
     grads = any(isinstance(v, torch.Tensor) and v.requires_grad for v in temperatures.values())
     if grad_unsupported and grads:
@@ -202,7 +219,7 @@ def kd_rows(
     one (CTKD), in the fused kernel as in the reference.
     """
     temps = {"temperature": temperature}
-    decoded = _reference_teacher(impl, student, teacher, None, scale, offset, temps)
+    decoded = _reference_teacher(impl, student, teacher, None, scale, offset, temps, eps=eps)
     if decoded is not None:
         return _reference().kd_rows(student, decoded, temperature, zscore=zscore, eps=eps)
     return _fused("kd").kd_rows(
@@ -234,7 +251,10 @@ def kd_ce(
     them as it reads them, and one assert follows).
     """
     temps = {"temperature": temperature}
-    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
+    weights = {"ce_weight": ce_weight, "kd_weight": kd_weight}
+    decoded = _reference_teacher(
+        impl, student, teacher, target, scale, offset, temps, eps=eps, weights=weights
+    )
     if decoded is not None:
         return _reference().kd_ce(
             student, decoded, target, temperature, ce_weight, kd_weight, zscore=zscore, eps=eps,
@@ -266,7 +286,7 @@ def dkd_rows(
     ``target_checked`` as in ``kd_ce``.
     """
     temps = {"temperature": temperature}
-    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
+    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps, eps=eps)
     if decoded is not None:
         return _reference().dkd_rows(
             student, decoded, target, temperature, zscore, eps, target_checked
@@ -298,9 +318,12 @@ def dkd_ce(
     Batch means of ``dkd_rows`` and of CE(raw student logits, target); total = ce_weight · ce +
     tckd_weight · tckd + nckd_weight · nckd. Fused, one kernel each way (as ``kd_ce``).
     """
-    weights = (ce_weight, tckd_weight, nckd_weight)
+    named = {"ce_weight": ce_weight, "tckd_weight": tckd_weight, "nckd_weight": nckd_weight}
+    weights = tuple(named.values())
     temps = {"temperature": temperature}
-    decoded = _reference_teacher(impl, student, teacher, target, scale, offset, temps)
+    decoded = _reference_teacher(
+        impl, student, teacher, target, scale, offset, temps, eps=eps, weights=named
+    )
     if decoded is not None:
         return _reference().dkd_ce(
             student, decoded, target, temperature, *weights, zscore, eps, target_checked
@@ -366,8 +389,9 @@ def ats_ce(
     """
     temps = {"tau1": tau1, "tau2": tau2, "student_temperature": student_temperature}
     decoded = _reference_teacher(
-        impl, student, teacher, target, scale, offset, temps, _ATS_TEMPERATURE_GRADS
-    )
+        impl, student, teacher, target, scale, offset, temps, _ATS_TEMPERATURE_GRADS,
+        weights={"ce_weight": ce_weight, "ats_weight": ats_weight},
+    )  # fmt: skip
     taus = tuple(temps.values())
     if decoded is not None:
         return _reference().ats_ce(

@@ -151,6 +151,8 @@ def check_number(
         want = f"a finite number {'>' if strict else '>='} {low:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MethodError(f"{name} must be {want}, got {value!r}")
+    if isinstance(value, int) and abs(value) > 2**62:  # past a float's range, or near it
+        raise MethodError(f"{name} must be {want}, got a {len(str(abs(value)))}-digit number")
     above = value > low if strict else value >= low  # False for NaN
     if not (above and math.isfinite(value) and (high is None or value <= high)):
         raise MethodError(f"{name} must be {want}, got {value}")

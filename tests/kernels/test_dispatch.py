@@ -113,6 +113,47 @@ def test_temperature_must_be_finite_and_positive() -> None:
         kernels.ats_ce(s, t, y, 4.0, 2.0, float("nan"), 0.5, 0.5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_both_impls_refuse_the_same_bad_values(impl: str) -> None:
+    """The fused path refused none of these (a -1 in a per-sample temperature gave a finite,
+    wrong loss; eps -1 and NaN weights went through; audit, 2026-11-27); the reference took
+    integer students. Both now refuse each, word for word alike."""
+    if impl == "triton":
+        require_interpreter()
+    s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 4])
+    calls = {
+        "temperature must be finite and > 0, got -1": lambda: kernels.kd_rows(
+            s, t, torch.tensor([4.0, -1.0, 4.0, 4.0]), impl=impl
+        ),
+        "tau1 must be finite and > 0, got nan": lambda: kernels.ats_rows(
+            s, t, y, torch.tensor([4.0, float("nan"), 4.0, 4.0]), 2.0, 1.0, impl=impl
+        ),
+        "temperature must be a floating-point tensor, got torch.int64": lambda: kernels.kd_ce(
+            s, t, y, torch.full((4,), 4), 0.1, 0.9, impl=impl
+        ),
+        "eps must be a finite number >= 0, got -1.0": lambda: kernels.kd_rows(
+            s, t, 4.0, True, -1.0, impl=impl
+        ),
+        "ce_weight must be a finite number >= 0, got nan": lambda: kernels.kd_ce(
+            s, t, y, 4.0, float("nan"), 0.9, impl=impl
+        ),
+        "nckd_weight must be a finite number >= 0, got -8": lambda: kernels.dkd_ce(
+            s, t, y, 4.0, 1.0, 1.0, -8, impl=impl
+        ),
+        "ats_weight must be a finite number >= 0, got None": lambda: kernels.ats_ce(
+            s, t, y, 4.0, 2.0, 1.0, 0.5, None, impl=impl
+        ),
+        "student logits must be floating point (float32 or float64; the fused kernels also take "
+        "float16/bfloat16), got torch.int64": lambda: kernels.kd_rows(
+            torch.randint(0, 5, (4, 5)), t, 4.0, impl=impl
+        ),
+    }
+    for message, call in calls.items():
+        with pytest.raises(MethodError) as caught:
+            call()
+        assert str(caught.value) == message
+
+
 def _inputs(teacher_dtype: torch.dtype):
     g = torch.Generator().manual_seed(5)
     student = (torch.randn(6, 37, generator=g) * 3).requires_grad_()
