@@ -412,25 +412,54 @@ def _positive(value: float, name: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {bound}, got {value}")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (YAML would keep the
+    last silently: ``method: kd`` then ``method: dkd`` trained DKD)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                break  # the SafeLoader's own error names it
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"key {key!r} is given twice (line {line}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults), apply ``section.key=value`` overrides, validate."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "not found"
             raise ConfigError(
-                f"config file {path} not found: give the path of a YAML config "
+                f"config file {path} {what}: give the path of a YAML config "
                 f"(e.g. stages/configs/default.yaml)"
             )
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            loader = _UniqueKeyLoader(path.read_text())  # what yaml.safe_load does, and more
+            try:
+                raw = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
+        except _DuplicateKey as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" (line {where.line + 1})" if where else ""
             raise ConfigError(f"config file {path} is not valid YAML{at}: fix its syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(
-                f"config file {path} must hold a mapping of sections, not {type(raw).__name__}"
+                f"config file {path} must hold a mapping of sections, not "
+                f"{type(raw).__name__}: configs are YAML (section: {{key: value}})"
             )
     for item in overrides or []:
         key, sep, value = item.partition("=")

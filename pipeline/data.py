@@ -7,6 +7,9 @@ teacher and student see byte-identical images.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -119,6 +122,25 @@ class Split:
             "augment": spec_hash(self.spec.to_dict()),
             "seed": self.augment.seed,
         }
+
+
+def dataset_sha256(data: DataConfig) -> str:
+    """The content hash of the training dataset ``data`` names (``dataset_fingerprint``): what
+    a teacher or student depends on, wherever the files lie (``data.path``)."""
+    path = data.path or ""
+    try:  # a file or folder replaced in place (a test's, or a download) is hashed again
+        st = os.stat(path) if path else None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+    except OSError:
+        stamp = None
+    options = json.dumps(data.options, sort_keys=True, default=str)
+    return _dataset_sha256(data.kind, path, options, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_sha256(kind: str, path: str, options: str, stamp: object) -> str:
+    spec = {"kind": kind, **({"path": path} if path else {}), **json.loads(options)}
+    return dataset_fingerprint(build_dataset(spec, "train"))
 
 
 def check_test_split(test: Split) -> None:

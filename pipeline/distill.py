@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import Config, save_resolved, to_dict
-from pipeline.data import Split, check_test_split, splits
+from pipeline.data import Split, check_test_split, dataset_sha256, splits
 from pipeline.distill_data import ToDevice, prefetch
 from pipeline.distill_ddp import EveryRankError, RankStopped, World, pick_device
 from pipeline.distill_inputs import (
@@ -128,18 +128,27 @@ def accepted_keys(config: Config) -> tuple[str, ...]:
     """The keys a finished or saved run of this config may carry: the key, then those of runs
     made before it took the method in one spelling or the block layout in (``config_key``)."""
     keys = [
-        config_key(config, legacy, spelled) for legacy in (False, True) for spelled in (False, True)
+        config_key(config, legacy, spelled, located)
+        for located in (False, True)
+        for legacy in (False, True)
+        for spelled in (False, True)
     ]
     return tuple(dict.fromkeys(keys))
 
 
-def config_key(config: Config, legacy: bool = False, spelled: bool = False) -> str:
+def config_key(
+    config: Config, legacy: bool = False, spelled: bool = False, located: bool = False
+) -> str:
     """What the weights depend on; a state or checkpoint made with another key is refused
     (``legacy``: the key before the block layout was in it, which a finished run may have;
-    ``spelled``: with the method as the config spells it, as before 2026-11-27)."""
+    ``spelled``: with the method as the config spells it, as before 2026-11-27; ``located``:
+    with ``data.path`` where the dataset's content hash is since 2026-11-27, so that a moved
+    dataset, or run folder, keeps its students)."""
     d = to_dict(config)
     if not spelled:
         d["distill"]["method"] = method_of(config)
+    if not located:
+        d["data"]["path"] = dataset_sha256(config.data)
     # Where and how fast it runs is not what it computes: a run may resume on another device or
     # with other prefetch / evaluation batch sizes.
     for key in NOT_IN_KEY:

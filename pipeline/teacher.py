@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import Config, to_dict
-from pipeline.data import Split, splits
+from pipeline.data import Split, dataset_sha256, splits
 from pipeline.errors import ModelError
 from pipeline.fileio import atomic_write, remove_stale_temps, temp_beside
 from pipeline.fingerprint import spec_hash
@@ -102,13 +102,28 @@ def _differing(extra: dict, config: Config) -> tuple[dict, dict, list[str]] | No
     return then, now, names
 
 
+#: Recipe keys that say where the data lie, not what they are: a finished teacher that differs
+#: in these too is this config's when the dataset it recorded has the same content (a run
+#: folder moved to another machine, the dataset to another disk).
+LOCATION_ONLY = frozenset({"data.path"})
+
+
 def _same_weights(extra: dict, config: Config, key: str) -> bool:
     """Whether a checkpoint's teacher is the one ``config`` trains: the same config hash, or a
-    recorded config that differs only in ``EVALUATION_ONLY`` keys."""
+    recorded config that differs only in ``EVALUATION_ONLY`` keys, and in ``LOCATION_ONLY``
+    ones where the dataset's content hash, recorded since 2026-11-27, is the same."""
     if extra.get("config_hash") == key:
         return True
     diff = _differing(extra, config)
-    return diff is not None and set(diff[2]) <= EVALUATION_ONLY
+    if diff is None:
+        return False
+    names = set(diff[2]) - EVALUATION_ONLY
+    if not names:
+        return True
+    recorded = extra.get("dataset")
+    return (
+        names <= LOCATION_ONLY and recorded is not None and recorded == dataset_sha256(config.data)
+    )
 
 
 def _what_differs(extra: dict, config: Config, key: str, limit: int = 4) -> str:
@@ -280,6 +295,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
             "history": json.dumps(history),
             "config_hash": key,
             "config": json.dumps(to_dict(config)),
+            "dataset": train.fingerprint()["dataset"],  # its content: the data, wherever they lie
         },
     )
     state_path.unlink(missing_ok=True)

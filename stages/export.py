@@ -17,9 +17,11 @@ def export_key(config, checkpoint_sha256: str) -> str:
     """What the exported file and its parity check depend on: the checkpoint, the export
     settings, and the dataset and views its parity batches come from."""
     from pipeline.config import to_dict
+    from pipeline.data import dataset_sha256
     from pipeline.fingerprint import spec_hash
 
     d = to_dict(config)
+    d["data"]["path"] = dataset_sha256(config.data)  # its content: wherever the files lie
     spec = {k: d[k] for k in ("export", "data", "augment")}
     return spec_hash({**spec, "checkpoint_sha256": checkpoint_sha256})
 

@@ -273,12 +273,21 @@ CASES: list[Case] = [
          prepare=_write("bad.yaml", "teacher: [1, 2\n")),
     Case("config-not-a-mapping", "config", "a YAML list instead of sections",
          ("teacher", "--config", "{run}/list.yaml"),
-         "config file RUN/list.yaml must hold a mapping of sections, not list",
+         "config file RUN/list.yaml must hold a mapping of sections, not list: configs are YAML "
+         "(section: {key: value})",
          prepare=_write("list.yaml", "- teacher\n- export\n")),
     Case("config-code-tag", "config", "a YAML tag that would run code (`!!python/object/apply`)",
          ("teacher", "--config", "{run}/tag.yaml"),
          "config file RUN/tag.yaml is not valid YAML (line 1): fix its syntax",
          prepare=_write("tag.yaml", f"run_dir: !!python/object/apply:os.system ['touch {MARKER}']\n")),  # noqa: E501
+    Case("config-duplicate-key", "config", "a key given twice in one section (YAML kept the "
+         "last)", ("teacher", "--config", "{run}/twice.yaml"),
+         "config file RUN/twice.yaml: key 'method' is given twice (line 3): keep one",
+         prepare=_write("twice.yaml", "distill:\n  method: kd\n  method: dkd\n")),
+    Case("config-folder", "config", "`--config` names a folder",
+         ("teacher", "--config", "{run}"),
+         "config file RUN is a folder, not a file: give the path of a YAML config "
+         "(e.g. stages/configs/default.yaml)"),
     Case("config-unknown-key", "config", "an unknown key (a typo)",
          stage("teacher", "teacher.lrr=0.1"),
          f"unknown config key teacher.lrr: known keys in teacher are {_KNOWN_TEACHER}"),

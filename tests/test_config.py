@@ -143,10 +143,12 @@ def test_every_shipped_config_loads_and_plans_its_sweep(path: Path) -> None:
     assert plan_sweep(config)  # every run's method, options and student are known
 
 
-def test_a_huge_integer_is_a_config_value_not_a_traceback():
+def test_a_huge_integer_is_a_config_error_not_a_traceback():
     huge = "1" + "0" * 400  # math.isfinite(int) raises OverflowError past float's range
-    config = load_config(None, [f"teacher.epochs={huge}"])
-    assert config.teacher.epochs == int(huge)
+    for key in ("teacher.epochs", "teacher.lr"):  # an int setting, a float one (float() raised)
+        with pytest.raises(ConfigError, match=f"{key} must be .*, got a 401-digit number"):
+            load_config(None, [f"{key}={huge}"])
+    assert load_config(None, [f"teacher.epochs={2**62}"]).teacher.epochs == 2**62
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,7 @@ def _store(tmp_path: Path, backend: str) -> tuple[Path, Path]:
     paths = {"dataset": "../outside/secret", "onnx_sha256": str(outside / "secret")}
     with create_store(
         path, 100, 10, 2, chunk_rows=32, backend=backend, fingerprint=paths,
+        labels=np.arange(100) % 10,  # a store whose fingerprint names a dataset holds its labels
         attrs={"location": "../../outside/secret", "created": str(outside / "secret")},
     ) as store:  # fmt: skip
         for view in range(2):

@@ -100,6 +100,8 @@ def check_student(student: torch.Tensor) -> int:
             f"student logits must be float32 (or float64), got {student.dtype}: "
             "call .float() on them (e.g. after autocast)"
         )
+    if student.shape[0] == 0:  # the batch mean of no rows is NaN
+        raise MethodError("student logits hold no rows (B = 0): a loss needs a batch of 1 or more")
     return student.shape[1]
 
 

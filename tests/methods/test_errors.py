@@ -167,6 +167,10 @@ CASES = {
         lambda: build_method("kd")(S, T, Y + 10, CTX),
         r"target class 1\d is out of range",
     ),
+    "empty batch": (  # the batch mean of no rows was NaN
+        lambda: dkd_loss(S[:0], T[:0], Y[:0]),
+        r"student logits hold no rows \(B = 0\): a loss needs a batch of 1 or more",
+    ),
     "module half student": (lambda: build_method("ls+dkd")(S.half(), T, Y, CTX), r"float16"),
     "module pskd after epoch 0": (
         lambda: build_method("pskd")(S, None, Y, CTX),

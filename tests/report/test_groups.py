@@ -67,3 +67,24 @@ def test_a_damaged_run_is_one_line(tmp_path, damage):
     with pytest.raises(ReportError, match=r"kd-s0: its metrics.jsonl or config.yaml holds a") as e:
         collect_runs(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_a_student_of_another_runs_store_shows_that_runs_teacher(tmp_path):
+    """distill.store naming another run's store: its logits are that run's teacher's, so the
+    report shows the teacher.pt beside the store (it showed this run's teacher), or none."""
+    from pipeline.models import build_model, save_checkpoint
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    kwargs = {"num_classes": 4, "in_channels": 1, "image_size": (8, 8)}
+    for folder, name, acc in ((run, "mlp", 80.0), (other, "small_cnn", 91.5)):
+        folder.mkdir()
+        save_checkpoint(folder / "teacher.pt", build_model(name, **kwargs), model_name=name,
+                        model_kwargs=kwargs, extra={"test_acc": acc})  # fmt: skip
+    _run(run, "kd-s0", [60.0])
+    _run(run, "kd-other-s0", [61.0], store=str(other / "store.zarr"))
+    _run(run, "kd-nowhere-s0", [62.0], store=str(tmp_path / "elsewhere" / "store.zarr"))
+    _run(run, "ce-s0", [59.0], method="ce", store=str(other / "store.zarr"))  # reads no store
+    teachers = {r.name: (r.teacher, r.teacher_test_acc) for r in collect_runs(run)}
+    assert teachers["kd-s0"] == teachers["ce-s0"] == ("mlp", 80.0)
+    assert teachers["kd-other-s0"] == ("small_cnn", 91.5)
+    assert teachers["kd-nowhere-s0"] == (None, None)
