@@ -292,7 +292,7 @@ def open_store(
         _recover_overwrite(path)
     found = _read_attrs_any(path)
     if found is None:
-        what = "does not exist" if not _exists(path) else "is not a logit store"
+        what = _why_not_a_store(path)
         aside = None if urls.is_url(path) else next(iter(locking.replaced_stores(path)), None)
         if aside is not None and not _exists(path):
             raise NotAStoreError(
@@ -351,6 +351,20 @@ def _refuse_url(path: str, backend: str) -> None:
             f"the {backend} backend needs a local path, not the URL {path}: h5py reads local "
             f"files only; use backend zarr for shared or object storage, or a mounted path"
         )
+
+
+def _why_not_a_store(path: str) -> str:
+    """Why ``path`` opened as no store: it does not exist, the OS refuses it (a symlink loop, a
+    name too long: not "does not exist"), or it is something else."""
+    if urls.is_url(path):
+        return "does not exist" if not _exists(path) else "is not a logit store"
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror or exc})"
+    return "is not a logit store"
 
 
 def _exists(path: str) -> bool:

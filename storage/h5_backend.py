@@ -211,7 +211,9 @@ class H5LogitStore(LogitStore):
                     return {k: _from_h5_attr(v) for k, v in f.attrs.items()}
                 except READ_ERRORS as exc:
                     raise _damaged(path, exc) from None
-        except OSError:  # gone or unreadable (HDF5's own lock is waited for in _open_read)
+        except PermissionError:
+            raise  # not "no store": one line from the command line, permission denied (path)
+        except OSError:  # gone, or not HDF5 (HDF5's own lock is waited for in _open_read)
             return None
 
     @staticmethod

@@ -315,8 +315,8 @@ def write_shard(
     inner chunk is its raw little-endian bytes (an edge chunk padded with ``fill_value`` to full
     size) and their crc32c, in order; the index of (offset, nbytes) pairs, chunks past the array's
     end marked empty, and its crc32c close the file. Unlike zarr, a chunk that holds only the fill
-    value is written too. The file is written under a temporary name and renamed into place, so a
-    reader sees the whole shard or none of it.
+    value is written too. The file is written under a temporary name, synced to disk and renamed
+    into place, so a reader sees the whole shard or none of it, even after a power cut.
     """
     data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
     rows = len(data)
@@ -350,6 +350,9 @@ def write_shard(
                 if n <= 0:
                     raise OSError(f"could not write {tmp}")
                 done += n
+            # On disk before its name is: the chunks' done marks follow the rename, and a power
+            # cut must not leave marks for a shard whose bytes never reached the disk.
+            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -216,12 +217,20 @@ class ZarrLogitStore(LogitStore):
             fs, root = urls.filesystem(path)
             if not fs.isfile(urls.join(root, "zarr.json")):
                 return None
-        elif not (Path(path) / "zarr.json").is_file():
-            return None
+        else:
+            try:  # is_file() would call an unreadable folder "no store"
+                if not stat.S_ISREG(os.stat(Path(path) / "zarr.json").st_mode):
+                    return None
+            except PermissionError:
+                raise  # one line from the command line: permission denied (the path)
+            except OSError:
+                return None
         try:
             return dict(
                 zarr.open_group(_zarr_store(path, read_only=True), mode="r", zarr_format=3).attrs
             )
+        except PermissionError:
+            raise
         except (ValueError, OSError, KeyError, TypeError):
             return None
 

@@ -86,3 +86,26 @@ def test_leftovers_of_a_killed_creation_go_but_a_live_one_stays(tmp_path, backen
     finally:
         release.set()
         holder.join(30)
+
+
+def test_a_path_the_os_refuses_is_not_called_missing_or_not_a_store(tmp_path, monkeypatch):
+    """A symlink loop said "does not exist", an unreadable store "is not a logit store": the
+    user then looks for the wrong fault. (Root reads any file, so the denial is injected.)"""
+    from storage import NotAStoreError
+
+    loop = tmp_path / "loop.zarr"
+    loop.symlink_to(loop)
+    with pytest.raises(NotAStoreError, match=r"loop.zarr cannot be opened \(Too many levels"):
+        open_store(loop)
+    path = tmp_path / "s.zarr"
+    create_store(path, 8, 3).close()
+    stat = os.stat
+
+    def denied(p, *args, **kwargs):
+        if str(p).endswith("zarr.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        open_store(path)
