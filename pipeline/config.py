@@ -423,6 +423,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` (a merged key may be overridden: not a duplicate)
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, typing.Hashable):
                 break  # the SafeLoader's own error names it

@@ -7,9 +7,9 @@ teacher and student see byte-identical images.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -116,7 +116,7 @@ class Split:
     def fingerprint(self) -> dict:
         """What a store made from this split depends on (besides the teacher)."""
         return {
-            "dataset": dataset_fingerprint(self.dataset),
+            "dataset": dataset_sha256(self.data, self.split, lambda: self.dataset),
             "rows": self.rows,
             "preprocess": spec_hash(self.preprocess.to_dict()),
             "augment": spec_hash(self.spec.to_dict()),
@@ -124,23 +124,44 @@ class Split:
         }
 
 
-def dataset_sha256(data: DataConfig) -> str:
-    """The content hash of the training dataset ``data`` names (``dataset_fingerprint``): what
-    a teacher or student depends on, wherever the files lie (``data.path``)."""
+#: (kind, path, options, the path's stat, split) → the split's content hash: one hash a process
+#: (an image folder's is a listing and a stat of every file even with its digest cache).
+_HASHES: dict[tuple, str] = {}
+
+
+def dataset_sha256(
+    data: DataConfig, split: str = "train", dataset: Callable[[], object] | None = None
+) -> str:
+    """The content hash of a split of the dataset ``data`` names (``dataset_fingerprint``):
+    what a teacher or student depends on, wherever the files lie (``data.path``). Computed
+    once a process; ``dataset`` gives the split's dataset object when one is at hand."""
     path = data.path or ""
-    try:  # a file or folder replaced in place (a test's, or a download) is hashed again
-        st = os.stat(path) if path else None
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
-    except OSError:
-        stamp = None
-    options = json.dumps(data.options, sort_keys=True, default=str)
-    return _dataset_sha256(data.kind, path, options, stamp)
+    stamp = _stamp(path) if path else None  # files replaced since are hashed again
+    key = (data.kind, path, json.dumps(data.options, sort_keys=True, default=str), stamp, split)
+    if key not in _HASHES:
+        if dataset is None:
+            spec = {"kind": data.kind, **({"path": path} if path else {}), **data.options}
+            ds = build_dataset(spec, split)
+        else:
+            ds = dataset()
+        if len(_HASHES) >= 16:
+            _HASHES.clear()
+        _HASHES[key] = dataset_fingerprint(ds)
+    return _HASHES[key]
 
 
-@functools.lru_cache(maxsize=8)
-def _dataset_sha256(kind: str, path: str, options: str, stamp: object) -> str:
-    spec = {"kind": kind, **({"path": path} if path else {}), **json.loads(options)}
-    return dataset_fingerprint(build_dataset(spec, "train"))
+def _stamp(path: str) -> object:
+    """What changes when a dataset's file, or a file at the top of its folder, is rewritten."""
+    try:
+        st = os.stat(path)
+        own = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if not os.path.isdir(path):
+            return own
+        with os.scandir(path) as entries:
+            inside = sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries)
+        return own, tuple(inside)
+    except OSError:  # gone: the build says so
+        return None
 
 
 def check_test_split(test: Split) -> None:

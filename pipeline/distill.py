@@ -127,8 +127,9 @@ def check_recipe(config: Config) -> None:
 def accepted_keys(config: Config) -> tuple[str, ...]:
     """The keys a finished or saved run of this config may carry: the key, then those of runs
     made before it took the method in one spelling or the block layout in (``config_key``)."""
+    blocks = _block_layout(config)  # the store opened once, not once a key
     keys = [
-        config_key(config, legacy, spelled, located)
+        config_key(config, legacy, spelled, located, blocks=blocks)
         for located in (False, True)
         for legacy in (False, True)
         for spelled in (False, True)
@@ -136,8 +137,16 @@ def accepted_keys(config: Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+_UNREAD = object()  # config_key's blocks: not read yet
+
+
 def config_key(
-    config: Config, legacy: bool = False, spelled: bool = False, located: bool = False
+    config: Config,
+    legacy: bool = False,
+    spelled: bool = False,
+    located: bool = False,
+    *,
+    blocks: dict | object | None = _UNREAD,
 ) -> str:
     """What the weights depend on; a state or checkpoint made with another key is refused
     (``legacy``: the key before the block layout was in it, which a finished run may have;
@@ -159,9 +168,9 @@ def config_key(
     # The block layout: the blocks every epoch's batches are cut from (the chunks of the store
     # the run reads, or those a precompute of this config would make when it reads none), and
     # the logits' encoding.
-    spec["blocks"] = _block_layout(config) or {
-        k: d["precompute"][k] for k in ("encoding", "chunk_rows")
-    }
+    if blocks is _UNREAD:
+        blocks = _block_layout(config)
+    spec["blocks"] = blocks or {k: d["precompute"][k] for k in ("encoding", "chunk_rows")}
     return spec_hash(spec)
 
 
@@ -479,9 +488,9 @@ def _train(
     cfg = config.distill
     out = output_dir(config)
     ckpt_path, state_path = out / "student.pt", out / "state.pt"
-    key = config_key(config)
     try:  # under DDP the ranks agree on the set-up before the first collective of training
         check_recipe(config)  # a bad option is named as such, not as another config's run
+        key = config_key(config)  # reads the dataset (its content hash): inside the agreement
         source = teacher_fingerprint(config)
         if finished(ckpt_path, accepted_keys(config), source, section=section):
             if world.main:
@@ -494,7 +503,10 @@ def _train(
         train, test = splits(config)
         check_test_split(test)  # read now: a missing file is refused before any write
         student, kwargs = build_student(config, train, device)
-        src = build_sources(config, train, student.method.teacher_input, device, out, key, world)
+        src = build_sources(
+            config, train, student.method.teacher_input, device, out, key, world,
+            accepted_keys(config),
+        )  # fmt: skip
         if world.main:  # once its inputs are checked: a refused run changes nothing
             # One process per student folder (two would remove each other's temporary files
             # and PS-KD stores); one that finished or saved an epoch since we looked: rerun.

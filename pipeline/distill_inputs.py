@@ -224,10 +224,12 @@ def build_sources(
     out: Path,
     key: str,
     world: World | None = None,
+    accepted: tuple[str, ...] = (),
 ) -> Sources:
     """The batch plan and the logit sources for a method that ``needs`` logits,
     probabilities (PS-KD) or nothing (ce). Under DDP (``world``) this rank's share of the
-    blocks."""
+    blocks. ``key``: the run's config hash (PS-KD's stores record it); ``accepted``: the keys
+    of the same run made by earlier versions, whose stores a resumed run reads too."""
     cfg = config.distill
     rank, ranks = (world.rank, world.size) if world is not None else (0, 1)
     if needs == "probabilities" and ranks > 1 and config.precompute.backend != "zarr":
@@ -286,6 +288,7 @@ def build_sources(
             backend=config.precompute.backend,
             fingerprint={"config_hash": key, **train.fingerprint()},
             world=world,
+            accepted=(key, *accepted),
         )
     reads_disk = self_teacher is not None or (store is not None and not in_ram)
     return Sources(batches, store, teacher, self_teacher, reads_disk)

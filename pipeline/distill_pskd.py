@@ -187,6 +187,7 @@ class SelfTeacher:
         backend: str,
         fingerprint: dict,
         world: World | None = None,
+        accepted: tuple[str, ...] = (),
     ) -> None:
         self.folder = folder
         self.num_samples = num_samples
@@ -199,6 +200,8 @@ class SelfTeacher:
         """Provenance of the run (config hash, dataset); each store adds ``epoch``."""
         self.world = world
         """Under DDP: every rank writes its own blocks (rank 0 creates and finishes the store)."""
+        self.accepted = accepted or (self.fingerprint.get("config_hash"),)
+        """Config hashes a store to resume from may record: this run's, in each spelling."""
 
     def path(self, epoch: int) -> Path:
         suffix = ".zarr" if self.backend == "zarr" else ".h5"
@@ -240,8 +243,18 @@ class SelfTeacher:
                 f"PS-KD self-teacher store {path} of epoch {epoch} is missing, so the run cannot "
                 f"resume: delete {self.folder.parent} to train this student afresh"
             )
+        # The run's config hash is checked against every key it is accepted under (its state
+        # was, by distill); the rest of the fingerprint by open_store, exactly.
+        expected = {k: v for k, v in self.fingerprint.items() if k != "config_hash"}
         try:
-            store = open_store(path, fingerprint={**self.fingerprint, "epoch": epoch - 1})
+            store = open_store(path, fingerprint={**expected, "epoch": epoch - 1})
+            made_by = store.fingerprint.get("config_hash")
+            if made_by not in self.accepted:
+                store.close()
+                raise StoreError(
+                    f"was made from other inputs (config_hash: store {made_by!r} vs expected "
+                    f"{self.accepted[0]!r})"
+                )
         except StoreError as exc:  # its metadata damaged: the run's own file, not precompute's
             raise UserError(
                 f"PS-KD self-teacher store {path} cannot be opened ({_cause(exc, path)}): "

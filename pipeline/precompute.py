@@ -321,6 +321,7 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
         raise UserError(f"ONNX file {config.onnx_path} not found: run the export stage first")
     train, _ = splits(config)
     fingerprint = store_fingerprint(config, train)
+    _RESOLVED[str(path)] = (train, fingerprint)  # for made_with, on Ctrl-C
     views = config.augment.views
     dask = bool(pc.workers or pc.scheduler)
     if dask:
@@ -489,18 +490,26 @@ def _refuse_damaged(store: Any) -> None:
         raise UserError(report.summary())
 
 
+#: store path → (train split, fingerprint) of the precompute run in this process: what
+#: made_with compares, without hashing the ONNX file and the dataset again on a Ctrl-C.
+_RESOLVED: dict[str, tuple[Split, dict]] = {}
+
+
 def made_with(config: Config) -> bool:
     """Whether the run's store was made from ``config``'s inputs, in its shape and layout (the
     command line asks on Ctrl-C before it records the config beside the store: a precompute
-    stopped before it created, resumed or replaced the store has not made it)."""
+    stopped before it created, resumed or replaced the store has not made it; one stopped
+    before it had its inputs' fingerprint had not touched it)."""
+    resolved = _RESOLVED.get(str(config.store_path))
+    if resolved is None:
+        return False
     try:
         store = open_store(config.store_path)
     except StoreError:
         return False
     with store:
-        train, _ = splits(config)
         try:
-            _check_same_inputs(store, config, train, store_fingerprint(config, train))
+            _check_same_inputs(store, config, *resolved)
         except UserError:
             return False
     return True

@@ -174,21 +174,27 @@ def _read_config(path: Path) -> dict:
 
 def _teacher(config: dict, run_dir: Path, cache: dict) -> tuple[str | None, float | None]:
     """(model name, test top-1) of the teacher: teacher.checkpoint, else RUN_DIR/teacher.pt; for
-    a student of another run's store (``distill.store``), the teacher.pt beside that store, or
-    none known (not this run's teacher, which did not make its logits)."""
+    a student of another run's store (``distill.store``, no ``teacher.checkpoint`` given), the
+    teacher.pt beside that store, or none known (not this run's teacher, which did not make
+    its logits)."""
     from pipeline.models import read_checkpoint  # torch: only when there are runs to report
 
     section = config.get("teacher") or {}
     path = Path(section.get("checkpoint") or run_dir / "teacher.pt")
-    store = (config.get("distill") or {}).get("store")
     distill = config.get("distill") or {}
+    store, own = distill.get("store"), (config.get("precompute") or {}).get("store")
     method = str(distill.get("method", "")).strip().lower()
     reads_store = method not in ("ce", "pskd") and distill.get("teacher_source") != "online"
-    if store and reads_store and "://" not in str(store):
-        beside = Path(store).parent
-        if beside.resolve() != run_dir.resolve():
-            path = beside / "teacher.pt"
-            section = {}  # its model is not this config's teacher.model
+    if (
+        store
+        and reads_store
+        and not section.get("checkpoint")  # a teacher named: the user says whose logits
+        and "://" not in str(store)
+        and store != own
+        and Path(store).parent.resolve() != run_dir.resolve()
+    ):
+        path = Path(store).parent / "teacher.pt"  # the run that made the store, if it is one
+        section = {}  # its model is not this config's teacher.model
     if path not in cache:
         try:
             ckpt = read_checkpoint(path)

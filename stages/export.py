@@ -13,29 +13,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def export_key(config, checkpoint_sha256: str) -> str:
+def export_key(config, checkpoint_sha256: str, located: bool = False) -> str:
     """What the exported file and its parity check depend on: the checkpoint, the export
-    settings, and the dataset and views its parity batches come from."""
+    settings, and the dataset (by its content hash, wherever the files lie; ``located``: by
+    ``data.path``, the key of exports made before 2026-11-27) and views its parity batches
+    come from."""
     from pipeline.config import to_dict
     from pipeline.data import dataset_sha256
     from pipeline.fingerprint import spec_hash
 
     d = to_dict(config)
-    d["data"]["path"] = dataset_sha256(config.data)  # its content: wherever the files lie
+    if not located:
+        d["data"]["path"] = dataset_sha256(config.data)
     spec = {k: d[k] for k in ("export", "data", "augment")}
     return spec_hash({**spec, "checkpoint_sha256": checkpoint_sha256})
 
 
-def finished_export(onnx_path, key: str) -> dict | None:
-    """The parity record of an earlier export of ``key`` whose file is still the one checked,
-    or None (nothing there, another checkpoint or setting, a file changed since)."""
+def export_keys(config, checkpoint_sha256: str) -> tuple[str, str]:
+    """The key of this config's export, then that of one made before the key took the
+    dataset's content (re-exporting it would give another ONNX file, and the store made from
+    the old one would be refused)."""
+    return export_key(config, checkpoint_sha256), export_key(config, checkpoint_sha256, True)
+
+
+def finished_export(onnx_path, keys: tuple[str, ...]) -> dict | None:
+    """The parity record of an earlier export of one of ``keys`` whose file is still the one
+    checked, or None (nothing there, another checkpoint or setting, a file changed since)."""
     import json
 
     from pipeline.onnx_export import parity_path, sha256_file
 
     try:
         record = json.loads(parity_path(onnx_path).read_text())
-        same = isinstance(record, dict) and record.get("export_key") == key
+        same = isinstance(record, dict) and record.get("export_key") in keys
         if same and record.get("passed") and record.get("onnx_sha256") == sha256_file(onnx_path):
             return record
     except (OSError, ValueError):
@@ -50,8 +60,8 @@ def made_with(config) -> bool:
 
     if not config.teacher_checkpoint.is_file():
         return False
-    key = export_key(config, sha256_file(config.teacher_checkpoint))
-    return finished_export(config.onnx_path, key) is not None
+    keys = export_keys(config, sha256_file(config.teacher_checkpoint))
+    return finished_export(config.onnx_path, keys) is not None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
             f"{want[2]}: train or give a teacher for this dataset"
         )
     checkpoint_sha256 = sha256_file(config.teacher_checkpoint)
-    key = export_key(config, checkpoint_sha256)
-    done = finished_export(config.onnx_path, key)
+    keys = export_keys(config, checkpoint_sha256)
+    key = keys[0]
+    done = finished_export(config.onnx_path, keys)
     if done is not None:
         diff = done["max_abs_diff"]
         print(

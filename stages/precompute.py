@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from stages.common import add_config_arguments, config_from_args
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.precompute import DONE_FILE, precompute
+    from storage.urls import is_url
 
     if args.workers is not None:
         args.set.append(f"precompute.workers={args.workers}")
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         args.set.append(f"precompute.scheduler={args.scheduler}")
     config = config_from_args(args, "precompute")
     path = precompute(config, overwrite=args.overwrite, progress=not args.quiet)
-    (config.run_path / DONE_FILE).write_text(str(path) + "\n")
+    # the absolute path: `verify --repair` run from another folder finds the stamp names it
+    named = str(path) if is_url(str(path)) else os.path.abspath(path)
+    (config.run_path / DONE_FILE).write_text(named + "\n")
     print(f"precompute: {path} complete")
     return 0

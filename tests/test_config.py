@@ -169,3 +169,19 @@ def test_path_os_errors_are_one_line(code, what):
         message == f"{what} (/r/x): check run_dir and the store, data and checkpoint paths "
         "in the config"
     )
+
+
+def test_a_key_given_twice_is_refused_but_a_merged_key_may_be_overridden(tmp_path):
+    """YAML keeps the last of two equal keys silently (`method: kd` then `method: dkd` trained
+    DKD); anchors and merge keys, a common way to write sweep runs, still load."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("distill:\n  method: kd\n  epochs: 2\n  method: dkd\n")
+    with pytest.raises(ConfigError, match=r"key 'method' is given twice \(line 4\): keep one"):
+        load_config(twice)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(
+        "distill: &d\n  method: kd\n  epochs: 3\n"
+        "sweep:\n  runs:\n    - {<<: *d, method: ce}\n    - <<: *d\n      epochs: 2\n"
+    )
+    runs = load_config(merged).sweep.runs
+    assert runs == [{"method": "ce", "epochs": 3}, {"method": "kd", "epochs": 2}]

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
+import numbers
 import os
 from types import ModuleType
 
@@ -176,7 +178,7 @@ def _reference_teacher(
     if eps is not None:
         check_eps(eps)
     for name, value in (weights or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**62:
+        if not _finite_non_negative(value):
             raise MethodError(f"{name} must be a finite number >= 0, got {value!r}")
     why = _why_unsupported(student, teacher)
     grads = any(isinstance(v, torch.Tensor) and v.requires_grad for v in temperatures.values())
@@ -186,6 +188,16 @@ def _reference_teacher(
     if resolve_impl(impl, tensors, why) != "reference":
         return None
     return _decoded(teacher, scale, offset)
+
+
+def _finite_non_negative(value: object) -> bool:
+    """A loss weight: any real number (numpy's too) that is finite and >= 0, as the methods'."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return value >= 0 and math.isfinite(value)
+    except OverflowError:  # an int past a float's range
+        return False
 
 
 def decode_teacher(

@@ -255,3 +255,22 @@ def test_a_self_teacher_store_error_keeps_its_cause_not_its_fix(message, cause):
 
     path = "/run/distill/x/pskd/epoch0000.zarr"
     assert _cause(StoreCorruptError(message.replace("P", path)), path) == cause.replace("P", path)
+
+
+def test_a_run_stopped_under_an_earlier_key_resumes_from_its_self_teacher_store(tiny_run):
+    """A PS-KD run stopped before its config key changed form (its state and self-teacher
+    store record an older key, one ``accepted_keys`` still takes) resumes: its state was
+    accepted, its store refused ("made from other inputs"), so no PS-KD run could resume."""
+    import zarr
+
+    from pipeline.distill import accepted_keys, config_key
+
+    config, out = _stopped_in_epoch_1(tiny_run, "pskd-older-key")
+    older = config_key(config, located=True)  # the form before 2026-11-27: data.path in it
+    assert older in accepted_keys(config) and older != config_key(config)
+    state = torch.load(out / "state.pt", weights_only=True)
+    torch.save({**state, "config_hash": older}, out / "state.pt")
+    group = zarr.open_group(str(out / "pskd" / "epoch0000.zarr"), mode="r+")
+    group.attrs["fingerprint"] = {**group.attrs["fingerprint"], "config_hash": older}
+    train_student(config, progress=False)
+    assert (out / "student.pt").is_file()

@@ -84,7 +84,11 @@ def test_a_student_of_another_runs_store_shows_that_runs_teacher(tmp_path):
     _run(run, "kd-other-s0", [61.0], store=str(other / "store.zarr"))
     _run(run, "kd-nowhere-s0", [62.0], store=str(tmp_path / "elsewhere" / "store.zarr"))
     _run(run, "ce-s0", [59.0], method="ce", store=str(other / "store.zarr"))  # reads no store
+    named = _run(run, "kd-named-s0", [63.0], store=str(tmp_path / "elsewhere" / "store.zarr"))
+    config = yaml.safe_load((named / "config.yaml").read_text())
+    config["teacher"]["checkpoint"] = str(run / "teacher.pt")  # the user names the teacher
+    (named / "config.yaml").write_text(yaml.safe_dump(config))
     teachers = {r.name: (r.teacher, r.teacher_test_acc) for r in collect_runs(run)}
-    assert teachers["kd-s0"] == teachers["ce-s0"] == ("mlp", 80.0)
+    assert teachers["kd-s0"] == teachers["ce-s0"] == teachers["kd-named-s0"] == ("mlp", 80.0)
     assert teachers["kd-other-s0"] == ("small_cnn", 91.5)
     assert teachers["kd-nowhere-s0"] == (None, None)

@@ -638,3 +638,23 @@ def test_a_ctrl_c_before_the_store_is_replaced_keeps_its_record(
     record.unlink()
     assert main(_args("precompute", kept, "--overwrite")) == 130
     assert f"run_dir: {kept}" in record.read_text()
+
+
+def test_an_export_made_under_the_earlier_key_is_kept(run: Path, tmp_path: Path, capsys) -> None:
+    """An export recorded under the key with data.path in it (before 2026-11-27) stays up to
+    date: exported again, the ONNX file would differ, and its store be refused."""
+    from pipeline.onnx_export import parity_path, sha256_file
+    from stages.export import export_key
+
+    kept = _copy_teacher(run, tmp_path / "kept")
+    config = load_config(TINY, [f"run_dir={kept}", *SETTINGS])
+    record = parity_path(kept / "teacher.onnx")
+    doc = json.loads(record.read_text())
+    older = export_key(config, sha256_file(kept / "teacher.pt"), located=True)
+    assert doc["export_key"] != older
+    record.write_text(json.dumps({**doc, "export_key": older}))
+    stamp = (kept / "teacher.onnx").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_args("export", kept)) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (kept / "teacher.onnx").stat().st_mtime_ns == stamp
