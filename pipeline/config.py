@@ -418,21 +418,27 @@ class _DuplicateKey(yaml.YAMLError):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing a key given twice in one mapping (YAML would keep the
-    last silently: ``method: kd`` then ``method: dkd`` trained DKD)."""
+    last silently: ``method: kd`` then ``method: dkd`` trained DKD). Checked as each mapping is
+    composed, as written: merged keys (``<<: *anchor``) are not among them, and may be
+    overridden."""
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` (a merged key may be overridden: not a duplicate)
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, typing.Hashable):
-                break  # the SafeLoader's own error names it
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                continue  # a merge, or a key that is no scalar (the constructor refuses it)
+            key = (key_node.tag, key_node.value)
             if key in seen:
                 line = key_node.start_mark.line + 1
-                raise _DuplicateKey(f"key {key!r} is given twice (line {line}): keep one")
+                raise _DuplicateKey(
+                    f"key {key_node.value!r} is given twice (line {line}): keep one"
+                )
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
+
+
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -116,7 +115,9 @@ class Split:
     def fingerprint(self) -> dict:
         """What a store made from this split depends on (besides the teacher)."""
         return {
-            "dataset": dataset_sha256(self.data, self.split, lambda: self.dataset),
+            # hashed afresh (a file rewritten in place since is never taken for the old one),
+            # and shared with the keys that take the data by content (dataset_sha256)
+            "dataset": _remember(self.data, self.split, dataset_fingerprint(self.dataset)),
             "rows": self.rows,
             "preprocess": spec_hash(self.preprocess.to_dict()),
             "augment": spec_hash(self.spec.to_dict()),
@@ -129,25 +130,31 @@ class Split:
 _HASHES: dict[tuple, str] = {}
 
 
-def dataset_sha256(
-    data: DataConfig, split: str = "train", dataset: Callable[[], object] | None = None
-) -> str:
+def dataset_sha256(data: DataConfig, split: str = "train") -> str:
     """The content hash of a split of the dataset ``data`` names (``dataset_fingerprint``):
-    what a teacher or student depends on, wherever the files lie (``data.path``). Computed
-    once a process; ``dataset`` gives the split's dataset object when one is at hand."""
-    path = data.path or ""
-    stamp = _stamp(path) if path else None  # files replaced since are hashed again
-    key = (data.kind, path, json.dumps(data.options, sort_keys=True, default=str), stamp, split)
+    what a teacher or student depends on, wherever the files lie (``data.path``), for their
+    keys. Once a process, or taken from the split's own fingerprint (the store checks', always
+    computed afresh); hashed again when the path's file, or a file at the top of its folder,
+    changes."""
+    key = _hash_key(data, split)
     if key not in _HASHES:
-        if dataset is None:
-            spec = {"kind": data.kind, **({"path": path} if path else {}), **data.options}
-            ds = build_dataset(spec, split)
-        else:
-            ds = dataset()
-        if len(_HASHES) >= 16:
-            _HASHES.clear()
-        _HASHES[key] = dataset_fingerprint(ds)
+        path = data.path or ""
+        spec = {"kind": data.kind, **({"path": path} if path else {}), **data.options}
+        _remember(data, split, dataset_fingerprint(build_dataset(spec, split)))
     return _HASHES[key]
+
+
+def _hash_key(data: DataConfig, split: str) -> tuple:
+    path = data.path or ""
+    stamp = _stamp(path) if path else None
+    return (data.kind, path, json.dumps(data.options, sort_keys=True, default=str), stamp, split)
+
+
+def _remember(data: DataConfig, split: str, value: str) -> str:
+    if len(_HASHES) >= 16:
+        _HASHES.clear()
+    _HASHES[_hash_key(data, split)] = value
+    return value
 
 
 def _stamp(path: str) -> object:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.config import Config, to_dict
 from pipeline.data import Split, splits
 from pipeline.errors import UserError
 from pipeline.fileio import write_text_over_leftovers
@@ -319,9 +319,10 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     path = config.store_path
     if not config.onnx_path.is_file():
         raise UserError(f"ONNX file {config.onnx_path} not found: run the export stage first")
+    _RESOLVED.pop(str(path), None)  # an earlier run's, in this process: not this one's
     train, _ = splits(config)
     fingerprint = store_fingerprint(config, train)
-    _RESOLVED[str(path)] = (train, fingerprint)  # for made_with, on Ctrl-C
+    _RESOLVED[str(path)] = (to_dict(config), len(train), train.num_classes, fingerprint)
     views = config.augment.views
     dask = bool(pc.workers or pc.scheduler)
     if dask:
@@ -471,7 +472,7 @@ def _finished(config: Config, train: Split, fingerprint: dict) -> bool:
         store = open_store(config.store_path)
     except NotAStoreError:
         return False
-    _check_same_inputs(store, config, train, fingerprint)
+    _check_same_inputs(store, config, len(train), train.num_classes, fingerprint)
     with store:
         if not store.complete:
             return False
@@ -490,9 +491,9 @@ def _refuse_damaged(store: Any) -> None:
         raise UserError(report.summary())
 
 
-#: store path → (train split, fingerprint) of the precompute run in this process: what
-#: made_with compares, without hashing the ONNX file and the dataset again on a Ctrl-C.
-_RESOLVED: dict[str, tuple[Split, dict]] = {}
+#: store path → (config, rows, classes, fingerprint) of the precompute run in this process:
+#: what made_with compares, without hashing the ONNX file and the dataset again on a Ctrl-C.
+_RESOLVED: dict[str, tuple[dict, int, int, dict]] = {}
 
 
 def made_with(config: Config) -> bool:
@@ -501,7 +502,7 @@ def made_with(config: Config) -> bool:
     stopped before it created, resumed or replaced the store has not made it; one stopped
     before it had its inputs' fingerprint had not touched it)."""
     resolved = _RESOLVED.get(str(config.store_path))
-    if resolved is None:
+    if resolved is None or resolved[0] != to_dict(config):
         return False
     try:
         store = open_store(config.store_path)
@@ -509,7 +510,7 @@ def made_with(config: Config) -> bool:
         return False
     with store:
         try:
-            _check_same_inputs(store, config, *resolved)
+            _check_same_inputs(store, config, *resolved[1:])
         except UserError:
             return False
     return True
@@ -538,7 +539,7 @@ def _open_or_create(config: Config, train: Split, fingerprint: dict, overwrite: 
         except NotAStoreError:
             store = None  # nothing there yet (or something else: create_store refuses it)
         if store is not None:
-            _check_same_inputs(store, config, train, fingerprint)
+            _check_same_inputs(store, config, len(train), train.num_classes, fingerprint)
             try:
                 _refuse_damaged(store)
             except UserError:
@@ -564,7 +565,9 @@ def _open_or_create(config: Config, train: Split, fingerprint: dict, overwrite: 
     )
 
 
-def _check_same_inputs(store, config: Config, train: Split, fingerprint: dict) -> None:
+def _check_same_inputs(
+    store: Any, config: Config, rows: int, classes: int, fingerprint: dict
+) -> None:
     """Refuse (and close) an existing store made from other inputs than this run's."""
     mismatch = {
         k: (store.fingerprint.get(k), v)
@@ -574,7 +577,7 @@ def _check_same_inputs(store, config: Config, train: Split, fingerprint: dict) -
     }
     lay, pc = store.layout, config.precompute
     shape = (lay.num_views, lay.num_samples, lay.num_classes, lay.encoding)
-    want = (config.augment.views, len(train), train.num_classes, pc.encoding)
+    want = (config.augment.views, rows, classes, pc.encoding)
     # A chunk layout the config sets (None: automatic) is the store's, or the run's batches
     # (cut from the store's chunks) differ from those of a run without a store (from the config).
     for key in ("chunk_rows", "chunks_per_shard"):

@@ -316,7 +316,9 @@ def write_shard(
     size) and their crc32c, in order; the index of (offset, nbytes) pairs, chunks past the array's
     end marked empty, and its crc32c close the file. Unlike zarr, a chunk that holds only the fill
     value is written too. The file is written under a temporary name, synced to disk and renamed
-    into place, so a reader sees the whole shard or none of it, even after a power cut.
+    into place, so a reader sees the whole shard or none of it. (After a power cut the rename
+    itself may be lost while the done marks that follow it are not: ``verify`` and precompute's
+    own check then name the shard missing.)
     """
     data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
     rows = len(data)
@@ -351,7 +353,7 @@ def write_shard(
                     raise OSError(f"could not write {tmp}")
                 done += n
             # On disk before its name is: the chunks' done marks follow the rename, and a power
-            # cut must not leave marks for a shard whose bytes never reached the disk.
+            # cut must not leave a complete-looking shard whose bytes never reached the disk.
             os.fsync(fd)
         finally:
             os.close(fd)

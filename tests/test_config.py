@@ -185,3 +185,10 @@ def test_a_key_given_twice_is_refused_but_a_merged_key_may_be_overridden(tmp_pat
     )
     runs = load_config(merged).sweep.runs
     assert runs == [{"method": "ce", "epochs": 3}, {"method": "kd", "epochs": 2}]
+    chain = tmp_path / "chain.yaml"  # an anchored mapping that merges another, merged deeper
+    chain.write_text(
+        "sweep:\n  runs:\n    - &kd {method: kd, epochs: 2}\n"
+        "    - &dkd {<<: *kd, method: dkd}\n  seeds: [0]\n"
+        "distill: {<<: *dkd, student: small_cnn}\n"
+    )
+    assert load_config(chain).distill.method == "dkd"

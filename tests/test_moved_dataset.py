@@ -63,3 +63,21 @@ def test_a_moved_dataset_keeps_the_teacher_store_and_students(tmp_path: Path, ca
     assert stamps() == before  # nothing trained or exported again
     _save(moved, 1)  # other images at the new path: another dataset
     fails(capsys, argv("teacher"), "teacher trained with another config", "data.path was")
+
+
+def test_the_store_checks_hash_a_dataset_rewritten_in_place_afresh(tmp_path: Path) -> None:
+    """The keys' hash is kept for a process (by the path's stat); a store check's is not: a
+    dataset rewritten where the stat cannot see it (an option's path, here) is still new data."""
+    from pipeline.config import load_config
+    from pipeline.data import dataset_sha256, splits
+
+    data = tmp_path / "data.npz"
+    _save(data, 0)
+    config = load_config(
+        TINY, ["data.kind=array", f"data.options={{train_path: {data}, test_path: {data}}}"]
+    )
+    first = splits(config)[0].fingerprint()["dataset"]
+    assert dataset_sha256(config.data) == first  # shared with the keys
+    _save(data, 1)
+    assert splits(config)[0].fingerprint()["dataset"] != first
+    assert dataset_sha256(config.data) != first  # the keys take the fresh one up

@@ -631,8 +631,14 @@ def test_a_ctrl_c_before_the_store_is_replaced_keeps_its_record(
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(precompute_module, "_open_or_create", interrupt)
     argv = [*_args("precompute", kept, "--overwrite"), "--set", "augment.seed=1"]
+    assert main(_args("precompute", kept)) == 0  # this process has run the store's own config
+    before = record.read_bytes()
+    with monkeypatch.context() as patch:  # stopped before it had its own inputs' fingerprint
+        patch.setattr(precompute_module, "store_fingerprint", interrupt)
+        assert main(argv) == 130
+    assert record.read_bytes() == before
+    monkeypatch.setattr(precompute_module, "_open_or_create", interrupt)
     assert main(argv) == 130
     assert record.read_bytes() == before
     record.unlink()
