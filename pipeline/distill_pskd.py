@@ -213,7 +213,9 @@ class SelfTeacher:
         world = self.world
         if world is not None and world.distributed and not world.main:
             world.barrier()  # rank 0 creates it
-            return BlockWriter(open_store(path, mode="task"), self.block_rows, world)
+            store = open_store(path, mode="task")
+            store.sync_writes = False  # a scratch store: a lost one retrains the run, not more
+            return BlockWriter(store, self.block_rows, world)
         _remove(path)
         self.folder.mkdir(parents=True, exist_ok=True)
         store = create_store(
@@ -229,6 +231,7 @@ class SelfTeacher:
             fingerprint={**self.fingerprint, "kind": FINGERPRINT_KIND, "epoch": epoch},
             labels=self.labels,
         )
+        store.sync_writes = False  # as above: one epoch's scratch, one fsync a block saved
         if world is not None and world.distributed:
             world.barrier()  # the others open it now
         return BlockWriter(store, self.block_rows, world)

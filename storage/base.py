@@ -98,6 +98,9 @@ class LogitStore(abc.ABC):
     #: Whether worker processes may write whole shards of one store at once (zarr: yes, each shard
     #: is its own file; HDF5: no, its single file has one writer).
     supports_parallel_write: ClassVar[bool] = False
+    #: Whether a finished shard is synced to disk before it is named (zarr's own shard files):
+    #: a scratch store recomputed by its run (PS-KD's per-epoch self-teacher) turns it off.
+    sync_writes: bool = True
     #: Compressor names this backend takes (``create_store(compressor=...)``).
     compressors: ClassVar[tuple[str, ...]] = ()
 

@@ -308,6 +308,7 @@ def write_shard(
     chunk_rows: int,
     chunks_per_shard: int,
     fill_value,
+    sync: bool = True,
 ) -> None:
     """Write one whole shard file, as zarr's sharding codec (bytes + crc32c) would, atomically.
 
@@ -315,10 +316,10 @@ def write_shard(
     inner chunk is its raw little-endian bytes (an edge chunk padded with ``fill_value`` to full
     size) and their crc32c, in order; the index of (offset, nbytes) pairs, chunks past the array's
     end marked empty, and its crc32c close the file. Unlike zarr, a chunk that holds only the fill
-    value is written too. The file is written under a temporary name, synced to disk and renamed
-    into place, so a reader sees the whole shard or none of it. (After a power cut the rename
-    itself may be lost while the done marks that follow it are not: ``verify`` and precompute's
-    own check then name the shard missing.)
+    value is written too. The file is written under a temporary name, synced to disk (unless
+    not ``sync``: a scratch store's) and renamed into place, so a reader sees the whole shard or
+    none of it. (After a power cut the rename itself may be lost while the done marks that
+    follow it are not: ``verify`` and precompute's own check then name the shard missing.)
     """
     data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
     rows = len(data)
@@ -354,7 +355,8 @@ def write_shard(
                 done += n
             # On disk before its name is: the chunks' done marks follow the rename, and a power
             # cut must not leave a complete-looking shard whose bytes never reached the disk.
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

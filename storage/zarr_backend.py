@@ -272,6 +272,7 @@ class ZarrLogitStore(LogitStore):
                     lay.chunk_rows,
                     lay.chunks_per_shard,
                     self._array(name).fill_value,
+                    sync=self.sync_writes,
                 )
             else:
                 # Every chunk written, even one equal to the fill value (all-zero view_params):

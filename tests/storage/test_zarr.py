@@ -73,3 +73,25 @@ def test_labels_problem_tells_lost_labels_from_none_given():
     lost = labels_problem(np.array([0, -1, -1, 2]), 4)
     assert lost.startswith("labels missing at 2 row(s) (first: row 1, -1; classes are 0..3")
     assert "out of range at 1 row(s) (first: row 2, 4;" in labels_problem(np.array([0, 1, 4]), 4)
+
+
+def test_shards_are_synced_before_they_are_named_unless_scratch(tmp_path, monkeypatch):
+    """Each whole shard file is fsynced before its rename (its done marks follow); a scratch
+    store (PS-KD's per-epoch self-teacher, ``sync_writes = False``) skips it: one fsync a block
+    cost a small student's epoch about a fifth."""
+    import storage.shard_reader as shard_reader
+    from storage import create_store
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(shard_reader.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    x = teacher_logits()[0]
+    with create_store(tmp_path / "a.zarr", N, x.shape[1], 1, chunk_rows=ROWS) as store:
+        store.write(0, 0, x)
+        counted = len(synced)
+        assert counted >= store.layout.num_shards  # the logits' shards, at least
+    with create_store(tmp_path / "b.zarr", N, x.shape[1], 1, chunk_rows=ROWS) as store:
+        store.sync_writes = False
+        before = len(synced)
+        store.write(0, 0, x)
+        assert len(synced) == before
