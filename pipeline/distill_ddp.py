@@ -238,7 +238,8 @@ class World:
             why = (
                 f"another rank did not answer within {limit}"
                 if "timed out" in what.lower()
-                else "another rank stopped (its error is above)"
+                else "another rank stopped (its own error, or the signal that killed it, is on "
+                "another line)"
             )
             return DistillError(
                 f"{self.where()}: {why} ({what}); rerun the same command to resume from the last "

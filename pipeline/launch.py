@@ -104,16 +104,22 @@ def main(argv: list[str]) -> int:
         # Rank 0 is the one that reports; otherwise the first rank that exited on its own.
         failures = sorted(exc.failures.items(), key=lambda kv: (kv[0] != 0, kv[1].timestamp))
         codes = [f.exitcode for _, f in failures if f.exitcode > 0]
-        if codes:
-            return codes[0]
-        rank, failure = exc.get_first_failure()  # killed: nobody printed anything
-        print(
-            f"error: rank {rank} of {int(nproc)} was killed by {failure.signal_name()} (out of "
-            "memory, or killed from outside); finished work is kept: rerun the same command to "
-            "resume",
-            file=sys.stderr,
-        )
-        return KILLED
+        # A rank killed by a signal printed nothing, and the others only say that a rank
+        # stopped. SIGTERM is torchrun's own, to the ranks left when one fails: not a cause.
+        killed = sorted(
+            ((r, f) for r, f in exc.failures.items()
+             if f.exitcode < 0 and (not codes or f.exitcode != -signal.SIGTERM)),
+            key=lambda kv: kv[1].timestamp,
+        )  # fmt: skip
+        if killed:
+            rank, failure = killed[0]
+            print(
+                f"error: rank {rank} of {int(nproc)} was killed by {failure.signal_name()} (out "
+                "of memory, or killed from outside); finished work is kept: rerun the same "
+                "command to resume",
+                file=sys.stderr,
+            )
+        return codes[0] if codes else KILLED
     except KeyboardInterrupt:  # Ctrl-C before torchrun's own handlers were in place
         return 128 + signal.SIGINT
     except SignalException as exc:  # the launcher was signalled and stopped the ranks

@@ -486,3 +486,29 @@ def test_a_signal_stops_the_whole_sweep_and_its_ranks(tiny_run, how):
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     assert not (distill / f"sig-{tag}-next-s0").exists()  # it stopped, not skipped ahead
+
+
+def test_a_killed_rank_is_named_even_when_another_exited_with_a_code(monkeypatch, capsys):
+    """Rank 1 SIGKILLed, rank 0 then stopping with its one line ("another rank stopped") and
+    status 2: the launcher said nothing, so the kill was named nowhere (an audit, 2026-11-27)."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from pipeline import launch
+
+    signal_of_rank_1 = [-9]
+
+    def failed(args):
+        failures = {
+            0: ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=""),
+            1: ProcessFailure(local_rank=1, pid=2, exitcode=signal_of_rank_1[0], error_file=""),
+        }
+        raise ChildFailedError("pipeline", failures)
+
+    monkeypatch.setattr(torchrun, "run", failed)
+    assert launch.main(["2", "distill"]) == 2  # rank 0's status
+    err = capsys.readouterr().err
+    assert err.startswith("error: rank 1 of 2 was killed by SIGKILL"), err
+    signal_of_rank_1[0] = -15  # torchrun's SIGTERM to the ranks left after rank 0 failed
+    assert launch.main(["2", "distill"]) == 2
+    assert capsys.readouterr().err == ""  # rank 0's own line is all there is
