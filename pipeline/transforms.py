@@ -27,8 +27,10 @@ Temperature = float | torch.Tensor
 def check_temperature(name: str, value: Temperature, batch: int | None = None) -> None:
     """Refuse a temperature that is not finite and > 0, or a tensor not 0-d, (1,) or (batch,).
 
-    Tensor values are checked only on the CPU: on CUDA that would cost a host sync per step (the
-    learned CTKD temperature is > 1 by construction).
+    A CUDA tensor's values are checked on the device (``torch._assert_async``: a device-side
+    assert, as PyTorch's cross-entropy's for a bad target; a readable check would cost a host
+    sync per step), except a learned one's (one that requires grad: CTKD's, > 1 by
+    construction), which would cost launches every training step.
     """
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -46,11 +48,14 @@ def check_temperature(name: str, value: Temperature, batch: int | None = None) -
     if value.dim() > 1 or value.numel() not in sizes:
         want = "a 0-d or (1,) tensor" if batch is None else f"a 0-d, (1,) or ({batch},) tensor"
         raise MethodError(f"{name} must be a float or {want}, got shape {tuple(value.shape)}")
-    if not value.is_cuda:
-        ok = (value.detach() > 0) & torch.isfinite(value.detach())
-        if not bool(ok.all()):
-            bad = value.detach().reshape(-1)[~ok.reshape(-1)][0].item()
-            raise MethodError(f"{name} must be finite and > 0, got {bad:.6g}")
+    if value.is_cuda and value.requires_grad:
+        return
+    ok = (value.detach() > 0) & (value.detach() < math.inf)  # NaN fails both
+    if value.is_cuda:
+        torch._assert_async(ok.all(), f"{name} must be finite and > 0")
+    elif not bool(ok.all()):
+        bad = value.detach().reshape(-1)[~ok.reshape(-1)][0].item()
+        raise MethodError(f"{name} must be finite and > 0, got {bad:.6g}")
 
 
 def temperature_column(temperature: Temperature) -> Temperature:

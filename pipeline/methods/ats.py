@@ -34,7 +34,16 @@ def _check(tau1: Temperature, tau2: Temperature, student_temperature: Temperatur
     if not isinstance(tau1, torch.Tensor) and not isinstance(tau2, torch.Tensor):
         a, b = tau1, tau2
     elif any(isinstance(t, torch.Tensor) and t.is_cuda for t in (tau1, tau2)):
-        return  # checking tensors on CUDA would cost a host sync a step
+        # On the device, without the host sync a readable check would cost a step.
+        t1, t2 = (
+            t.detach().reshape(-1) if isinstance(t, torch.Tensor) else t for t in (tau1, tau2)
+        )
+        if all(isinstance(t, torch.Tensor) for t in (t1, t2)) and t1.device != t2.device:
+            return  # the loss refuses temperatures on two devices
+        torch._assert_async(
+            torch.as_tensor(t1 >= t2).all(), "ATS needs tau1 >= tau2 (tau1 on the target class)"
+        )
+        return
     else:  # (1,) or (B,) each, compared row by row
         t1, t2 = (
             torch.as_tensor(t, dtype=torch.float64).detach().reshape(-1) for t in (tau1, tau2)
