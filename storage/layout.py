@@ -144,12 +144,13 @@ def auto_chunks_per_shard(
 ) -> int:
     """Chunks per shard so that a shard is about 32 MiB, and a view at least ``MIN_SHARDS``
     shards when it has that many chunks: the shard is the unit of writing, resume and dask tasks,
-    so a killed precompute loses at most about 1/MIN_SHARDS of a view, and a small store still
-    gives a dask cluster MIN_SHARDS tasks a view."""
+    so a killed precompute loses at most 1/MIN_SHARDS of a view, and a small store still gives a
+    dask cluster MIN_SHARDS tasks a view (rounding down: 9 chunks are 9 shards of one, where
+    rounding up made 5 of two, each 2/9 of the view)."""
     chunk_bytes = chunk_rows * max(1, row_bytes(num_classes, encoding, topk))
     per_shard = max(1, TARGET_SHARD_BYTES // chunk_bytes)
     chunks = -(-num_samples // chunk_rows)  # a view's
-    return max(1, min(per_shard, -(-chunks // MIN_SHARDS)))
+    return max(1, min(per_shard, chunks // MIN_SHARDS))
 
 
 def task_block_rows(layout: Layout, multiple: int = 1) -> int:

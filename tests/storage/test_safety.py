@@ -20,7 +20,7 @@ from storage import (
     open_store,
 )
 from storage.api import BACKENDS as BACKENDS_BY_NAME
-from storage.layout import MIN_SHARDS
+from storage.layout import MIN_SHARDS, auto_chunks_per_shard
 from storage.parallel import produce_and_write
 
 BACKENDS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -210,6 +210,16 @@ def test_a_producer_giving_the_wrong_row_count_fails_its_task(tmp_path):
 def test_a_view_has_several_shards(rows, classes):
     """The shard is the unit of writing, resume and dask tasks: a CIFAR-size view is not one."""
     layout = make_layout(rows, classes, 1, "float16")
-    assert layout.num_shards >= min(MIN_SHARDS, layout.num_chunks) - 1
+    assert layout.num_shards >= min(MIN_SHARDS, layout.num_chunks)
     assert layout.num_shards <= layout.num_chunks
     assert layout.shard_rows * (classes * 2) <= 32 << 20
+
+
+def test_a_shard_is_at_most_an_eighth_of_a_view():
+    """As the README says; rounding up gave 9 chunks 5 shards of 2/9 (50,000 x 100 float16:
+    7 shards; README audit, 2026-11-27)."""
+    for chunks in range(1, 300):
+        per_shard = auto_chunks_per_shard(64, 64 * chunks, 10, "float16")
+        shards = -(-chunks // per_shard)
+        assert shards >= min(MIN_SHARDS, chunks), chunks
+        assert chunks < MIN_SHARDS or per_shard / chunks <= 1 / MIN_SHARDS, chunks
