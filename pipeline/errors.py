@@ -60,6 +60,9 @@ def os_error_message(exc: OSError) -> str | None:
     if exc.errno not in _OS_ERRORS:
         return None
     what, fix = _OS_ERRORS[exc.errno]
-    where = f" ({exc.filename})" if exc.filename else ""
+    # A rename (os.replace of a temporary file) puts its destination, the path the user knows,
+    # in filename2.
+    path = exc.filename2 or exc.filename
+    where = f" ({path})" if path else ""
     kept = "" if fix is _PATH else "; finished work is kept and a rerun resumes"
     return f"{what}{where}: {fix}{kept}"

@@ -66,6 +66,11 @@ def parity_path(onnx_path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".parity.json")
 
 
+def _failed_path(onnx_path: Path) -> Path:
+    """Where the record of a failed parity check of ``onnx_path`` lives."""
+    return onnx_path.with_name(onnx_path.name + ".parity-failed.json")
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,7 +127,7 @@ def _parity_record(
     input_name = session.get_inputs()[0].name
     was_training = model.training
     model.eval()
-    max_diff, scale, rows, agree, ambiguous, nonfinite = 0.0, 0.0, 0, 0, 0, 0
+    max_diff, scale, rows, agree, ambiguous, nonfinite, torch_nonfinite = 0.0, 0.0, 0, 0, 0, 0, 0
     sizes: list[int] = []
     try:
         for batch in batches:
@@ -137,6 +142,7 @@ def _parity_record(
                 )
             finite = np.isfinite(out).all() and np.isfinite(ref).all()
             nonfinite += int(not finite)
+            torch_nonfinite += int(not np.isfinite(ref).all())  # the model's fault, not ONNX's
             max_diff = max(max_diff, float(np.abs(out - ref).max()) if finite else float("inf"))
             scale = max(scale, float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0)))
             top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
@@ -161,6 +167,7 @@ def _parity_record(
         "top1_disagreements": disagreements,
         "top1_ambiguous_rows": ambiguous,
         "nonfinite_batches": nonfinite,
+        "torch_nonfinite_batches": torch_nonfinite,
         "batches": len(sizes),
         "rows": rows,
         "batch_sizes": sizes,
@@ -174,6 +181,15 @@ def _parity_record(
 ROUNDING = 1e-5
 
 
+def _other_exporter(exporter: str | None) -> str:
+    """The setting that selects the exporter other than ``exporter`` ("" where not known): the
+    export stage passes exporter "auto", so export.opset is what picks one."""
+    return {
+        "dynamo": "export.opset=17 (the TorchScript exporter)",
+        "torchscript": f"export.opset={DEFAULT_OPSET} (the dynamo exporter)",
+    }.get(exporter or "", "")
+
+
 def _verdict(record: dict[str, Any], what: str) -> None:
     if record["passed"]:
         return
@@ -183,13 +199,21 @@ def _verdict(record: dict[str, Any], what: str) -> None:
         and record["top1_agreement"] == 1.0
         and diff <= ROUNDING * largest
     )
-    if rounding:  # e.g. logits of 1e4 (an untrained net's batch norm): float32 itself rounds
+    if record.get("torch_nonfinite_batches"):  # e.g. a diverged teacher: no exporter helps
+        fix = (
+            f"PyTorch's own outputs are NaN/inf in {record['torch_nonfinite_batches']} batches, "
+            "so the teacher's weights or outputs are NaN/inf, not the export at fault: retrain "
+            "the teacher (a lower teacher.lr) or give another teacher.checkpoint"
+        )
+    elif rounding:  # e.g. logits of 1e4 (an untrained net's batch norm): float32 itself rounds
         fix = (
             f"Δ is {diff / largest:.1g} of the largest logit, float32 rounding at that size: "
             f"if the logits are meant to be this large, set export.atol={float(f'{2 * diff:.1g}')}"
         )
     else:
-        fix = "check the model for export-unsafe ops or re-export with exporter='torchscript'"
+        other = _other_exporter(record.get("exporter"))
+        fix = "check the model for export-unsafe ops"
+        fix += f" or re-export with {other}" if other else ""
     raise ParityError(
         f"{what} fails the parity check against PyTorch: max |Δ| = {diff:.3g} "
         f"(atol {record['atol']:.3g}; largest |logit| {largest:.3g}), top-1 "
@@ -222,10 +246,14 @@ def check_onnx_parity(
     return record
 
 
+def _dump_json(record: dict[str, Any], f: Any) -> None:
+    json.dump(record, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     with atomic_write(path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
+        _dump_json(record, f)
 
 
 def _torch_export(
@@ -339,6 +367,10 @@ def export_onnx(
     batches = list(parity_batches) if parity_batches is not None else [sample_batch]
 
     path = Path(path)
+    # Refused before the export, not after it published the file and failed on its record.
+    for dest in (path, parity_path(path), _failed_path(path)):
+        if dest.exists() and not dest.is_file():
+            raise UserError(f"{dest} is a folder, not a file: move it away or set another run_dir")
     was_training = model.training
     model.eval()
     with temp_beside(path, ".tmp.onnx") as tmp:
@@ -384,9 +416,10 @@ def _export_checked(
         raise
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        other = _other_exporter(exporter)
         raise UserError(
             f"ONNX export of {type(model).__name__} failed ({first[:200]}); try "
-            "exporter='torchscript' or a model without data-dependent control flow"
+            f"{f'{other} or ' if other else ''}a model without data-dependent control flow"
         ) from e
     if written != opset:  # the dynamo exporter falls back to the opset it knows, silently
         raise UserError(
@@ -406,9 +439,16 @@ def _export_checked(
     if not record["passed"]:
         # An earlier export at `path` stays: precompute runs it only if its record names this
         # very checkpoint (provenance), so a file of an older teacher is never used.
-        _write_json(path.with_name(path.name + ".parity-failed.json"), record)
+        _write_json(_failed_path(path), record)
         _verdict(record, f"the ONNX export of {type(model).__name__}")
-    publish(tmp, path)
-    _write_json(parity_path(path), record)
-    path.with_name(path.name + ".parity-failed.json").unlink(missing_ok=True)
+    # The record is on disk before the file is published: a full disk fails before either is
+    # replaced, never leaving a new file without its record.
+    with temp_beside(parity_path(path)) as record_tmp:
+        with open(record_tmp, "w") as f:
+            _dump_json(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+        publish(record_tmp, parity_path(path))
+    _failed_path(path).unlink(missing_ok=True)
     return record

@@ -1,10 +1,12 @@
 """The report stage: every student of a run folder compared in one table, with plots.
 
 Reads ``RUN_DIR/distill/*/metrics.jsonl`` (one JSON line per epoch) and each run's resolved
-``config.yaml``; a run is finished when its ``student.pt`` is there. Runs whose configs differ
-only in the seed (the ``-sSEED`` end of the folder name, or the device, prefetch, evaluation
-batch size and DDP timeout) form one group — the same recipe under two names is two groups —
-and the group's numbers are the mean ± sample standard deviation (n − 1) over its finished seeds::
+``config.yaml``; a run is finished when its ``student.pt`` is there (never loaded: its
+metrics.jsonl must then hold every epoch it trained). Runs whose configs differ only in the seed
+(the ``-sSEED`` end of the folder name, or the device, prefetch, evaluation batch size and DDP
+timeout) form one group — the method in distill's one spelling; the same recipe under two names
+is two groups — and the group's numbers are the mean ± sample standard deviation (n − 1) over
+its finished seeds::
 
     best  = max_e test_acc_e      final = test_acc_E      (per run, then over seeds)
 
@@ -16,6 +18,7 @@ bars, the CE baseline as a line), rendered by ``pipeline.report_render``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -27,7 +30,7 @@ import yaml
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, publish, temp_beside
 from pipeline.metrics import first_diverged_epoch
 
 # Settings that change how a run is computed, not what it learns (distill's NOT_IN_KEY), and
@@ -172,41 +175,85 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def _method(distill: dict) -> str:
+    """``distill.method`` in distill's one spelling (``method_of``: "KD", "ls + dkd" are kd,
+    ls+dkd): a respelling trains into the same folder, so it is the same experiment."""
+    return str(distill.get("method", "?")).strip().lower().replace(" ", "")
+
+
+def _trains(config: dict, extra: dict) -> bool:
+    """Whether a teacher checkpoint (its ``extra``) is the teacher that the student's config
+    trains: the config hash the teacher stage records, or a recorded config that differs from
+    the student's only in ``EVALUATION_ONLY`` keys or in where the dataset lies
+    (``LOCATION_ONLY``: the student's store check compared the dataset's content). A checkpoint
+    that records no config hash (not the teacher stage's) has nothing to compare: taken as it
+    is."""
+    # Private to pipeline.teacher, but the report must agree with it on what a teacher is.
+    from pipeline.fingerprint import spec_hash
+    from pipeline.teacher import EVALUATION_ONLY, LOCATION_ONLY, _flat, _recipe
+
+    if extra.get("config_hash") is None:
+        return True
+    try:
+        recipe = json.loads(json.dumps(_recipe(config), default=str))  # tuples as JSON lists
+        if spec_hash(recipe) == extra["config_hash"]:
+            return True
+        then, now = _flat(_recipe(json.loads(extra["config"]))), _flat(recipe)
+    except (KeyError, TypeError, ValueError, AttributeError):  # a config too old to compare
+        return False
+    differing = {k for k in then.keys() | now.keys() if then.get(k) != now.get(k)}
+    return differing <= EVALUATION_ONLY | LOCATION_ONLY
+
+
 def _teacher(config: dict, run_dir: Path, cache: dict) -> tuple[str | None, float | None]:
     """(model name, test top-1) of the teacher: teacher.checkpoint, else RUN_DIR/teacher.pt; for
     a student of another run's store (``distill.store``, no ``teacher.checkpoint`` given), the
     teacher.pt beside that store, or none known (not this run's teacher, which did not make
-    its logits)."""
+    its logits). RUN_DIR/teacher.pt is the student's teacher only if the student's config
+    trains it (``_trains``): one retrained since with other settings (its logits precomputed
+    again) did not teach the students made before, whose top-1 it is not (None)."""
     from pipeline.models import read_checkpoint  # torch: only when there are runs to report
 
     section = config.get("teacher") or {}
     path = Path(section.get("checkpoint") or run_dir / "teacher.pt")
     distill = config.get("distill") or {}
     store, own = distill.get("store"), (config.get("precompute") or {}).get("store")
-    method = str(distill.get("method", "")).strip().lower()
-    reads_store = method not in ("ce", "pskd") and distill.get("teacher_source") != "online"
+    online = distill.get("teacher_source") == "online"
+    reads_store = _method(distill) not in ("ce", "pskd") and not online
+    mine = not section.get("checkpoint")  # a teacher named: the user says whose logits
     if (
         store
         and reads_store
-        and not section.get("checkpoint")  # a teacher named: the user says whose logits
+        and mine
         and "://" not in str(store)
         and store != own
         and Path(store).parent.resolve() != run_dir.resolve()
     ):
         path = Path(store).parent / "teacher.pt"  # the run that made the store, if it is one
-        section = {}  # its model is not this config's teacher.model
+        section, mine = {}, False  # its model is not this config's teacher.model
     if path not in cache:
         try:
             ckpt = read_checkpoint(path)
             acc = ckpt.extra.get("test_acc")
-            cache[path] = (ckpt.model_name, None if acc is None else float(acc))
+            cache[path] = (ckpt.model_name, None if acc is None else float(acc), ckpt.extra)
         except UserError:  # a student of a teacher that is gone: still worth reporting
-            cache[path] = (section.get("model"), None)
-    return cache[path]
+            cache[path] = (section.get("model"), None, {})
+    name, acc, extra = cache[path]
+    if mine and not _trains(config, extra):  # RUN_DIR/teacher.pt is another teacher now
+        return section.get("model"), None
+    return name, acc
 
 
 def collect_runs(run_dir: Path) -> list[RunResult]:
-    """Every RUN_DIR/distill/* folder with at least one epoch of metrics."""
+    """Every RUN_DIR/distill/* folder with at least one epoch of metrics.
+
+    A finished run's result is its ``student.pt``'s history, which the report does not load
+    (it never loads a student.pt: README, Security); its metrics.jsonl, which distill and the
+    sweep write again from that history when they meet the finished run, stands for it only
+    while it holds what the run trained: one record per epoch of the config's
+    ``distill.epochs``, numbered 1, 2, … A file emptied, cut short or appended to since is
+    refused (``_check_history``), never reported or left out.
+    """
     teachers: dict = {}
     runs = []
     for finished in sorted((run_dir / "distill").glob("*/student.pt")):
@@ -217,7 +264,7 @@ def collect_runs(run_dir: Path) -> list[RunResult]:
             )
     for metrics in sorted((run_dir / "distill").glob("*/metrics.jsonl")):
         history = _read_metrics(metrics)
-        if not history:
+        if not history and not (metrics.parent / "student.pt").is_file():  # no epoch done yet
             continue
         try:
             runs.append(_run_result(metrics.parent, history, run_dir, teachers))
@@ -230,18 +277,42 @@ def collect_runs(run_dir: Path) -> list[RunResult]:
     return runs
 
 
+def _check_history(path: Path, history: list[dict], finished: bool, epochs: object) -> None:
+    """Refuse a metrics file that is not the run's: epochs numbered other than 1, 2, …, or for a
+    finished run (``epochs``: its config's ``distill.epochs``) another count of them."""
+    fix = "rerun its student (distill and the sweep write it again from student.pt) or delete "
+    fix += "the run folder"
+    for number, record in enumerate(history, 1):
+        if record.get("epoch", number) != number:  # (records of old runs may not number it)
+            raise ReportError(
+                f"{path} holds epoch {record['epoch']!r} as epoch {number} (lines lost, repeated "
+                f"or added since the run wrote it): {fix}"
+            )
+    if finished and (not history or (type(epochs) is int and len(history) != epochs)):
+        trained = f"trained {epochs}" if type(epochs) is int else "finished"
+        raise ReportError(
+            f"{path} records {len(history)} epochs, its run {trained} (student.pt): the file was "
+            f"emptied, cut short or appended to since: {fix}"
+        )
+
+
 def _run_result(folder: Path, history: list[dict], run_dir: Path, teachers: dict) -> RunResult:
     """One run's result from its metrics and resolved config (raises on values of wrong kinds)."""
     config = _read_config(folder / "config.yaml")
     distill = config.get("distill") or {}
     if not isinstance(distill, dict):
         raise TypeError(f"distill is {type(distill).__name__}, not a mapping")
+    finished = (folder / "student.pt").is_file()
+    _check_history(folder / "metrics.jsonl", history, finished, distill.get("epochs"))
     seed = int(distill.get("seed", 0))
     teacher, teacher_acc = _teacher(config, run_dir, teachers)
     curve = [float(r["test_acc"]) for r in history]
     rates = [float(r["rows_per_s"]) for r in history if "rows_per_s" in r]
     key = {
-        "distill": {k: v for k, v in distill.items() if k not in _NOT_RESULT_KEYS},
+        "distill": {
+            **{k: v for k, v in distill.items() if k not in _NOT_RESULT_KEYS},
+            "method": _method(distill),
+        },
         **{k: config.get(k) for k in ("data", "augment", "teacher")},
         "encoding": (config.get("precompute") or {}).get("encoding"),
     }
@@ -249,12 +320,12 @@ def _run_result(folder: Path, history: list[dict], run_dir: Path, teachers: dict
         name=folder.name,
         label=re.sub(rf"-s{seed}(?=-online$|$)", "", folder.name),
         student=str(distill.get("student", "?")),
-        method=str(distill.get("method", "?")).strip().lower().replace(" ", ""),
+        method=_method(distill),
         method_options=dict(distill.get("method_options") or {}),
         seed=seed,
         teacher=teacher,
         teacher_test_acc=teacher_acc,
-        finished=(folder / "student.pt").is_file(),
+        finished=finished,
         epochs=len(history),
         target_epochs=distill.get("epochs"),
         curve=curve,
@@ -343,7 +414,8 @@ def write_report(config: Config) -> Report:
     """Collect the runs of ``config.run_dir`` and write RUN_DIR/report/.
 
     Raises:
-        ReportError: no run with metrics in RUN_DIR/distill, or an unreadable metrics file.
+        ReportError: no run with metrics in RUN_DIR/distill, an unreadable metrics file or one
+            that is not its run's, or a folder where a report file goes (nothing written).
     """
     run_dir = config.run_path
     runs = collect_runs(run_dir)
@@ -357,19 +429,33 @@ def write_report(config: Config) -> Report:
     groups = aggregate(runs)
     runs.sort(key=lambda r: (r.student, _order(r.method), r.label, r.seed))
     out = run_dir / "report"
+    names = ["curves.png", *(["methods.png"] if groups else []), "results.json", "results.md"]
+    for name in (*names, "methods.png"):  # checked first: a failure leaves the old report whole
+        if (out / name).is_dir():
+            raise ReportError(
+                f"{out / name} is a folder where the report writes a file: move it away, then "
+                f"run the report again"
+            )
     report = Report(str(run_dir), groups, runs)
     report.files["markdown"] = str(out / "results.md")
     report.files["json"] = str(out / "results.json")
-    plot_curves(runs, out / "curves.png")
     report.files["curves"] = str(out / "curves.png")
     if groups:
-        plot_methods(groups, out / "methods.png")
         report.files["methods"] = str(out / "methods.png")
-    else:
+    # Every file is written beside its place first and all are published together: a failure
+    # while rendering (a full disk, a plot that fails) leaves the previous report as it was.
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(temp_beside(out / name)) for name in names}
+        plot_curves(runs, tmp["curves.png"])
+        if groups:
+            plot_methods(groups, tmp["methods.png"])
+        with atomic_write(tmp["results.json"], "w") as f:
+            json.dump(_json(report), f, indent=2)
+            f.write("\n")
+        with atomic_write(tmp["results.md"], "w") as f:
+            f.write(markdown(report))
+        for name in names:  # results.md, which shows the plots, last
+            publish(tmp[name], out / name)
+    if not groups:
         (out / "methods.png").unlink(missing_ok=True)  # an older report's chart is not this one
-    with atomic_write(out / "results.json", "w") as f:
-        json.dump(_json(report), f, indent=2)
-        f.write("\n")
-    with atomic_write(out / "results.md", "w") as f:
-        f.write(markdown(report))
     return report

@@ -4,7 +4,8 @@ SGD with momentum and a multi-step schedule from the config; random crop/flip vi
 each epoch from the same counter-based generator as the stored views (so a resumed run draws the
 same ones); the test accuracy after every epoch. A training state is written atomically after each
 epoch, so a killed run resumes at the next epoch; the final checkpoint holds the weights, the
-model's name and arguments, the resolved config and the test accuracy.
+model's name and arguments, the resolved config and the test accuracy. An epoch whose loss or
+weights become NaN/inf stops the run: no checkpoint, the last good epoch's state kept.
 
 A run folder holds one teacher: a ``teacher.pt`` (or training state) made with another config is
 refused before anything trains, never replaced, since the ONNX file, the store and the students
@@ -14,6 +15,7 @@ in that folder were made from it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -161,6 +163,53 @@ def _refuse_folder(path: Path) -> None:
         )
 
 
+#: What a teacher training state holds (``train_teacher`` writes it after each epoch).
+STATE_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "epoch", "history", "config_hash")
+_AFRESH = "delete it to train the teacher afresh"
+
+
+def _load_state(path: Path, key: str) -> dict:
+    """The training state at ``path``, checked to be one of this config's teacher."""
+    state = load_weights_only(path, _AFRESH)
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else None
+    if missing is None or missing:
+        what = f"a {type(state).__name__}" if missing is None else f"no {', '.join(missing)}"
+        raise ModelError(f"{path} is not a teacher training state ({what}): {_AFRESH}")
+    if state["config_hash"] != key:
+        raise ModelError(
+            f"{path} belongs to a run with another config: delete it to "
+            f"start afresh, or restore that config to resume"
+        )
+    return state
+
+
+def _restore(state: dict, path: Path, model: nn.Module, opt, sched) -> tuple[list[dict], int]:
+    """Load a training state into the model, optimizer, scheduler and RNG; (history, epoch to
+    train next)."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads(state["history"])
+        if not isinstance(history, list):
+            raise TypeError(f"its history is a {type(history).__name__}, not a list")
+        return history, int(state["epoch"]) + 1
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"{path} is not a teacher training state ({first}): {_AFRESH}") from e
+
+
+def _divergence(loss: float, model: nn.Module) -> tuple[str, str] | None:
+    """(what became non-finite, the numbers) if an epoch diverged, else None."""
+    if not math.isfinite(loss):
+        return "loss", f"train_loss {loss}"
+    # The last step can break the weights after the loss it followed was computed.
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return "weights", "NaN/inf after the epoch's last step"
+    return None
+
+
 def made_with(config: Config) -> bool:
     """Whether the teacher in RUN_DIR was made with ``config``: its ``teacher.pt``, or where there
     is none yet the training state of an interrupted run (the command line asks before it records
@@ -172,7 +221,7 @@ def made_with(config: Config) -> bool:
     if out.exists():
         return out.is_file() and _same_weights(read_checkpoint(out).extra, config, key)
     if state_path.is_file():
-        state = load_weights_only(state_path, "delete it to train the teacher afresh")
+        state = load_weights_only(state_path, _AFRESH)
         return isinstance(state, dict) and state.get("config_hash") == key
     return False
 
@@ -181,8 +230,10 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     """Train (or resume, or skip when finished) and return the checkpoint path.
 
     Raises:
-        ModelError: RUN_DIR already holds a teacher (or a training state) of another config, or
-            a folder where a checkpoint goes; refused before anything trains or is written.
+        ModelError: RUN_DIR already holds a teacher (or a training state) of another config, a
+            file that is no training state, or a folder where a checkpoint goes; refused before
+            anything trains or is written. Or an epoch diverged (NaN/inf loss or weights): no
+            checkpoint is written, the last good epoch's state is kept.
     """
     cfg = config.teacher
     out = config.run_path / "teacher.pt"
@@ -198,14 +249,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     len(test)  # and its test split, rather than after the first epoch
     if finished is not None:
         raise _refuse_other_teacher(out, finished.extra, config, key)
-    state = None
-    if state_path.is_file():
-        state = load_weights_only(state_path, "delete it to train the teacher afresh")
-        if state.get("config_hash") != key:
-            raise ModelError(
-                f"{state_path} belongs to a run with another config: delete it to "
-                f"start afresh, or restore that config to resume"
-            )
+    state = _load_state(state_path, key) if state_path.is_file() else None
     with temp_beside(out):  # an unwritable run folder fails now, not after the first epoch
         pass
     # What a teacher stage killed mid-write left (checkpoints of a large teacher: hundreds of MB).
@@ -219,12 +263,7 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
     history: list[dict] = []
     first = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        history = json.loads(state["history"])
-        first = int(state["epoch"]) + 1
+        history, first = _restore(state, state_path, model, opt, sched)
     for epoch in range(first, cfg.epochs):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
@@ -254,6 +293,14 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
                 loss=f"{loss_sum / seen:.3f}",
                 acc=f"{100 * correct / seen:.1f}",
                 rows_s=f"{seen / (time.perf_counter() - t0):.0f}",
+            )
+        if (why := _divergence(loss_sum / max(1, seen), model)) is not None:
+            # Its state is not saved: a rerun resumes from the last good epoch (or none).
+            kept = f"{state_path.name} keeps epoch {epoch}" if epoch else "no state to resume"
+            raise ModelError(
+                f"the teacher diverged: its {why[0]} became non-finite in epoch {epoch + 1}/"
+                f"{cfg.epochs} ({why[1]}); stopped with no {out.name} ({kept}): lower "
+                f"teacher.lr{f' and delete {state_path} to train afresh' if epoch else ''}"
             )
         sched.step()
         acc = evaluate(model, test)

@@ -101,6 +101,14 @@ def _remove(*names: str) -> Callable[[Path], None]:
     return go
 
 
+def _then(*steps: Callable[[Path], None]) -> Callable[[Path], None]:
+    def go(run: Path) -> None:
+        for step in steps:
+            step(run)
+
+    return go
+
+
 def _evil(marker: Path) -> object:
     class Evil:
         def __reduce__(self):
@@ -303,6 +311,12 @@ CASES: list[Case] = [
          "stopped with no student (metrics.jsonl shows the epoch, no state to resume): lower "
          "distill.lr or the method's loss weights, under another distill.name (or delete this "
          "run's folder)"),
+    Case("config-diverging-teacher-lr", "config", "a learning rate the teacher diverges at "
+         "(`teacher.lr=1e9`; it saved a teacher of NaN weights)",
+         stage("teacher", "teacher.lr=1e9"),
+         "the teacher diverged: its loss became non-finite in epoch 1/1 (train_loss nan); "
+         "stopped with no teacher.pt (no state to resume): lower teacher.lr",
+         prepare=_remove("teacher.pt")),
     Case("config-huge-number", "config", "a number past a float's range (`1` and 400 zeros)",
          stage("distill", "distill.lr=1" + "0" * 400),
          "distill.lr must be a finite number, got a 401-digit number"),
@@ -421,6 +435,12 @@ CASES: list[Case] = [
          "them could run code; re-create it",
          prepare=_torch_save(lambda run: {"state_dict": _evil(run / MARKER)}, "teacher.pt"),
          subprocess=True),
+    Case("ckpt-state-not-a-state", "checkpoint", "a teacher training state that is no "
+         "training state (a list)", stage("teacher"),
+         "RUN/teacher.state.pt is not a teacher training state (a list): delete it to train the "
+         "teacher afresh",
+         prepare=_then(_remove("teacher.pt"), _torch_save(lambda run: [1, 2, 3],
+                                                           "teacher.state.pt"))),
     Case("ckpt-not-logitbank", "checkpoint", "a PyTorch file that is no logitbank checkpoint",
          stage("export"),
          "RUN/teacher.pt is not a logitbank checkpoint; save it with save_checkpoint",

@@ -133,7 +133,7 @@ def test_the_topk_encode_takes_big_inputs_a_slice_at_a_time():
 
 
 def test_plan_counts_one_block_of_raw_rows_per_writer():
-    """ImageNet-21k with topk: 161 MiB (160.6 since shards round down), not the 13.4 GiB of a whole shard of raw float32; the
+    """ImageNet-21k with topk: 161 MiB, not the 13.4 GiB of a whole shard of raw float32; the
     shipped configs' stores and numbers are unchanged (a shard there is under one block)."""
     big = make_layout(1_281_167, 21843, 10, "topk", view_param_width=3)
     assert (big.chunk_rows, big.chunks_per_shard) == (4096, 39)
