@@ -279,7 +279,9 @@ def train_teacher(config: Config, progress: bool = True) -> Path:
         t0 = time.perf_counter()
         for start in bar:
             idx = np.sort(order[start : start + cfg.batch_size])
-            view = epoch if cfg.augment else None
+            # Views from 1 on: view 0 is the clean image where augment.identity_view0 is set
+            # (the default), which made the first epoch unaugmented.
+            view = epoch + 1 if cfg.augment else None
             x, y, _ = train.batch(idx, view=view, seed=config.augment.seed + TRAIN_VIEW_SEED_OFFSET)
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)

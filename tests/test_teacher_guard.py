@@ -261,3 +261,24 @@ def test_an_unwritable_run_folder_is_refused_before_training(
     monkeypatch.setattr(fileio.tempfile, "mkstemp", refused)
     fails(capsys, _argv(run), "permission denied", str(run), "run_dir")
     assert not (run / "teacher.pt").exists() and not (run / RECORD).exists()
+
+
+def test_every_epoch_trains_on_augmented_views(tmp_path: Path, monkeypatch) -> None:
+    """View 0 is the clean image (augment.identity_view0, the default): the first epoch trained
+    on it, unaugmented (audit, 2026-11-27)."""
+    from pipeline.data import Split
+
+    views: list[object] = []
+    batch = Split.batch
+
+    def recording(self, idx, view=None, seed=None):
+        if self.split == "train":
+            views.append(view)
+        return batch(self, idx, view=view, seed=seed)
+
+    monkeypatch.setattr(Split, "batch", recording)
+    config = load_config(TINY, [f"run_dir={tmp_path}", "teacher.epochs=2"])
+    assert config.augment.identity_view0 and config.teacher.augment
+    teacher_module.train_teacher(config, progress=False)
+    assert views and 0 not in views and None not in views, sorted(set(map(str, views)))
+    assert sorted(set(views)) == [1, 2]  # a view an epoch
