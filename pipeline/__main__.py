@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     # Only a stage that ran writes RUN_DIR/STAGE.config.yaml: a refused one (exit 2) leaves the
     # record of how the outputs already there were made as it was.
-    write_resolved_config(args)
+    try:
+        write_resolved_config(args)
+    except OSError as exc:  # a full disk at the very end: the stage's outputs are complete
+        if (message := os_error_message(exc)) is not None:
+            return _fail(message)
+        raise
     return status
 
 

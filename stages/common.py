@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config, load_config, save_resolved
+from pipeline.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -44,7 +45,13 @@ def config_from_args(args: argparse.Namespace, stage: str) -> Config:
     stage has run (``save_pending``), so that a refused rerun does not replace the record of
     how the outputs already there were made."""
     config = load_config(args.config, args.set)
-    args.resolved_config = (config, config.run_path / f"{stage}.config.yaml")
+    record = config.run_path / f"{stage}.config.yaml"
+    if record.is_dir():  # refused now: the stage's work would be done before its record failed
+        raise ConfigError(
+            f"{record} is a folder where the {stage} stage records its config: move it away or "
+            f"set another run_dir"
+        )
+    args.resolved_config = (config, record)
     return config
 
 

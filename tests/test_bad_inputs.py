@@ -435,6 +435,12 @@ CASES: list[Case] = [
          "them could run code; re-create it",
          prepare=_torch_save(lambda run: {"state_dict": _evil(run / MARKER)}, "teacher.pt"),
          subprocess=True),
+    Case("record-folder", "config", "a folder where a stage records its config (the export "
+         "was done, then a traceback)", stage("export"),
+         "RUN/export.config.yaml is a folder where the export stage records its config: move it "
+         "away or set another run_dir",
+         prepare=_then(_remove("export.config.yaml"),
+                       lambda run: (run / "export.config.yaml").mkdir())),
     Case("ckpt-state-not-a-state", "checkpoint", "a teacher training state that is no "
          "training state (a list)", stage("teacher"),
          "RUN/teacher.state.pt is not a teacher training state (a list): delete it to train the "
@@ -569,6 +575,11 @@ CASES: list[Case] = [
          "permission denied (RUN/teacher.onnx): make the folder writable or choose another "
          "run_dir; finished work is kept and a rerun resumes",
          fault=("EACCES", "replace", "teacher.onnx")),
+    Case("env-disk-full-record", "environment", "disk full as a stage records its config, its "
+         "work done (ENOSPC injected; it was a traceback)", stage("export"),
+         "no space left on the device (RUN/export.config.yaml): free space on that disk or choose "
+         "another run_dir; finished work is kept and a rerun resumes",
+         fault=("ENOSPC", "replace", "export.config.yaml")),
     Case("env-no-zarr", "environment", "zarr not installed", ("verify", "{run}/store.zarr"),
          "RUN/store.zarr is a zarr store, but zarr is not installed: run `make setup`",
          block="zarr", subprocess=True),
