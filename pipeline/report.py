@@ -241,7 +241,24 @@ def _teacher(config: dict, run_dir: Path, cache: dict) -> tuple[str | None, floa
     name, acc, extra = cache[path]
     if mine and not _trains(config, extra):  # RUN_DIR/teacher.pt is another teacher now
         return section.get("model"), None
+    recorded = _recorded_config(extra)
+    if recorded is not None and _test_subset(recorded) != _test_subset(config):
+        return name, None  # measured on other test rows than the student's: not comparable
     return name, acc
+
+
+def _recorded_config(extra: dict) -> dict | None:
+    """The config a teacher checkpoint records (the teacher stage's), else None."""
+    try:
+        recorded = json.loads(extra["config"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _test_subset(config: dict) -> object:
+    data = config.get("data")
+    return data.get("test_subset") if isinstance(data, dict) else None
 
 
 def collect_runs(run_dir: Path) -> list[RunResult]:
