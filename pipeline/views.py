@@ -23,6 +23,7 @@ clean image: dx = dy = pad, flip = 0. V = 1 with identity_view0 is the plain cle
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,12 +81,18 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         # Plain floats so to_dict() is JSON-able and hashes the same from numpy or YAML input.
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        bad = "preprocess mean and std must be finite numbers, std > 0"
+        try:
+            mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        except (TypeError, ValueError, OverflowError):  # a string, or an int beyond any float
+            raise ConfigError(f"{bad}; got a value that is no such number") from None
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
         if not self.mean or len(self.mean) != len(self.std):
             raise ConfigError(f"preprocess mean {self.mean} and std {self.std} need equal lengths")
-        if min(self.std) <= 0:
-            raise ConfigError(f"preprocess std must be > 0, got {self.std}")
+        # NaN would train on NaN inputs and inf std on all-zero ones, both without an error.
+        if not all(map(math.isfinite, self.mean + self.std)) or min(self.std) <= 0:
+            raise ConfigError(f"{bad}; got mean {self.mean}, std {self.std}")
 
     def to_dict(self) -> dict:
         return {"scale": 255, "mean": list(self.mean), "std": list(self.std), "dtype": "float32"}

@@ -9,6 +9,7 @@ folders and a synthetic set, built from a config's ``data`` section by ``build_d
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,7 @@ def build_dataset(spec: dict[str, Any], split: str) -> ImageDataset:
     if "mean" not in accepted:
         options.pop("mean", None)
         options.pop("std", None)
-    unknown = sorted(set(options) - accepted)
+    unknown = sorted(str(k) for k in set(options) - accepted)  # YAML keys may be numbers
     if unknown:
         raise DatasetError(
             f"{kind}: unknown option(s) {', '.join(unknown)}; known: "
@@ -68,11 +69,18 @@ def build_dataset(spec: dict[str, Any], split: str) -> ImageDataset:
         )
     try:
         ds = builder(split, **options)
-    except (TypeError, ValueError, IndexError) as exc:  # an option of the wrong kind
+    except (TypeError, ValueError, IndexError) as exc:
+        what = f"({type(exc).__name__}: {str(exc)[:120]})"
+        if _raised_reading(exc):  # a damaged file, not an option: name the files, not options
+            paths = ", ".join(str(v) for k, v in options.items() if k.endswith("path") and v)
+            raise DatasetError(
+                f"{kind}: cannot read the {split} data from {paths or 'the data path'} {what}: "
+                "the file is corrupt or of another format; re-create it"
+            ) from None
         shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
         raise DatasetError(
             f"{kind}: data.options ({shown}) hold a value of the wrong kind or range "
-            f"({type(exc).__name__}: {str(exc)[:120]}): fix data.options"
+            f"{what}: fix data.options"
         ) from None
     if mean is not None or std is not None:
         if mean is None or std is None:
@@ -81,11 +89,41 @@ def build_dataset(spec: dict[str, Any], split: str) -> ImageDataset:
         pairs = [mean, std]
         if (
             not all(isinstance(v, (list, tuple)) and len(v) == c for v in pairs)
-            or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for v in pairs for x in v
-            )
+            or not all(_finite(x) for v in pairs for x in v)
             or min(std) <= 0
         ):
-            raise DatasetError(f"{kind}: mean and std need {c} value(s) each, std > 0")
+            raise DatasetError(
+                f"{kind}: mean and std need {c} value(s) each, std > 0, all finite numbers"
+            )
         ds.mean, ds.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     return ds
+
+
+def _finite(x: Any) -> bool:
+    """A real number, not NaN or infinite (a NaN std trains on NaN inputs, an infinite one on
+    zeros, both without an error)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+#: Modules that read data files: an error raised inside them is the file's, not an option's.
+_READERS = (
+    "zipfile", "gzip", "pickle", "zarr", "numcodecs", "PIL",
+    "numpy.lib.format", "numpy.lib.npyio", "numpy.lib._format_impl", "numpy.lib._npyio_impl",
+)  # fmt: skip
+
+
+def _raised_reading(exc: BaseException) -> bool:
+    """Whether ``exc`` came from inside a file-format reader (a damaged file) rather than from
+    a builder's use of an option."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if any(module == r or module.startswith(r + ".") for r in _READERS):
+            return True
+        tb = tb.tb_next
+    return False

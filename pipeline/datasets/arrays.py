@@ -9,6 +9,8 @@ channels last. Zarr images stay on disk and are read per batch; npz arrays are l
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import numpy as np
 
 from pipeline.datasets.base import ImageDataset, LazyImages, channel_stats, check_split
 from pipeline.errors import DatasetError
+
+MAX_LABEL = 2**31 - 1  # labels are class numbers: one this large is damage, not a class
 
 
 def _open(path: Path) -> Any:
@@ -32,13 +36,21 @@ def _open(path: Path) -> Any:
         raise DatasetError(f"{path}: not a readable .npz file or zarr group ({e})") from e
 
 
-def _get(store: Any, name: str) -> Any | None:
+def _get(store: Any, name: str, path: Path) -> Any | None:
     try:
         return store[name]
     except (KeyError, FileNotFoundError):
         return None
-    except ValueError as e:  # e.g. an object array in an npz, which would need unpickling
-        raise DatasetError(f"array {name!r} is unreadable ({e}); store plain numeric arrays") from e
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an object array in an npz, which would need unpickling
+            raise DatasetError(
+                f"array {name!r} is unreadable ({e}); store plain numeric arrays"
+            ) from e
+        raise DatasetError(f"{path}: array {name!r} is corrupt ({e}); re-create the file") from e
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:  # bad CRC, truncated member
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the disk's or the permissions' fault, reported as such
+        raise DatasetError(f"{path}: array {name!r} is corrupt ({e}); re-create the file") from e
 
 
 def _arrays(store: Any, split: str, path: Path) -> tuple[Any, Any]:
@@ -47,9 +59,9 @@ def _arrays(store: Any, split: str, path: Path) -> tuple[Any, Any]:
         (f"{split}/images", f"{split}/labels"),
         *([("images", "labels")] if split == "train" else []),
     ):
-        images = _get(store, images_key)
+        images = _get(store, images_key, path)
         if images is not None:
-            labels = _get(store, labels_key)
+            labels = _get(store, labels_key, path)
             if labels is None:
                 raise DatasetError(f"{path}: has {images_key!r} but no {labels_key!r}")
             return images, labels
@@ -57,14 +69,43 @@ def _arrays(store: Any, split: str, path: Path) -> tuple[Any, Any]:
     raise DatasetError(f"{path}: no {split} arrays; add {hint} to it or set {split}_path")
 
 
-def _zarr_images(arr: Any) -> LazyImages:
+def _check_chunks(arr: Any, name: str, path: Path) -> None:
+    """Refuse a zarr array with chunks missing: zarr reads a missing chunk as the fill value, so a
+    partial copy or an interrupted write would give images of zeros, silently.
+
+    zarr 3 also leaves a chunk holding only the fill value unwritten by default; for images (a
+    whole chunk of black images) that is no real dataset, and the message says how to write it
+    whole. Labels are not checked so: a chunk of class-0 labels (sorted by class) is ordinary,
+    and zarr writes it as no file at all.
+    """
+    missing = arr.nchunks - arr.nchunks_initialized
+    if missing:
+        raise DatasetError(
+            f"{path}: zarr array {name!r} lacks {missing} of its {arr.nchunks} chunks, which "
+            f"would read as {arr.fill_value}; copy the group whole or re-create it, writing "
+            "chunks of only that value too (config={'write_empty_chunks': True})"
+        )
+
+
+def _read(arr: Any, selection: Any, name: str, path: Path) -> np.ndarray:
+    """Rows of a zarr array; a chunk its codec cannot decode is the file's fault, one line."""
+    try:
+        return arr.get_orthogonal_selection(selection)
+    except (RuntimeError, ValueError, TypeError, EOFError, zlib.error) as e:  # codecs' errors
+        raise DatasetError(
+            f"{path}: zarr array {name!r} has a damaged chunk ({type(e).__name__}: {e}); "
+            "re-create it"
+        ) from e
+
+
+def _zarr_images(arr: Any, path: Path) -> LazyImages:
     grey = arr.ndim == 3
     shape = (*arr.shape, 1) if grey else tuple(arr.shape)
 
     def take(idx: np.ndarray) -> np.ndarray:
         # zarr reads sorted, unique coordinates best; put the caller's order back afterwards.
         uniq, inverse = np.unique(idx, return_inverse=True)
-        rows = np.asarray(arr.get_orthogonal_selection((uniq,)))[inverse]
+        rows = np.asarray(_read(arr, (uniq,), "images", path))[inverse]
         return rows[..., None] if grey else rows
 
     return LazyImages(shape, take)
@@ -104,13 +145,25 @@ def array_dataset(
     if isinstance(images, np.ndarray):
         pixels: np.ndarray | LazyImages = images if images.ndim == 4 else images[..., None]
     else:
-        pixels = _zarr_images(images)
-    labels = np.asarray(labels[...])
+        _check_chunks(images, "images", file)
+        pixels = _zarr_images(images, file)
+    if not isinstance(labels, np.ndarray):  # a zarr array
+        labels = _read(labels, (slice(None),) * labels.ndim, "labels", file)
+    labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{file}: labels must be integers, got {labels.dtype}")
+    if labels.shape != images.shape[:1]:
+        raise DatasetError(
+            f"{file}: {images.shape[0]} images but labels of shape {labels.shape}; "
+            "store one integer label per image, a 1-d array"
+        )
     if len(labels) == 0:
         raise DatasetError(
             f"{file}: the {split} split holds no images; give a dataset with at least one image"
+        )
+    if int(labels.max()) > MAX_LABEL:  # a Python int: uint64 labels >= 2**63 must not wrap
+        raise DatasetError(
+            f"{file}: labels reach {int(labels.max())}, beyond any class count; fix the labels"
         )
     if split == "train":
         if num_classes is None:

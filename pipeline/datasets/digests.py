@@ -46,6 +46,16 @@ def cache_dir() -> Path | None:
     return Path(base) / "logitbank"
 
 
+def _bytes(name: str) -> bytes:
+    """A path's bytes: UTF-8, and the raw bytes of a name that is not UTF-8 (which Python holds
+    as surrogates), so such names neither crash nor collide."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _stat_key(path: Path) -> tuple[int, int, int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
@@ -55,7 +65,7 @@ def _cache_path(root: Path) -> Path | None:
     folder = cache_dir()
     if folder is None:
         return None
-    name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    name = hashlib.sha256(_bytes(str(root.resolve()))).hexdigest()[:16]
     return folder / f"digests-{name}.npz"
 
 
@@ -67,7 +77,7 @@ def _load(path: Path | None) -> dict[str, tuple[tuple[int, int, int, int], bytes
             fmt, raw = z["format"], z["names"]
             if fmt.shape != () or int(fmt) != _FORMAT or raw.dtype != np.uint8:
                 return {}
-            names = bytes(raw).decode("utf-8").split("\n") if raw.size else []
+            names = _text(bytes(raw)).split("\n") if raw.size else []
             stats, digests = z["stats"], z["digests"]
             if stats.shape != (len(names), 4) or digests.shape != (len(names), 32):
                 return {}
@@ -94,7 +104,7 @@ def _save(path: Path, entries: dict[str, tuple[tuple[int, int, int, int], bytes]
                 np.savez(
                     f,
                     format=np.int64(_FORMAT),
-                    names=np.frombuffer("\n".join(names).encode("utf-8"), np.uint8),
+                    names=np.frombuffer(_bytes("\n".join(names)), np.uint8),
                     stats=stats,
                     digests=digests,
                 )

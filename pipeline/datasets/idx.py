@@ -8,6 +8,7 @@ inflated once into memory (47 MB for Fashion-MNIST's training images).
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -38,7 +39,7 @@ def _parse_header(head: bytes, path: Path, size: int) -> tuple[np.dtype, tuple[i
     if len(head) < offset:
         raise DatasetError(f"{path}: truncated IDX header; re-download or reinstall the file")
     shape = struct.unpack(f">{ndim}I", head[4:offset])
-    want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    want = offset + math.prod(shape) * dtype.itemsize  # Python ints: np.prod can wrap to 0
     if size != want:
         raise DatasetError(
             f"{path}: {size} bytes but its IDX header {shape} needs {want}; "
@@ -107,6 +108,10 @@ def fashion_mnist(split: str, path: str | None = None) -> ImageDataset:
         raise DatasetError(
             f"{labels_path}: expected {len(images)} uint8 labels, got {labels.dtype} "
             f"{labels.shape}; the files do not belong together"
+        )
+    if len(images) == 0:
+        raise DatasetError(
+            f"{images_path}: the {split} split holds no images; re-download or reinstall the files"
         )
     return ImageDataset(
         f"fashion_mnist/{split}",
