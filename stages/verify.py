@@ -65,11 +65,19 @@ def _stamp_of(store: str) -> Path | None:
     """The ``precompute.done`` beside ``store`` that names it (a run's own store, RUN_DIR/
     store.zarr or store.h5), or None."""
     from pipeline.precompute import DONE_FILE
+    from storage.urls import filesystem, is_local_url, is_url
 
-    stamp = Path(store).parent / DONE_FILE
+    def local(path: str) -> str | None:  # a file:// URL as its path; None for a remote one
+        if not is_url(path):
+            return path
+        return filesystem(path)[1] if is_local_url(path) else None
+
+    if (here := local(store)) is None:
+        return None
+    stamp = Path(here).parent / DONE_FILE
     try:
-        named = stamp.read_text().strip()
-        return stamp if named and os.path.samefile(named, store) else None
+        named = local(stamp.read_text().strip())
+        return stamp if named and os.path.samefile(named, here) else None
     except (OSError, UnicodeDecodeError):  # no stamp, or one naming a store not here
         return None
 

@@ -10,6 +10,8 @@ halved plus Gaussian noise of each row's std — a half-trained student, where K
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from storage.base import LogitStore
@@ -70,12 +72,21 @@ def audit_logits(teacher: np.ndarray, seed: int = 0, topk: int | None = None) ->
         dec = decode(name, parts, c).astype(np.float64)
         row["max_abs_error"] = float(np.abs(dec - teacher).max())
         for t in TEMPERATURES:
-            row[f"kd_T{t:g}"] = abs(kd_loss(dec, student, t) - ref[t]) / ref[t]
-        row["kd_zscore"] = (
-            abs(kd_loss(zscore(dec), zscore(student), ZSCORE_TEMPERATURE) - ref_z) / ref_z
+            row[f"kd_T{t:g}"] = _relative(kd_loss(dec, student, t), ref[t])
+        row["kd_zscore"] = _relative(
+            kd_loss(zscore(dec), zscore(student), ZSCORE_TEMPERATURE), ref_z
         )
         table.append(row)
     return table
+
+
+def _relative(value: float, ref: float) -> float:
+    """|value - ref| / ref; where the reference loss is 0 (constant rows: teacher and student
+    agree exactly), 0 if the decoded loss is too, else inf (it was a ZeroDivisionError)."""
+    err = abs(value - ref)
+    if ref != 0:
+        return err / ref
+    return 0.0 if err == 0 else math.inf
 
 
 def format_audit(table: list[dict], rows: int, reference: str) -> str:

@@ -616,6 +616,8 @@ class LogitStore(abc.ABC):
             # Marks unknown: check every chunk, so that at least the damaged ones are named.
             report.other.append(f"done (completion marks) unreadable: {_first(exc, 200)}")
             done = np.ones((lay.num_views, lay.num_chunks), np.uint8)
+            if isinstance(exc, StoreCorruptError):  # the array itself is gone, not its bytes:
+                report.repairable = False  # repair rewrites marks, it cannot re-create it
         try:
             labels = np.asarray(self._read_labels())
             if labels.shape != (lay.num_samples,):

@@ -316,10 +316,13 @@ def _decode_topk(
     m = v.max(axis=1)
     # Tail mass relative to exp(m): what the kept values do not explain of the stored logsumexp.
     tail_mass = np.exp(lse - m) - np.exp(v - m[:, None]).sum(axis=1)
-    floor = np.exp(v.min(axis=1) - m) * 1e-6 * (num_classes - k)  # float16 rounding can eat it
-    tail_mass = np.maximum(tail_mass, floor)
+    # float16 rounding can eat it: a floor, in log space (exp of a kept value ~745 below the
+    # top underflows to 0, and the tail was then -inf, flagged by verify as damage).
+    log_floor = v.min(axis=1) - m + np.log(1e-6 * (num_classes - k))
+    floored = ~(tail_mass > np.exp(log_floor))
+    log_mass = np.where(floored, log_floor, np.log(np.where(floored, 1.0, tail_mass)))
     # A tail class is never above the smallest kept one (it could be only by float16 rounding).
-    tail = np.minimum(m + np.log(tail_mass / (num_classes - k)), v.min(axis=1))
+    tail = np.minimum(m + log_mass - np.log(num_classes - k), v.min(axis=1))
     out = np.repeat(tail[:, None], num_classes, axis=1)
     np.put_along_axis(out, indices.astype(np.int64), v, axis=1)
     return out.astype(np.float32)

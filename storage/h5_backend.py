@@ -75,6 +75,7 @@ class H5LogitStore(LogitStore):
         try:
             try:
                 _refuse_data_elsewhere(file, path)
+                _refuse_missing(file, path, layout)
             except READ_ERRORS as exc:  # a dataset's object header is unreadable
                 raise _damaged(path, exc) from None
         except StoreError:
@@ -142,7 +143,8 @@ class H5LogitStore(LogitStore):
                     name,
                     shape=(layout.num_views, layout.num_samples, *tail),
                     dtype=dtype,
-                    chunks=(1, layout.chunk_rows, *tail),
+                    # HDF5 refuses a chunk longer than the data (zarr takes it): one chunk.
+                    chunks=(1, max(1, min(layout.chunk_rows, layout.num_samples)), *tail),
                     fillvalue=np.nan if np.dtype(dtype).kind == "f" else 0,
                     **filters,
                 )
@@ -326,6 +328,17 @@ class H5LogitStore(LogitStore):
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+
+def _refuse_missing(f: h5py.File, path: str, layout: Layout) -> None:
+    """Every dataset the layout needs is there (a store missing one gave a KeyError traceback
+    wherever it was first read; zarr's names the array)."""
+    missing = [n for n in (*layout.arrays(), "labels", "done") if n not in f]
+    if missing:
+        raise StoreCorruptError(
+            f"store {path} is damaged: its {', '.join(missing)} dataset(s) are missing; delete "
+            f"it and run precompute again"
+        )
 
 
 def _refuse_data_elsewhere(f: h5py.File, path: str) -> None:
