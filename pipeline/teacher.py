@@ -204,8 +204,10 @@ def _divergence(loss: float, model: nn.Module) -> tuple[str, str] | None:
     """(what became non-finite, the numbers) if an epoch diverged, else None."""
     if not math.isfinite(loss):
         return "loss", f"train_loss {loss}"
-    # The last step can break the weights after the loss it followed was computed.
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    # The last step can break the weights after the loss it followed was computed, and a
+    # batch-norm statistic (a buffer) can turn NaN while every weight stays finite.
+    tensors = [*model.parameters(), *model.buffers()]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
         return "weights", "NaN/inf after the epoch's last step"
     return None
 

@@ -69,24 +69,6 @@ def _arrays(store: Any, split: str, path: Path) -> tuple[Any, Any]:
     raise DatasetError(f"{path}: no {split} arrays; add {hint} to it or set {split}_path")
 
 
-def _check_chunks(arr: Any, name: str, path: Path) -> None:
-    """Refuse a zarr array with chunks missing: zarr reads a missing chunk as the fill value, so a
-    partial copy or an interrupted write would give images of zeros, silently.
-
-    zarr 3 also leaves a chunk holding only the fill value unwritten by default; for images (a
-    whole chunk of black images) that is no real dataset, and the message says how to write it
-    whole. Labels are not checked so: a chunk of class-0 labels (sorted by class) is ordinary,
-    and zarr writes it as no file at all.
-    """
-    missing = arr.nchunks - arr.nchunks_initialized
-    if missing:
-        raise DatasetError(
-            f"{path}: zarr array {name!r} lacks {missing} of its {arr.nchunks} chunks, which "
-            f"would read as {arr.fill_value}; copy the group whole or re-create it, writing "
-            "chunks of only that value too (config={'write_empty_chunks': True})"
-        )
-
-
 def _read(arr: Any, selection: Any, name: str, path: Path) -> np.ndarray:
     """Rows of a zarr array; a chunk its codec cannot decode is the file's fault, one line."""
     try:
@@ -145,7 +127,6 @@ def array_dataset(
     if isinstance(images, np.ndarray):
         pixels: np.ndarray | LazyImages = images if images.ndim == 4 else images[..., None]
     else:
-        _check_chunks(images, "images", file)
         pixels = _zarr_images(images, file)
     if not isinstance(labels, np.ndarray):  # a zarr array
         labels = _read(labels, (slice(None),) * labels.ndim, "labels", file)
@@ -167,7 +148,7 @@ def array_dataset(
         )
     if split == "train":
         if num_classes is None:
-            num_classes = int(labels.max(initial=-1)) + 1
+            num_classes = int(labels.max()) + 1  # not empty (checked); uint64 has no -1
         if mean is None or std is None:
             mean, std = channel_stats(pixels)
     elif num_classes is None or mean is None or std is None:

@@ -59,7 +59,8 @@ def _as_8bit(im: Any, path: Path) -> Any:
     range is not fixed by the format, and Pillow's convert would clip them to 255)."""
     from PIL import Image
 
-    if im.mode in WIDE_MODES:
+    # Pillow < 11 opens a 16-bit grey PNG as mode I (a PNG holds no 32-bit samples).
+    if im.mode in WIDE_MODES or (im.mode == "I" and im.format == "PNG"):
         a = np.asarray(im).astype(np.uint32)
         return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")  # v / 257
     if im.mode in ("I", "F") or im.mode.startswith(("I;", "F;")):

@@ -301,3 +301,14 @@ def test_a_record_that_cannot_be_written_publishes_no_onnx_file(
     for name in ("teacher.onnx", "teacher.onnx.parity.json", "teacher.pt"):
         assert after[name] == before[name], name
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_a_nan_batch_norm_statistic_is_divergence() -> None:
+    """Weights finite, a running mean NaN: the teacher's outputs are NaN all the same (review)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert teacher_module._divergence(1.0, model) is None
+    model[1].running_mean[0] = float("nan")
+    assert teacher_module._divergence(1.0, model) == (
+        "weights",
+        "NaN/inf after the epoch's last step",
+    )
