@@ -10,7 +10,6 @@ Ctrl-C leaves ``teacher.config.yaml`` describing the teacher that is on disk.
 from __future__ import annotations
 
 import errno
-import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,26 +22,11 @@ import pipeline.teacher as teacher_module
 from pipeline.__main__ import main
 from pipeline.config import load_config
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
-from tests.stages.common import fails
+from tests.stages.common import fails, snapshot, stage_argv
 from tests.torch_threads import one_thread as one_torch_thread
 
 TINY = Path(__file__).resolve().parents[1] / "stages" / "configs" / "tiny.yaml"
 RECORD = "teacher.config.yaml"
-
-
-def _argv(run_dir: Path, *sets: str) -> list[str]:
-    argv = ["teacher", "--config", str(TINY), "--quiet"]
-    for item in (f"run_dir={run_dir}", *sets):
-        argv += ["--set", item]
-    return argv
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _record(run: Path) -> dict:
@@ -61,7 +45,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with the tiny config's finished teacher (2 epochs) and its record."""
     run = tmp_path_factory.mktemp("guard") / "finished"
     with one_torch_thread():
-        assert main(_argv(run)) == 0
+        assert main(stage_argv("teacher", run)) == 0
     assert (run / "teacher.pt").is_file() and (run / RECORD).is_file()
     return run
 
@@ -96,10 +80,10 @@ def test_a_teacher_of_another_config_is_refused_and_kept(
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "teacher.onnx").write_bytes(b"made from this teacher")  # what export would have made
-    before = _snapshot(run)
+    before = snapshot(run)
     err = fails(
         capsys,
-        _argv(run, *sets),
+        stage_argv("teacher", run, *sets),
         f"{run / 'teacher.pt'} is a teacher trained with another config",
         differs,
         "set another run_dir",
@@ -107,7 +91,7 @@ def test_a_teacher_of_another_config_is_refused_and_kept(
         "teacher.onnx",
     )
     assert "Traceback" not in err
-    assert _snapshot(run) == before  # teacher.pt, its record and what was made from it
+    assert snapshot(run) == before  # teacher.pt, its record and what was made from it
     assert not (run / "teacher.state.pt").exists()
 
 
@@ -118,7 +102,7 @@ def test_a_dataset_that_cannot_be_read_says_so_first(
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     sets = ("data.kind=array", f"data.path={run / 'nope.npz'}", "data.options={}")
-    err = fails(capsys, _argv(run, *sets), "nope.npz does not exist")
+    err = fails(capsys, stage_argv("teacher", run, *sets), "nope.npz does not exist")
     assert "another config" not in err
 
 
@@ -131,14 +115,14 @@ def test_a_checkpoint_with_no_recorded_config_is_refused(
     kwargs = read_checkpoint(finished / "teacher.pt").model_kwargs
     model = build_model("small_cnn", **kwargs)
     save_checkpoint(run / "teacher.pt", model, model_name="small_cnn", model_kwargs=kwargs)
-    before = _snapshot(run)
+    before = snapshot(run)
     fails(
         capsys,
-        _argv(run),
+        stage_argv("teacher", run),
         "the teacher stage did not train (it records no config)",
         f"teacher.checkpoint={run / 'teacher.pt'}",
     )
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_the_same_config_is_a_no_op(finished: Path, tmp_path: Path, no_training) -> None:
@@ -147,11 +131,11 @@ def test_the_same_config_is_a_no_op(finished: Path, tmp_path: Path, no_training)
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     teacher = (run / "teacher.pt").read_bytes()
-    assert main(_argv(run)) == 0
-    assert main(_argv(run, "augment.views=3", "distill.epochs=1")) == 0
+    assert main(stage_argv("teacher", run)) == 0
+    assert main(stage_argv("teacher", run, "augment.views=3", "distill.epochs=1")) == 0
     # data.test_subset changes what the teacher is evaluated on, not its weights: no refusal
     # (`make distill SET=data.test_subset=500` reruns the teacher stage)
-    assert main(_argv(run, "data.test_subset=5")) == 0
+    assert main(stage_argv("teacher", run, "data.test_subset=5")) == 0
     assert teacher_module.made_with(load_config(TINY, [f"run_dir={run}", "data.test_subset=5"]))
     assert (run / "teacher.pt").read_bytes() == teacher
 
@@ -169,17 +153,21 @@ def test_an_interrupted_teacher_resumes(finished: Path, tmp_path: Path, monkeypa
 
     with monkeypatch.context() as patch:
         patch.setattr(teacher_module, "_save_atomic", save_then_interrupt)
-        assert main(_argv(run)) == 130
+        assert main(stage_argv("teacher", run)) == 130
     assert (run / "teacher.state.pt").is_file() and not (run / "teacher.pt").exists()
     assert _record(run) == {**_record(finished), "run_dir": str(run)}  # this run's config
-    state = _snapshot(run)
-    fails(capsys, _argv(run, "teacher.lr=1e-3"), "teacher.state.pt belongs to a run with another")
-    assert _snapshot(run) == state
+    state = snapshot(run)
+    fails(
+        capsys,
+        stage_argv("teacher", run, "teacher.lr=1e-3"),
+        "teacher.state.pt belongs to a run with another",
+    )
+    assert snapshot(run) == state
 
     epochs = []
     evaluate = teacher_module.evaluate
     monkeypatch.setattr(teacher_module, "evaluate", lambda *a: epochs.append(1) or evaluate(*a))
-    assert main(_argv(run)) == 0
+    assert main(stage_argv("teacher", run)) == 0
     assert len(epochs) == 1  # epoch 2 only
     assert not (run / "teacher.state.pt").exists()
     got, want = read_checkpoint(run / "teacher.pt"), read_checkpoint(finished / "teacher.pt")
@@ -201,11 +189,11 @@ def test_a_ctrl_c_leaves_the_record_of_the_teacher_on_disk(
     monkeypatch.setattr(teacher_module, "splits", interrupt)
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    before = _snapshot(run)
-    assert main(_argv(run, "teacher.lr=1e-3")) == 130
-    assert _snapshot(run) == before
+    before = snapshot(run)
+    assert main(stage_argv("teacher", run, "teacher.lr=1e-3")) == 130
+    assert snapshot(run) == before
     fresh = tmp_path / "fresh"
-    assert main(_argv(fresh)) == 130
+    assert main(stage_argv("teacher", fresh)) == 130
     assert not (fresh / RECORD).exists()
 
 
@@ -221,14 +209,14 @@ def test_a_ctrl_c_of_an_export_leaves_the_record_of_the_onnx_file_on_disk(
     shutil.copytree(finished, run)
     export = ["export", "--config", str(TINY), "--quiet", "--set", f"run_dir={run}"]
     assert main(export) == 0
-    before = _snapshot(run)
+    before = snapshot(run)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(onnx_export, "export_onnx", interrupt)
     assert main([*export, "--set", "export.atol=0.001"]) == 130
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     (run / "export.config.yaml").unlink()
     assert main(export) == 0  # up to date: nothing exported, the record written again
     assert (run / "export.config.yaml").is_file()
@@ -240,7 +228,12 @@ def test_a_folder_where_a_checkpoint_goes_is_refused_before_training(
 ) -> None:
     run = tmp_path / "run"
     (run / name).mkdir(parents=True)
-    fails(capsys, _argv(run), f"{run / name} is a folder, not a checkpoint file", "run_dir")
+    fails(
+        capsys,
+        stage_argv("teacher", run),
+        f"{run / name} is a folder, not a checkpoint file",
+        "run_dir",
+    )
     assert (run / name).is_dir() and not (run / RECORD).exists()
 
 
@@ -259,7 +252,7 @@ def test_an_unwritable_run_folder_is_refused_before_training(
         return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(fileio.tempfile, "mkstemp", refused)
-    fails(capsys, _argv(run), "permission denied", str(run), "run_dir")
+    fails(capsys, stage_argv("teacher", run), "permission denied", str(run), "run_dir")
     assert not (run / "teacher.pt").exists() and not (run / RECORD).exists()
 
 

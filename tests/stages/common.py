@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def assert_same_store(got: Path | str, want: Path | str) -> None:
         assert a[name].dtype == b[name].dtype, name
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert a["done"].all()
+
+
+def stage_argv(stage: str, run_dir: Path, *sets: str) -> list[str]:
+    """argv of ``stage`` on the tiny config in ``run_dir``, with ``sets`` overrides."""
+    argv = [stage, "--config", str(TINY), "--quiet"]
+    for item in (f"run_dir={run_dir}", *sets):
+        argv += ["--set", item]
+    return argv
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path: what a refused command must keep."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def fails(capsys, argv: list[str], *needles: str) -> str:

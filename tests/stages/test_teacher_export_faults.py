@@ -8,7 +8,6 @@ on disk as it was.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -25,23 +24,8 @@ from pipeline.errors import os_error_message
 from pipeline.fileio import atomic_write
 from pipeline.models import build_model, read_checkpoint, save_checkpoint
 from pipeline.onnx_export import ParityError, _verdict
-from tests.stages.common import TINY, fails
+from tests.stages.common import TINY, fails, snapshot, stage_argv
 from tests.torch_threads import one_thread
-
-
-def _argv(stage: str, run_dir: Path, *sets: str) -> list[str]:
-    argv = [stage, "--config", str(TINY), "--quiet"]
-    for item in (f"run_dir={run_dir}", *sets):
-        argv += ["--set", item]
-    return argv
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +33,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with the tiny config's teacher, exported."""
     run = tmp_path_factory.mktemp("faults") / "finished"
     with one_thread():
-        assert main(_argv("teacher", run)) == 0
-        assert main(_argv("export", run)) == 0
+        assert main(stage_argv("teacher", run)) == 0
+        assert main(stage_argv("export", run)) == 0
     return run
 
 
@@ -63,7 +47,7 @@ def test_a_diverged_teacher_is_refused_and_writes_no_checkpoint(tmp_path: Path, 
     run = tmp_path / "run"
     fails(
         capsys,
-        _argv("teacher", run, "teacher.lr=1e9", "teacher.epochs=1"),
+        stage_argv("teacher", run, "teacher.lr=1e9", "teacher.epochs=1"),
         "the teacher diverged: its loss became non-finite in epoch 1/1 (train_loss nan)",
         "no teacher.pt (no state to resume): lower teacher.lr",
     )
@@ -90,7 +74,7 @@ def test_a_teacher_diverging_later_keeps_its_last_good_state(
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_in_epoch_2)
     fails(
         capsys,
-        _argv("teacher", run),
+        stage_argv("teacher", run),
         "its loss became non-finite in epoch 2/2",
         "teacher.state.pt keeps epoch 1",
         f"lower teacher.lr and delete {run / 'teacher.state.pt'} to train afresh",
@@ -129,7 +113,7 @@ def test_weights_broken_by_an_epochs_last_step_are_refused(
     monkeypatch.setattr(teacher_module, "tqdm", Bar)
     fails(
         capsys,
-        _argv("teacher", run, "teacher.epochs=1"),
+        stage_argv("teacher", run, "teacher.epochs=1"),
         "its weights became non-finite in epoch 1/1",
         "lower teacher.lr",
     )
@@ -157,7 +141,7 @@ def test_a_nan_teacher_is_blamed_on_its_weights_not_the_exporter(
     )
     err = fails(
         capsys,
-        _argv("export", run),
+        stage_argv("export", run),
         "PyTorch's own outputs are NaN/inf in 2 batches",
         "the teacher's weights or outputs are NaN/inf",
         "teacher.lr",
@@ -202,9 +186,9 @@ def test_a_failed_export_advises_export_opset_17_which_works(
         real_export(model, sample, path, opset, dynamic, exporter)
 
     monkeypatch.setattr(onnx_export, "_torch_export", dynamo_fails)
-    err = fails(capsys, _argv("export", run), "failed (data-dependent", "try export.opset=17")
+    err = fails(capsys, stage_argv("export", run), "failed (data-dependent", "try export.opset=17")
     assert "exporter=" not in err
-    assert main(_argv("export", run, "export.opset=17")) == 0
+    assert main(stage_argv("export", run, "export.opset=17")) == 0
     record = json.loads((run / "teacher.onnx.parity.json").read_text())
     assert record["exporter"] == "torchscript" and record["passed"]
 
@@ -238,14 +222,14 @@ def test_a_malformed_training_state_is_one_line_and_kept(
         }
     path = run / "teacher.state.pt"
     torch.save(content, path)
-    before = _snapshot(run)
+    before = snapshot(run)
     fails(
         capsys,
-        _argv("teacher", run),
+        stage_argv("teacher", run),
         f"{path} is not a teacher training state {why}",
         "delete it to train the teacher afresh",
     )
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 # -- a folder where an export's file goes ------------------------------------------------------
@@ -276,7 +260,9 @@ def test_a_folder_where_an_export_file_goes_is_refused_before_publishing(
     run.mkdir()
     shutil.copy2(finished / "teacher.pt", run / "teacher.pt")
     (run / name).mkdir()
-    err = fails(capsys, _argv("export", run), f"{run / name} is a folder, not a file", "run_dir")
+    err = fails(
+        capsys, stage_argv("export", run), f"{run / name} is a folder, not a file", "run_dir"
+    )
     assert ".tmp" not in err
     assert sorted(p.name for p in run.iterdir()) == sorted({"teacher.pt", name})
     assert (run / name).is_dir()
@@ -290,14 +276,14 @@ def test_a_record_that_cannot_be_written_publishes_no_onnx_file(
     teacher.onnx (TorchScript, opset 17) beside the record of the old one."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    before = _snapshot(run)
+    before = snapshot(run)
 
     def full(record, f, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", f.name)
 
     monkeypatch.setattr(onnx_export, "json", SimpleNamespace(dump=full))
-    assert main(_argv("export", run, "export.opset=17")) == 2
-    after = _snapshot(run)
+    assert main(stage_argv("export", run, "export.opset=17")) == 2
+    after = snapshot(run)
     for name in ("teacher.onnx", "teacher.onnx.parity.json", "teacher.pt"):
         assert after[name] == before[name], name
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
