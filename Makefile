@@ -51,6 +51,11 @@ CONFIG_STORE = $(PY) -c "$$CONFIG_STORE_PY" $(call quote,$(CONFIG)) \
 # store resolved): STORE if given, else CONFIG_STORE's line (with -e, a config that CONFIG_STORE
 # refuses stops the recipe there).
 store_arg = store=$(if $(STORE),$(call quote,$(STORE)),"$$($(CONFIG_STORE))")
+# run_dir is RUN_DIR's to set: from SET it would reach the stages but not make's own targets
+# (their stamps, .make-settings), which would then sit in another folder and rerun every time.
+ifneq ($(filter run_dir=%,$(SET)),)
+$(error SET holds $(filter run_dir=%,$(SET)): set the run folder with RUN_DIR=... instead)
+endif
 # The targets that read CONFIG refuse a missing one in one line (make would say "No rule to make
 # target", or the data recipe's grep would fail and go on).
 ifneq ($(filter data teacher export precompute distill sweep report run verify audit,$(MAKECMDGOALS)),)
@@ -87,6 +92,26 @@ data: ## install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is missing
 	 { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
 	 { echo "error: could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist' or set data.path in the config" >&2; exit 2; }
 
+# A stamp whose outputs are gone is no stamp (make would skip the stage, and the next one find
+# nothing): precompute.done names its store (a local path must still be there), sweep.done the
+# students it finished (each folder must still hold its student.pt or diverged.json).
+ifneq ($(filter precompute distill sweep run,$(MAKECMDGOALS)),)
+STALE_STAMPS := $(shell d=$(call quote,$(RUN_DIR)); \
+  if [ -f "$$d/precompute.done" ]; then s=$$(head -n 1 "$$d/precompute.done"); \
+    case "$$s" in (*://*) ;; (*) [ -n "$$s" ] && [ -e "$$s" ] || rm -f "$$d/precompute.done";; esac; fi; \
+  if [ -f "$$d/sweep.done" ]; then while IFS= read -r r; do [ -z "$$r" ] || \
+    [ -e "$$d/distill/$$r/student.pt" ] || [ -e "$$d/distill/$$r/diverged.json" ] || \
+    { rm -f "$$d/sweep.done"; break; }; done < "$$d/sweep.done"; fi)
+endif
+# A student of another run's store (distill.store, in CONFIG or SET) needs none of this folder's
+# teacher, export or store: distill and sweep then do not build them.
+ifneq ($(filter distill sweep,$(MAKECMDGOALS)),)
+OTHER_STORE := $(shell $(PY) -c 'import sys; from pipeline.config import load_config; \
+  print(load_config(sys.argv[1], sys.argv[2:]).distill.store or "")' $(call quote,$(CONFIG)) \
+  $(call quote,run_dir=$(RUN_DIR)) $(foreach s,$(SET),$(call quote,$(s))) 2>/dev/null)
+endif
+STORE_READY := $(if $(OTHER_STORE),$(STAMP),$(RUN_DIR)/precompute.done)
+
 # Stage outputs are file targets: a finished stage is skipped (each stage also checks its own
 # inputs and resumes an interrupted run). An edit of CONFIG or another SET runs the stages again,
 # each of which then does only what the change asks for (or refuses it, naming the fix).
@@ -111,13 +136,13 @@ $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(call quote,$(WORKERS))) $(if $(SCHEDULER),--scheduler $(call quote,$(SCHEDULER))) $(if $(OVERWRITE),--overwrite)
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
-distill: precompute ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)
+distill: $(STORE_READY) ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)
 	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(NPROC),--nproc $(call quote,$(NPROC))) \
 	  $(if $(METHOD),--set $(call quote,distill.method=$(METHOD))) $(if $(STUDENT),--set $(call quote,distill.student=$(STUDENT))) \
 	  $(if $(SEED),--set $(call quote,distill.seed=$(SEED)))
 
 sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store (NPROC=n: each under torchrun)
-$(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done $(CONFIG) $(SETTINGS)
+$(RUN_DIR)/sweep.done: $(STORE_READY) $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline sweep $(STAGE_ARGS) $(if $(NPROC),--nproc $(call quote,$(NPROC)))
 
 report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's students

@@ -270,3 +270,44 @@ def test_make_passes_set_words_to_the_stage_unchanged(tmp_path):
     resolved = yaml.safe_load((run / "precompute.config.yaml").read_text())
     assert resolved["distill"]["method_options"] == {"beta": 6}
     assert resolved["distill"]["name"] == "it's"
+
+
+def test_make_refuses_run_dir_in_set(tmp_path):
+    """The stages wrote to SET's run_dir, make's stamps went to RUN_DIR's: every call reran."""
+    result = _make("precompute", f"CONFIG={TINY}", f"SET=run_dir={tmp_path / 'x'}")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "RUN_DIR=" in line, line
+    assert not (tmp_path / "x").exists()
+
+
+def test_make_reruns_precompute_when_its_store_is_gone(tmp_path):
+    """precompute.done was trusted after the store was deleted: make did nothing, and distill
+    then found no store."""
+    common = [f"CONFIG={TINY}", f"RUN_DIR={tmp_path / 'run'}"]
+    assert _make("precompute", *common).returncode == 0
+    shutil.rmtree(tmp_path / "run" / "store.zarr")
+    again = _make("precompute", *common)
+    assert again.returncode == 0, again.stderr
+    assert "pipeline precompute" in again.stdout and (tmp_path / "run" / "store.zarr").is_dir()
+
+
+def test_make_forgets_a_sweep_whose_students_are_gone(tmp_path):
+    run = tmp_path / "run"
+    (run / "distill" / "a").mkdir(parents=True)
+    (run / "distill" / "a" / "student.pt").write_bytes(b"")
+    (run / "sweep.done").write_text("a\nb\n")  # b's folder deleted (as a divergence advises)
+    assert _make("-n", "sweep", f"CONFIG={TINY}", f"RUN_DIR={run}").returncode == 0
+    assert not (run / "sweep.done").exists()
+
+
+def test_make_distill_of_another_runs_store_builds_no_teacher_here(tmp_path):
+    """distill.store names another run's store: this folder's teacher, export and store were
+    built all the same (days for a large teacher)."""
+    other = f"SET=distill.store={tmp_path / 'other' / 'store.zarr'}"
+    for goal in ("distill", "sweep"):
+        plan = _make("-n", goal, f"CONFIG={TINY}", f"RUN_DIR={tmp_path / 'run'}", other)
+        assert plan.returncode == 0, plan.stderr
+        assert f"pipeline {goal}" in plan.stdout, plan.stdout
+        for stage in ("teacher", "export", "precompute"):
+            assert f"pipeline {stage}" not in plan.stdout, plan.stdout
