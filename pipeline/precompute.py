@@ -323,6 +323,10 @@ def precompute(config: Config, *, overwrite: bool = False, progress: bool = True
     train, _ = splits(config)
     fingerprint = store_fingerprint(config, train)
     _RESOLVED[str(path)] = (to_dict(config), len(train), train.num_classes, fingerprint)
+    if overwrite and _same_inputs_there(config, train, fingerprint):
+        # --overwrite replaces a store of other inputs: this one is resumed (or is complete).
+        print(f"precompute: {path} was made from these inputs: kept, not replaced", flush=True)
+        overwrite = False
     views = config.augment.views
     dask = bool(pc.workers or pc.scheduler)
     if dask:
@@ -478,6 +482,26 @@ def _finished(config: Config, train: Split, fingerprint: dict) -> bool:
             return False
         _refuse_damaged(store)  # every chunk marked done, but a shard file may be gone or cut
         return True
+
+
+def _same_inputs_there(config: Config, train: Split, fingerprint: dict) -> bool:
+    """Whether a readable, undamaged store of this run's very inputs is at the store path (what
+    ``--overwrite`` keeps: it replaces a store of other inputs, not one it would recompute
+    byte for byte)."""
+    try:
+        store = open_store(config.store_path)
+    except StoreError:  # nothing there, or unreadable: for --overwrite to replace
+        return False
+    try:
+        _check_same_inputs(store, config, len(train), train.num_classes, fingerprint)
+    except UserError:  # other inputs (and closed)
+        return False
+    with store:
+        try:
+            _refuse_damaged(store)
+        except UserError:
+            return False
+    return True
 
 
 def _refuse_damaged(store: Any) -> None:

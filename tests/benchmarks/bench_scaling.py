@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,9 +76,11 @@ def run_sets(run: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def precompute_rows_s(sets: list[str], workers: int, rows: int) -> tuple[float, float]:
+def precompute_rows_s(sets: list[str], workers: int, rows: int, run: Path) -> tuple[float, float]:
     """(rows/s, cores busy) of a fresh precompute with ``workers`` dask workers (0: none)."""
-    extra = ["--overwrite"]
+    # The last case's store deleted (--overwrite keeps a store of the same inputs).
+    shutil.rmtree(run / "store.zarr", ignore_errors=True)
+    extra: list[str] = []
     if workers:
         extra += ["--workers", str(workers)]
     with Busy() as busy:
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         base: dict[str, float] = {}
         for stage, n in cases:
             if stage == "precompute":
-                speed, busy = precompute_rows_s(sets, n, total)
+                speed, busy = precompute_rows_s(sets, n, total, run)
                 label = f"dask, {n} worker(s)"
             else:
                 speed, busy = distill_rows_s(sets, n, run)

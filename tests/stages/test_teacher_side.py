@@ -531,7 +531,8 @@ def test_dask_overwrite_with_a_session_that_cannot_start_keeps_the_store(
     shutil.copytree(run, kept)
     before = raw_arrays(kept / "store.zarr")
     argv = [*_args("precompute", kept, "--overwrite", "--workers", "1")]
-    assert main([*argv, "--set", "precompute.provider=cuda"]) == 2
+    # A view more: a store of other inputs, which --overwrite replaces (one of the same is kept).
+    assert main([*argv, "--set", "augment.views=3", "--set", "precompute.provider=cuda"]) == 2
     after = raw_arrays(kept / "store.zarr")
     for name in ARRAYS:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
@@ -642,7 +643,8 @@ def test_a_ctrl_c_before_the_store_is_replaced_keeps_its_record(
     assert main(argv) == 130
     assert record.read_bytes() == before
     record.unlink()
-    assert main(_args("precompute", kept, "--overwrite")) == 130
+    monkeypatch.setattr(precompute_module, "_finished", lambda *args: False)  # to its resume
+    assert main(_args("precompute", kept)) == 130
     assert f"run_dir: {kept}" in record.read_text()
 
 
@@ -664,3 +666,20 @@ def test_an_export_made_under_the_earlier_key_is_kept(run: Path, tmp_path: Path,
     assert main(_args("export", kept)) == 0
     assert "up to date" in capsys.readouterr().out
     assert (kept / "teacher.onnx").stat().st_mtime_ns == stamp
+
+
+def test_overwrite_keeps_a_store_of_the_same_inputs(run: Path, tmp_path: Path, capsys) -> None:
+    """--overwrite replaces a store made from other inputs (README); one of these very inputs
+    was recomputed whole all the same (make's OVERWRITE=1 left set: every SET change)."""
+    dest = _copy_teacher(run, tmp_path / "run")
+    shutil.copytree(run / "store.zarr", dest / "store.zarr")
+    files = {p: p.stat().st_mtime_ns for p in (dest / "store.zarr").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(_args("precompute", dest, "--overwrite", "--set", "distill.epochs=3")) == 0
+    assert "was made from these inputs: kept, not replaced" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    assert_same_store(dest / "store.zarr", run / "store.zarr")
+    # Another input (a view more): replaced, as before.
+    assert main(_args("precompute", dest, "--overwrite", "--set", "augment.views=3")) == 0
+    with open_store(str(dest / "store.zarr")) as store:
+        assert store.num_views == 3
