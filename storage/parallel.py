@@ -19,8 +19,11 @@ and the cause (:class:`WorkerTaskError`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -227,11 +230,31 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
             yield client
         return
     # dashboard on a free port: the default 8787 collides with any other cluster on the machine
-    cluster = LocalCluster(
-        n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
+    with _ctrl_c_ignored_by_children():
+        # Errors only from the workers' logs: a task cancelled by a Ctrl-C logged a warning.
+        cluster = LocalCluster(
+            n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )  # fmt: skip
     with cluster, Client(cluster) as client:
         yield client
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored_by_children() -> Iterator[None]:
+    """Processes started inside ignore Ctrl-C. A terminal's SIGINT reaches its whole process
+    group: each local worker printed a KeyboardInterrupt traceback while this process, which
+    gets it too, stopped them in order. An ignored SIGINT stays ignored across exec, and
+    Python then installs no KeyboardInterrupt handler. (A Ctrl-C while the workers start is
+    ignored here too: a few seconds.)"""
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_parallel(

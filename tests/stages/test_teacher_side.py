@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -683,3 +684,27 @@ def test_overwrite_keeps_a_store_of_the_same_inputs(run: Path, tmp_path: Path, c
     assert main(_args("precompute", dest, "--overwrite", "--set", "augment.views=3")) == 0
     with open_store(str(dest / "store.zarr")) as store:
         assert store.num_views == 3
+
+
+def test_ctrl_c_of_a_dask_precompute_is_one_line(run: Path, tmp_path: Path) -> None:
+    """The terminal's SIGINT reaches the whole process group: every local dask worker printed
+    its KeyboardInterrupt traceback (and a cancelled task its warning) beside the one
+    `interrupted:` line (make audit)."""
+    dest = _copy_teacher(run, tmp_path / "run")
+    argv = _args("precompute", dest, "--workers", "2")
+    argv += ["--set", "data.options.num_samples=20000", "--set", "augment.views=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((dest / "store.zarr" / "logits").rglob("c/*/*")):  # a shard written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted: finished work is kept; rerun the same command to resume"
+    ], err
