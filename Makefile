@@ -121,6 +121,10 @@ $(SETTINGS): FORCE
 	  printf '%s\n' $(call quote,$(CONFIG) $(SET)) > $@
 FORCE:
 
+# make deletes a target whose recipe a Ctrl-C stopped after the file changed: a teacher (days of
+# training for a large one) or its export saved just before the stage exited would go with it.
+.PRECIOUS: $(RUN_DIR)/teacher.pt $(RUN_DIR)/teacher.onnx
+
 teacher: $(RUN_DIR)/teacher.pt ## train the teacher of CONFIG (or take teacher.checkpoint)
 $(RUN_DIR)/teacher.pt: $(STAMP) $(CONFIG) $(SETTINGS) | data
 	$(PY) -m pipeline teacher $(STAGE_ARGS)

@@ -311,3 +311,12 @@ def test_make_distill_of_another_runs_store_builds_no_teacher_here(tmp_path):
         assert f"pipeline {goal}" in plan.stdout, plan.stdout
         for stage in ("teacher", "export", "precompute"):
             assert f"pipeline {stage}" not in plan.stdout, plan.stdout
+
+
+def test_make_never_deletes_a_teacher_a_ctrl_c_stopped_after(tmp_path):
+    """make deletes a target whose recipe an interrupt stopped after the file changed: a
+    teacher.pt saved just before the stage exited (days of training) would have gone."""
+    run = tmp_path / "run"
+    listing = _make("-pn", "help", f"CONFIG={TINY}", f"RUN_DIR={run}")
+    (precious,) = [line for line in listing.stdout.splitlines() if line.startswith(".PRECIOUS:")]
+    assert set(precious.split()[1:]) >= {f"{run}/teacher.pt", f"{run}/teacher.onnx"}
