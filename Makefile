@@ -103,14 +103,12 @@ STALE_STAMPS := $(shell d=$(call quote,$(RUN_DIR)); \
     [ -e "$$d/distill/$$r/student.pt" ] || [ -e "$$d/distill/$$r/diverged.json" ] || \
     { rm -f "$$d/sweep.done"; break; }; done < "$$d/sweep.done"; fi)
 endif
-# A student of another run's store (distill.store, in CONFIG or SET) needs none of this folder's
-# teacher, export or store: distill and sweep then do not build them.
-ifneq ($(filter distill sweep,$(MAKECMDGOALS)),)
-OTHER_STORE := $(shell $(PY) -c 'import sys; from pipeline.config import load_config; \
-  print(load_config(sys.argv[1], sys.argv[2:]).distill.store or "")' $(call quote,$(CONFIG)) \
-  $(call quote,run_dir=$(RUN_DIR)) $(foreach s,$(SET),$(call quote,$(s))) 2>/dev/null)
-endif
-STORE_READY := $(if $(OTHER_STORE),$(STAMP),$(RUN_DIR)/precompute.done)
+# A student of another run's store (distill.store, in CONFIG or SET, other than the store this
+# folder's precompute writes) needs none of this folder's teacher, export or store: `make
+# distill` then builds none of them. Read from the config once the venv is there (a recipe).
+OTHER_STORE_PY := import os, sys; from pipeline.config import load_config; \
+  c = load_config(sys.argv[1], sys.argv[2:]); s, own = c.distill.store, str(c.store_path); \
+  n = lambda p: p if "://" in p else os.path.abspath(p); print(s if s and n(s) != n(own) else "")
 
 # Stage outputs are file targets: a finished stage is skipped (each stage also checks its own
 # inputs and resumes an interrupted run). An edit of CONFIG or another SET runs the stages again,
@@ -140,13 +138,16 @@ $(RUN_DIR)/precompute.done: $(RUN_DIR)/teacher.onnx $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline precompute $(STAGE_ARGS) $(if $(WORKERS),--workers $(call quote,$(WORKERS))) $(if $(SCHEDULER),--scheduler $(call quote,$(SCHEDULER))) $(if $(OVERWRITE),--overwrite)
 
 # NPROC=n: n processes on this machine under torchrun (DDP; one per GPU, or gloo on the CPU).
-distill: $(STORE_READY) ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)
+distill: $(STAMP) | data ## one student from the store (METHOD= STUDENT= SEED=: default the CONFIG's distill.method, .student, .seed, e.g. kd, mlp, 0 in default.yaml; NPROC=n)
+	@other=$$($(PY) -c '$(OTHER_STORE_PY)' $(call quote,$(CONFIG)) $(call quote,run_dir=$(RUN_DIR)) \
+	  $(foreach s,$(SET),$(call quote,$(s))) 2>/dev/null); [ -n "$$other" ] || \
+	  $(MAKE) --no-print-directory precompute
 	$(PY) -m pipeline distill $(STAGE_ARGS) $(if $(NPROC),--nproc $(call quote,$(NPROC))) \
 	  $(if $(METHOD),--set $(call quote,distill.method=$(METHOD))) $(if $(STUDENT),--set $(call quote,distill.student=$(STUDENT))) \
 	  $(if $(SEED),--set $(call quote,distill.seed=$(SEED)))
 
 sweep: $(RUN_DIR)/sweep.done ## every (student, method, seed) of the config's sweep, from one store (NPROC=n: each under torchrun)
-$(RUN_DIR)/sweep.done: $(STORE_READY) $(CONFIG) $(SETTINGS)
+$(RUN_DIR)/sweep.done: $(RUN_DIR)/precompute.done $(CONFIG) $(SETTINGS)
 	$(PY) -m pipeline sweep $(STAGE_ARGS) $(if $(NPROC),--nproc $(call quote,$(NPROC)))
 
 report: $(STAMP) ## the results table (Markdown) and plots (PNG) of the run's students

@@ -319,7 +319,7 @@ def _decode_topk(
     # float16 rounding can eat it: a floor, in log space (exp of a kept value ~745 below the
     # top underflows to 0, and the tail was then -inf, flagged by verify as damage).
     log_floor = v.min(axis=1) - m + np.log(1e-6 * (num_classes - k))
-    floored = ~(tail_mass > np.exp(log_floor))
+    floored = np.isfinite(tail_mass) & ~(tail_mass > np.exp(log_floor))  # NaN stays NaN
     log_mass = np.where(floored, log_floor, np.log(np.where(floored, 1.0, tail_mass)))
     # A tail class is never above the smallest kept one (it could be only by float16 rounding).
     tail = np.minimum(m + log_mass - np.log(num_classes - k), v.min(axis=1))

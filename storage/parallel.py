@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -230,31 +228,22 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
             yield client
         return
     # dashboard on a free port: the default 8787 collides with any other cluster on the machine
-    with _ctrl_c_ignored_by_children():
-        # Errors only from the workers' logs: a task cancelled by a Ctrl-C logged a warning.
-        cluster = LocalCluster(
-            n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )  # fmt: skip
+    # The workers ignore Ctrl-C (storage.dask_worker_setup) and log errors only (a task a
+    # Ctrl-C cancelled logged a warning); this process, whose nannies say why a worker
+    # restarts (out of memory), keeps its warnings.
+    cluster = LocalCluster(
+        n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        silence_logs=logging.ERROR, preload=[WORKER_SETUP],
+    )  # fmt: skip
+    for handler in logging.getLogger("distributed").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
     with cluster, Client(cluster) as client:
         yield client
 
 
-@contextlib.contextmanager
-def _ctrl_c_ignored_by_children() -> Iterator[None]:
-    """Processes started inside ignore Ctrl-C. A terminal's SIGINT reaches its whole process
-    group: each local worker printed a KeyboardInterrupt traceback while this process, which
-    gets it too, stopped them in order. An ignored SIGINT stays ignored across exec, and
-    Python then installs no KeyboardInterrupt handler. (A Ctrl-C while the workers start is
-    ignored here too: a few seconds.)"""
-    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+#: The module every local worker runs as it starts (dask's preload).
+WORKER_SETUP = "storage.dask_worker_setup"
 
 
 def write_parallel(

@@ -96,3 +96,13 @@ def test_verify_repair_finds_the_stamp_of_a_file_url_store(tmp_path: Path) -> No
     assert _stamp_of(str(tmp_path / "u.zarr")) == stamp
     stamp.write_text(str(tmp_path / "other.zarr") + "\n")
     assert _stamp_of(url) is None
+
+
+def test_a_nan_logsumexp_still_decodes_to_nan() -> None:
+    """The log-space floor took a NaN stored logsumexp for a vanished tail: finite logits, and
+    verify passed a damaged store (review)."""
+    row = np.linspace(-5.0, 5.0, 100, dtype=np.float32)[None]
+    parts = encode("topk", row, 4)
+    parts["stats"] = parts["stats"].copy()
+    parts["stats"][0, 1] = np.nan
+    assert np.isnan(decode("topk", parts, 100)[0, 4:]).any()
