@@ -19,6 +19,7 @@ and the cause (:class:`WorkerTaskError`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -199,9 +200,25 @@ def _client_side_error(view: int, start: int, stop: int, exc: Exception) -> Stor
     )
 
 
+class _SyncCancelRace(logging.Filter):
+    """Drops one record: distributed's ``utils.sync`` (2026.7), on a Ctrl-C, cancels a future it
+    may not have made yet, and tornado logs the NameError of that callback with its traceback.
+    The interrupt itself is handled (the one ``interrupted:`` line of the command line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NameError) and "sync.<locals>.cancel" in record.getMessage())
+
+
+@functools.cache
+def _drop_sync_cancel_race() -> None:
+    logging.getLogger("tornado.application").addFilter(_SyncCancelRace())
+
+
 @contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
     """A dask.distributed client: on an existing cluster (``scheduler`` address) or a local one."""
+    _drop_sync_cancel_race()
     try:
         from distributed import Client, LocalCluster
     except ImportError as exc:
